@@ -1,0 +1,11 @@
+"""dash_kernels: fused attention kernels for hybrid-attention architecture search.
+
+Public ops take ``[B, T, H, D]`` tensors and choose a backend (CUDA extension, Triton,
+or the PyTorch reference) behind one function. This package never imports ``dash``
+or ``transformers``.
+"""
+from .backends import report as backend_report
+from .mixed_attention import mixed_attention, mixed_attention_reference
+
+__version__ = "0.1.0"
+__all__ = ["mixed_attention", "mixed_attention_reference", "backend_report", "__version__"]

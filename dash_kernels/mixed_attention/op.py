@@ -1,0 +1,76 @@
+"""torch.library registration of the Triton backend: custom ops, fake kernels, autograd.
+
+``dash_kernels::mixed_attention_fwd`` returns (Y, O, LSE); O and LSE are the per-candidate
+outputs and base-2 log-sum-exps the backward needs. ``torch.compile`` sees opaque ops
+with exact output shapes (the fake kernels) and an autograd formula.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from . import triton_op
+from .spec import _plan, decode_windows
+
+
+def _plan_of(windows: List[int], sinks: List[int]):
+    return _plan(decode_windows(windows), tuple(int(s) for s in sinks))
+
+
+@torch.library.custom_op("dash_kernels::mixed_attention_fwd", mutates_args=())
+def mixed_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+    windows: List[int], sinks: List[int], scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return triton_op.mixed_attention_fwd(q, k, v, weights, _plan_of(windows, sinks), scale)
+
+
+@mixed_attention_fwd.register_fake
+def _(q, k, v, weights, windows, sinks, scale):
+    batch, seq, heads_q, head_dim = q.shape
+    num_c = len(windows)
+    return (
+        q.new_empty(q.shape),
+        q.new_empty(num_c, batch, seq, heads_q, head_dim),
+        q.new_empty(batch, heads_q, num_c, seq, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("dash_kernels::mixed_attention_bwd", mutates_args=())
+def mixed_attention_bwd(
+    dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+    o: torch.Tensor, lse: torch.Tensor, windows: List[int], sinks: List[int], scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _plan_of(windows, sinks)
+    dq, dk, dv, delta = triton_op.mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan, scale)
+    # dw[h, c] = sum_{b, t} <dY, O_c>; back to the caller's candidate order and weight shape
+    dw_sorted = delta.sum(dim=(0, 3))  # [Hq, C] sorted
+    dw = torch.empty_like(dw_sorted)
+    dw[:, list(plan.order)] = dw_sorted
+    if weights.dim() == 1:
+        dw = dw.sum(0)
+    return dq, dk, dv, dw.to(weights.dtype)
+
+
+@mixed_attention_bwd.register_fake
+def _(dy, q, k, v, weights, o, lse, windows, sinks, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), weights.new_empty(weights.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, weights, windows, sinks, scale = inputs
+    _, o, lse = output
+    ctx.save_for_backward(q, k, v, weights, o, lse)
+    ctx.candidates = (windows, sinks, scale)
+    ctx.set_materialize_grads(True)
+
+
+def _backward(ctx, dy, _do, _dlse):
+    q, k, v, weights, o, lse = ctx.saved_tensors
+    windows, sinks, scale = ctx.candidates
+    dq, dk, dv, dw = mixed_attention_bwd(dy, q, k, v, weights, o, lse, windows, sinks, scale)
+    return dq, dk, dv, dw, None, None, None
+
+
+mixed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,377 @@
+"""Triton kernels for the fused mixed attention (single-pass forward, single-pass backward).
+
+Notation: scores are kept in the log2 domain (``s2 = scale * log2(e) * q.k``), so every
+LSE stored here is base 2. Candidates are in the plan's sorted order (by window, full
+last); the flat int table ``CAND`` holds, in order: C sorted windows, C sorted sinks,
+NB band edges, NS sink edges, the widest window, the largest sink (see spec.py).
+
+Forward, per query tile: for each sorted candidate, walk the key blocks of its *band*
+(``W_{c-1} <= t - j < W_c``) into one running online-softmax state; when the band ends,
+that state *is* candidate c's softmax over its window: snapshot ``O_c``, ``LSE_c`` and
+add ``w_c O_c`` to Y. A sink candidate's sink-only keys (``j < S_c``, ``t - j >= W_c``)
+are reduced first into an fp32 scratch and merged into its snapshot by log-sum-exp.
+Blocks at a band edge are visited by both bands, each masked to its own part.
+
+Backward: ``dS = exp(s - ref_r) * (A_r * dP - B_r)`` and ``dV += exp(s - ref_r) A_r dY``
+with per-row, per-region coefficients from ``_bwd_prep`` (``ref_r`` = smallest LSE of
+the region's candidates, so every exponential is <= 1). dK/dV and dQ are computed by
+two kernels that each recompute the scores (no atomics).
+"""
+import triton
+import triton.language as tl
+
+FULL = 1 << 30
+
+
+@triton.jit
+def _fwd_band(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, offs_d, m0, lo_d, hi_d, key_end, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the keys with ``lo_d <= t - j < hi_d`` and ``j < key_end``."""
+    m1 = m0 + BLOCK_M
+    j_lo = tl.maximum(m0 - hi_d + 1, 0)
+    j_hi = tl.minimum(m1 - lo_d, key_end)
+    d_ok = offs_d < HEAD_DIM
+    for n0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=(offs_n[None, :] < key_end) & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        # edge blocks only: rows disagree on which keys are in the band
+        if (n0 + BLOCK_N - 1 > m0 - lo_d) | (n0 < m1 - hi_d) | (n0 + BLOCK_N > key_end):
+            dist = offs_m[:, None] - offs_n[None, :]
+            keep = (dist >= lo_d) & (dist < hi_d) & (offs_n[None, :] < key_end)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=(offs_n[:, None] < key_end) & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _mixed_attn_fwd(
+    Q, K, V, WEIGHTS, CAND, Y, O, LSE, SINK_O, SINK_LSE,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_yb, stride_yt, stride_yh,
+    stride_oc, stride_ob, stride_ot, stride_oh,
+    T, HQ, GROUP, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_C: tl.constexpr, HAS_SINK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # heaviest (latest) query tiles first: better tail balance under causal masks
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    kvh = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    tile_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=tile_mask, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    o_tile = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    lse_row = LSE + (bh * NUM_C) * T + offs_m
+
+    if HAS_SINK:
+        # sink-only keys (j < S_c, t - j >= W_c) of each sink candidate, into fp32 scratch
+        for c in tl.static_range(NUM_C):
+            w_c = tl.load(CAND + c)
+            s_c = tl.load(CAND + NUM_C + c)
+            if (s_c > 0) & (w_c < FULL):
+                acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+                m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                acc, l_i, m_i = _fwd_band(
+                    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                    offs_m, offs_d, m0, w_c, FULL, tl.minimum(s_c, T), qk_scale,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                l_ref = tl.where(l_i == 0.0, 1.0, l_i)
+                tl.store(SINK_O + c * stride_oc + o_tile, acc / l_ref[:, None], mask=tile_mask)
+                tl.store(SINK_LSE + (bh * NUM_C + c) * T + offs_m,
+                         tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref)), mask=row_ok)
+        tl.debug_barrier()  # the snapshots below read what other threads just wrote
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    y = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    lo_d = 0
+    for c in tl.static_range(NUM_C):
+        w_c = tl.load(CAND + c)
+        acc, l_i, m_i = _fwd_band(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            offs_m, offs_d, m0, lo_d, w_c, T, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        lo_d = w_c
+        # snapshot: the running state now covers exactly candidate c's window
+        l_ref = tl.where(l_i == 0.0, 1.0, l_i)
+        o_c = acc / l_ref[:, None]
+        lse_c = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref))
+        if HAS_SINK:
+            s_c = tl.load(CAND + NUM_C + c)
+            if (s_c > 0) & (w_c < FULL):
+                lse_s = tl.load(SINK_LSE + (bh * NUM_C + c) * T + offs_m, mask=row_ok, other=float("-inf"))
+                o_s = tl.load(SINK_O + c * stride_oc + o_tile, mask=tile_mask, other=0.0)
+                top = tl.maximum(lse_c, lse_s)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                a_w = tl.math.exp2(lse_c - top)
+                a_s = tl.math.exp2(lse_s - top)
+                tot = a_w + a_s
+                tot_ref = tl.where(tot == 0.0, 1.0, tot)
+                o_c = (o_c * a_w[:, None] + o_s * a_s[:, None]) / tot_ref[:, None]
+                lse_c = tl.where(tot == 0.0, float("-inf"), top + tl.math.log2(tot_ref))
+        tl.store(O + c * stride_oc + o_tile, o_c.to(O.dtype.element_ty), mask=tile_mask)
+        tl.store(lse_row + c * T, lse_c, mask=row_ok)
+        y += tl.load(WEIGHTS + h * NUM_C + c) * o_c
+    tl.store(Y + b * stride_yb + h * stride_yh + offs_m[:, None] * stride_yt + offs_d[None, :],
+             y.to(Y.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _mixed_attn_bwd_prep(
+    DY, O, LSE, WEIGHTS, MEMBERSHIP, DELTA, REF, COEF_A, COEF_B,
+    stride_yb, stride_yt, stride_yh,
+    stride_oc, stride_ob, stride_ot, stride_oh,
+    T, HQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_C: tl.constexpr, NUM_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Per row: D_c = <dY, O_c>; per region r: ref_r = min LSE_c, A_r, B_r (see module doc)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    tile_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dy = tl.load(DY + b * stride_yb + h * stride_yh + offs_m[:, None] * stride_yt + offs_d[None, :],
+                 mask=tile_mask, other=0.0).to(tl.float32)
+    o_tile = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    row_c = (bh * NUM_C) * T + offs_m
+    for c in tl.static_range(NUM_C):
+        o = tl.load(o_tile + c * stride_oc, mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + row_c + c * T, tl.sum(dy * o, 1), mask=row_ok)
+    tl.debug_barrier()  # DELTA rows are re-read below by other threads
+
+    row_r = (bh * NUM_R) * T + offs_m
+    for r in tl.static_range(NUM_R):
+        ref = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)
+        for c in tl.static_range(NUM_C):
+            lse = tl.load(LSE + row_c + c * T, mask=row_ok, other=0.0)
+            if tl.load(MEMBERSHIP + r * NUM_C + c) != 0:
+                ref = tl.minimum(ref, lse)
+        coef_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+        coef_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c in tl.static_range(NUM_C):
+            if tl.load(MEMBERSHIP + r * NUM_C + c) != 0:
+                lse = tl.load(LSE + row_c + c * T, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + row_c + c * T, mask=row_ok, other=0.0)
+                term = tl.load(WEIGHTS + h * NUM_C + c) * tl.math.exp2(ref - lse)
+                coef_a += term
+                coef_b += term * delta
+        tl.store(REF + row_r + r * T, ref, mask=row_ok)
+        tl.store(COEF_A + row_r + r * T, coef_a, mask=row_ok)
+        tl.store(COEF_B + row_r + r * T, coef_b, mask=row_ok)
+
+
+@triton.jit
+def _band_of(dist, CAND, NUM_C: tl.constexpr, NB: tl.constexpr):
+    band = dist * 0
+    for e in tl.static_range(NB):
+        band += (dist >= tl.load(CAND + 2 * NUM_C + e)).to(band.dtype)
+    return band
+
+
+@triton.jit
+def _sink_level_of(key, CAND, NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr):
+    level = key * 0
+    for e in tl.static_range(NS):
+        level += (key < tl.load(CAND + 2 * NUM_C + NB + e)).to(level.dtype)
+    return level
+
+
+@triton.jit
+def _mix_grad_tile(
+    s, dp, q_idx, k_idx, ref_row, a_row, b_row, m0, n0, T, CAND,
+    NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Mixed probabilities ``sum_c w_c P_c`` and score gradients for one tile.
+
+    ``q_idx``/``k_idx`` are query/key indices broadcastable to ``s`` (either orientation);
+    ``*_row`` point at region 0 of this head's [R, T] coefficient tables.
+    """
+    NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
+    d_min = m0 - (n0 + BLOCK_N - 1)
+    d_max = m0 + BLOCK_M - 1 - n0
+    level = _sink_level_of(n0, CAND, NUM_C, NB, NS)
+    uniform = ((d_min >= 0) & (m0 + BLOCK_M <= T) & (n0 + BLOCK_N <= T)
+               & (_band_of(d_min, CAND, NUM_C, NB) == _band_of(d_max, CAND, NUM_C, NB))
+               & (level == _sink_level_of(n0 + BLOCK_N - 1, CAND, NUM_C, NB, NS)))
+    if uniform:
+        r_off = (_band_of(d_min, CAND, NUM_C, NB) * (NS + 1) + level) * T + q_idx
+        ref = tl.load(ref_row + r_off)
+        coef_a = tl.load(a_row + r_off)
+        coef_b = tl.load(b_row + r_off)
+        p = tl.math.exp2(s - ref)
+        p_mix = p * coef_a
+        ds = p * (coef_a * dp - coef_b)
+    else:
+        dist = q_idx - k_idx
+        region = _band_of(dist, CAND, NUM_C, NB) * (NS + 1) + _sink_level_of(k_idx, CAND, NUM_C, NB, NS)
+        valid = (dist >= 0) & (q_idx < T) & (k_idx < T)
+        ref = tl.full(s.shape, float("inf"), dtype=tl.float32)
+        coef_a = tl.zeros(s.shape, dtype=tl.float32)
+        coef_b = tl.zeros(s.shape, dtype=tl.float32)
+        q_ok = q_idx < T
+        for r in tl.static_range(NUM_R):
+            sel = valid & (region == r)
+            ref = tl.where(sel, tl.load(ref_row + r * T + q_idx, mask=q_ok, other=0.0), ref)
+            coef_a = tl.where(sel, tl.load(a_row + r * T + q_idx, mask=q_ok, other=0.0), coef_a)
+            coef_b = tl.where(sel, tl.load(b_row + r * T + q_idx, mask=q_ok, other=0.0), coef_b)
+        p = tl.math.exp2(s - ref)  # ref = +inf outside every candidate: p = 0
+        p_mix = p * coef_a
+        ds = p * (coef_a * dp - coef_b)
+    return p_mix, ds
+
+
+@triton.jit
+def _mixed_attn_bwd_dkdv(
+    Q, K, V, DY, REF, COEF_A, COEF_B, CAND, DK, DV,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_yb, stride_yt, stride_yh,
+    stride_gb, stride_gt, stride_gh,
+    T, HQ, HKV, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
+    n0 = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    kvh = bkv % HKV
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    key_mask = (offs_n[:, None] < T) & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=key_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=key_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # queries that can see these keys: causal, within the widest window, or any later query for sinks
+    max_window = tl.load(CAND + 2 * NUM_C + NB + NS)
+    max_sink = tl.load(CAND + 2 * NUM_C + NB + NS + 1)
+    q_hi = tl.where(n0 < max_sink, T, tl.minimum(T, n0 + BLOCK_N - 1 + max_window))
+    q_lo = (n0 // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        bh = b * HQ + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        dy_base = DY + b * stride_yb + h * stride_yh
+        row_base = bh * NUM_R * T
+        for m0 in range(q_lo, q_hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            q_mask = (offs_m[:, None] < T) & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+            dy = tl.load(dy_base + offs_m[:, None] * stride_yt + offs_d[None, :], mask=q_mask, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale   # [BLOCK_N, BLOCK_M]
+            dp_t = tl.dot(v, tl.trans(dy), input_precision=DOT_PRECISION)
+            p_mix, ds = _mix_grad_tile(
+                s_t, dp_t, offs_m[None, :], offs_n[:, None], REF + row_base, COEF_A + row_base,
+                COEF_B + row_base, m0, n0, T, CAND, NUM_C, NB, NS, BLOCK_M, BLOCK_N)
+            dv = tl.dot(p_mix.to(dy.dtype), dy, dv, input_precision=DOT_PRECISION)
+            dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    grad_off = b * stride_gb + kvh * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
+    tl.store(DK + grad_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_mask)
+    tl.store(DV + grad_off, dv.to(DV.dtype.element_ty), mask=key_mask)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, offs_d, ref_row, a_row, b_row, m0, n_lo, n_hi, T, CAND, qk_scale,
+    HEAD_DIM: tl.constexpr, NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[None, :] < T) & d_ok[:, None]
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        dp = tl.dot(dy, vt, input_precision=DOT_PRECISION)
+        p_mix, ds = _mix_grad_tile(
+            s, dp, offs_m[:, None], offs_n[None, :], ref_row, a_row, b_row, m0, n0, T, CAND,
+            NUM_C, NB, NS, BLOCK_M, BLOCK_N)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _mixed_attn_bwd_dq(
+    Q, K, V, DY, REF, COEF_A, COEF_B, CAND, DQ,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_yb, stride_yt, stride_yh,
+    stride_gb, stride_gt, stride_gh,
+    T, HQ, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    kvh = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    dy = tl.load(DY + b * stride_yb + h * stride_yh + offs_m[:, None] * stride_yt + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    row_base = bh * NUM_R * T
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # keys: the sink prefix [0, max_sink), then the widest window's span up to the diagonal
+    max_window = tl.load(CAND + 2 * NUM_C + NB + NS)
+    max_sink = tl.load(CAND + 2 * NUM_C + NB + NS + 1)
+    key_hi = tl.minimum(m0 + BLOCK_M, T)
+    win_lo = (tl.maximum(m0 - max_window + 1, 0) // BLOCK_N) * BLOCK_N
+    sink_hi = tl.minimum(tl.minimum(max_sink, key_hi), win_lo)
+    dq = _dq_blocks(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
+                    REF + row_base, COEF_A + row_base, COEF_B + row_base, m0, 0, sink_hi, T, CAND, qk_scale,
+                    HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    dq = _dq_blocks(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
+                    REF + row_base, COEF_A + row_base, COEF_B + row_base, m0, win_lo, key_hi, T, CAND, qk_scale,
+                    HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)

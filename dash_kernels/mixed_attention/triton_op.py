@@ -1,0 +1,147 @@
+"""Launchers for the Triton kernels: allocation, plan tables, block sizes."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import interpreting
+from .spec import CandidatePlan
+
+MAX_HEAD_DIM = 256  # any head dim up to this (padded to a power of two inside)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _gpu_configs(head_dim: int) -> dict:
+    # Starting points measured on H100/H200 (see benchmarks/results); BLOCK_N keys per step.
+    if head_dim <= 64:
+        return {
+            "fwd": TileConfig(128, 64, 4, 3),
+            "dkdv": TileConfig(64, 128, 8, 2),
+            "dq": TileConfig(128, 64, 8, 2),
+        }
+    return {
+        "fwd": TileConfig(128, 64, 8, 3),
+        "dkdv": TileConfig(64, 64, 4, 2),
+        "dq": TileConfig(64, 64, 4, 2),
+    }
+
+
+# Tests and benchmarks may replace entries here (e.g. to exercise uneven tiles).
+CONFIG_OVERRIDES: dict = {}
+
+
+def tile_config(kernel: str, head_dim: int) -> TileConfig:
+    if kernel in CONFIG_OVERRIDES:
+        return CONFIG_OVERRIDES[kernel]
+    if interpreting():
+        return TileConfig(16, 16, 1, 1)
+    return _gpu_configs(head_dim)[kernel]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tables(plan: CandidatePlan, weights: torch.Tensor, heads_q: int, device):
+    """Sorted per-head weights [Hq, C] fp32, the int table, and the region membership."""
+    w = weights.detach().to(device=device, dtype=torch.float32)
+    w = w.expand(heads_q, -1) if w.dim() == 1 else w
+    w = w[:, list(plan.order)].contiguous()
+    cand = torch.tensor(plan.table(), dtype=torch.int32, device=device)
+    membership = torch.tensor(plan.membership, dtype=torch.int32, device=device).flatten()
+    return w, cand, membership
+
+
+def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
+    """Returns (Y, O [C, B, T, Hq, D] in q.dtype, LSE [B, Hq, C, T] base-2 fp32), sorted order."""
+    from . import triton_kernels as kern
+
+    batch, seq, heads_q, head_dim = q.shape
+    heads_kv = k.shape[2]
+    num_c = plan.num_candidates
+    has_sink = plan.max_sink > 0
+    w, cand, _ = _tables(plan, weights, heads_q, q.device)
+    y = torch.empty(batch, seq, heads_q, head_dim, device=q.device, dtype=q.dtype)
+    o = torch.empty(num_c, batch, seq, heads_q, head_dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, heads_q, num_c, seq, device=q.device, dtype=torch.float32)
+    if has_sink:
+        sink_o = torch.empty(o.shape, device=q.device, dtype=torch.float32)
+        sink_lse = torch.empty_like(lse)
+    else:
+        sink_o, sink_lse = o, lse  # never touched
+    cfg = tile_config("fwd", head_dim)
+    grid = (triton_cdiv(seq, cfg.block_m), batch * heads_q)
+    kern._mixed_attn_fwd[grid](
+        q, k, v, w, cand, y, o, lse, sink_o, sink_lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        *y.stride()[:3], *o.stride()[:4],
+        seq, heads_q, heads_q // heads_kv, scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), NUM_C=num_c, HAS_SINK=has_sink,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y, o, lse
+
+
+def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale: float):
+    """Returns (dq, dk, dv, delta [B, Hq, C, T]) with delta_c = <dY, O_c> in sorted order."""
+    from . import triton_kernels as kern
+
+    batch, seq, heads_q, head_dim = q.shape
+    heads_kv = k.shape[2]
+    num_c, num_r = plan.num_candidates, plan.num_regions
+    nb, ns = len(plan.band_edges), len(plan.sink_edges)
+    w, cand, membership = _tables(plan, weights, heads_q, q.device)
+    dy = dy.contiguous()
+    block_d = _block_d(head_dim)
+    delta = torch.empty(batch, heads_q, num_c, seq, device=q.device, dtype=torch.float32)
+    ref, coef_a, coef_b = (
+        torch.empty(batch, heads_q, num_r, seq, device=q.device, dtype=torch.float32) for _ in range(3)
+    )
+    prep_m = 16 if interpreting() else 64
+    kern._mixed_attn_bwd_prep[(triton_cdiv(seq, prep_m), batch * heads_q)](
+        dy, o, lse, w, membership, delta, ref, coef_a, coef_b,
+        *dy.stride()[:3], *o.stride()[:4], seq, heads_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_C=num_c, NUM_R=num_r, BLOCK_M=prep_m,
+        num_warps=4,
+    )
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_C=num_c, NB=nb, NS=ns,
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    qk_scale = scale * math.log2(math.e)
+    cfg = tile_config("dkdv", head_dim)
+    kern._mixed_attn_bwd_dkdv[(triton_cdiv(seq, cfg.block_n), batch * heads_kv)](
+        q, k, v, dy, ref, coef_a, coef_b, cand, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dk.stride()[:3],
+        seq, heads_q, heads_kv, heads_q // heads_kv, qk_scale, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common,
+    )
+    cfg = tile_config("dq", head_dim)
+    kern._mixed_attn_bwd_dq[(triton_cdiv(seq, cfg.block_m), batch * heads_q)](
+        q, k, v, dy, ref, coef_a, coef_b, cand, dq,
+        *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dq.stride()[:3],
+        seq, heads_q, heads_q // heads_kv, qk_scale, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **common,
+    )
+    return dq, dk, dv, delta
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
