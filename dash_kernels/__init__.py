@@ -5,7 +5,7 @@ or the PyTorch reference) behind one function. This package never imports ``dash
 or ``transformers``.
 """
 from .backends import report as backend_report
-from .mixed_attention import mixed_attention, mixed_attention_reference
+from .ops.mixed_attention import mixed_attention, mixed_attention_reference
 
 __version__ = "0.1.0"
 __all__ = ["mixed_attention", "mixed_attention_reference", "backend_report", "__version__"]

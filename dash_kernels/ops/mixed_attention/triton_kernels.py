@@ -20,7 +20,17 @@ two kernels that each recompute the scores (no atomics).
 import triton
 import triton.language as tl
 
-FULL = 1 << 30
+FULL = tl.constexpr(1 << 30)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. "upcast" is for Triton's CPU interpreter, which
+    mis-multiplies bfloat16 operands (seen with triton 3.9); GPUs never take that branch."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -39,7 +49,7 @@ def _fwd_band(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                      mask=(offs_n[None, :] < key_end) & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = _mma(q, kt, None, DOT_PRECISION) * qk_scale
         # edge blocks only: rows disagree on which keys are in the band
         if (n0 + BLOCK_N - 1 > m0 - lo_d) | (n0 < m1 - hi_d) | (n0 + BLOCK_N > key_end):
             dist = offs_m[:, None] - offs_n[None, :]
@@ -52,7 +62,7 @@ def _fwd_band(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                     mask=(offs_n[:, None] < key_end) & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -296,13 +306,13 @@ def _mixed_attn_bwd_dkdv(
             q_mask = (offs_m[:, None] < T) & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
             dy = tl.load(dy_base + offs_m[:, None] * stride_yt + offs_d[None, :], mask=q_mask, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale   # [BLOCK_N, BLOCK_M]
-            dp_t = tl.dot(v, tl.trans(dy), input_precision=DOT_PRECISION)
+            s_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale   # [BLOCK_N, BLOCK_M]
+            dp_t = _mma(v, tl.trans(dy), None, DOT_PRECISION)
             p_mix, ds = _mix_grad_tile(
                 s_t, dp_t, offs_m[None, :], offs_n[:, None], REF + row_base, COEF_A + row_base,
                 COEF_B + row_base, m0, n0, T, CAND, NUM_C, NB, NS, BLOCK_M, BLOCK_N)
-            dv = tl.dot(p_mix.to(dy.dtype), dy, dv, input_precision=DOT_PRECISION)
-            dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            dv = _mma(p_mix.to(dy.dtype), dy, dv, DOT_PRECISION)
+            dk = _mma(ds.to(q.dtype), q, dk, DOT_PRECISION)
     grad_off = b * stride_gb + kvh * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
     tl.store(DK + grad_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_mask)
     tl.store(DV + grad_off, dv.to(DV.dtype.element_ty), mask=key_mask)
@@ -321,12 +331,12 @@ def _dq_blocks(
         kv_mask = (offs_n[None, :] < T) & d_ok[:, None]
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=kv_mask, other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        dp = tl.dot(dy, vt, input_precision=DOT_PRECISION)
+        s = _mma(q, kt, None, DOT_PRECISION) * qk_scale
+        dp = _mma(dy, vt, None, DOT_PRECISION)
         p_mix, ds = _mix_grad_tile(
             s, dp, offs_m[:, None], offs_n[None, :], ref_row, a_row, b_row, m0, n0, T, CAND,
             NUM_C, NB, NS, BLOCK_M, BLOCK_N)
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
     return dq
 
 

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import backends
+from ... import backends
 from .reference import mixed_attention_reference
 from .spec import make_plan
 from .triton_op import MAX_HEAD_DIM

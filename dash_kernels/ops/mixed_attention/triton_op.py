@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends import interpreting
+from ...backends import interpreting
 from .spec import CandidatePlan
 
 MAX_HEAD_DIM = 256  # any head dim up to this (padded to a power of two inside)
@@ -48,7 +48,11 @@ def tile_config(kernel: str, head_dim: int) -> TileConfig:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "ieee"  # fp32 inputs get fp32 products, not tf32
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"  # see _mma in triton_kernels.py
+    return "tf32"  # ignored for 16-bit operands
 
 
 def _tables(plan: CandidatePlan, weights: torch.Tensor, heads_q: int, device):

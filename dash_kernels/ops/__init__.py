@@ -1,0 +1,1 @@
+"""One folder per op: interface (public function), reference, kernels, registration."""

@@ -1,0 +1,54 @@
+"""Shared test helpers: random inputs, a brute-force fp64 oracle, error metrics."""
+import math
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in result"
+    # the floor keeps exactly-zero references (e.g. dq at T = 1) from dividing by zero
+    return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
+
+
+def make_inputs(batch, seq, heads_q, heads_kv, head_dim, num_c, *, per_head=False, dtype=torch.float32,
+                device="cpu", seed=0, non_contiguous=False):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    if non_contiguous:
+        # [B, H, T, D] storage seen as [B, T, H, D]: strided like a transposed projection output
+        q = rnd(batch, heads_q, seq, head_dim).transpose(1, 2)
+        k = rnd(batch, heads_kv, seq, head_dim).transpose(1, 2)
+        v = rnd(batch, heads_kv, seq, head_dim).transpose(1, 2)
+    else:
+        q, k, v = rnd(batch, seq, heads_q, head_dim), rnd(batch, seq, heads_kv, head_dim), rnd(batch, seq, heads_kv, head_dim)
+    w_shape = (heads_q, num_c) if per_head else (num_c,)
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.randn(*w_shape, generator=gen).softmax(-1).to(device=device, dtype=w_dtype)
+    for t in (q, k, v, weights):
+        t.requires_grad_(True)
+    return q, k, v, weights
+
+
+def brute_force(q, k, v, weights, windows, sinks, scale=None):
+    """Element-by-element fp64 definition of the op, independent of the reference's masking code."""
+    q, k, v, weights = (t.detach().double() for t in (q, k, v, weights))
+    batch, seq, heads_q, head_dim = q.shape
+    group = heads_q // k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    sinks = sinks or [0] * len(windows)
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads_q):
+            for t in range(seq):
+                for c, (win, sink) in enumerate(zip(windows, sinks)):
+                    keys = [j for j in range(t + 1) if win is None or t - j < win or j < sink]
+                    s = torch.stack([q[b, t, h] @ k[b, j, h // group] for j in keys]) * scale
+                    p = torch.softmax(s, 0)
+                    o = sum(p[i] * v[b, j, h // group] for i, j in enumerate(keys))
+                    w = weights[c] if weights.dim() == 1 else weights[h, c]
+                    out[b, t, h] += w * o
+    return out
