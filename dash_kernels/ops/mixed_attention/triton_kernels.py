@@ -236,12 +236,13 @@ def _mix_grad_tile(
                & (level == _sink_level_of(n0 + BLOCK_N - 1, CAND, NUM_C, NB, NS)))
     if uniform:
         r_off = (_band_of(d_min, CAND, NUM_C, NB) * (NS + 1) + level) * T + q_idx
-        ref = tl.load(ref_row + r_off)
-        coef_a = tl.load(a_row + r_off)
-        coef_b = tl.load(b_row + r_off)
-        p = tl.math.exp2(s - ref)
-        p_mix = p * coef_a
-        ds = p * (coef_a * dp - coef_b)
+        # row vectors (names differ from the other branch: Triton merges same-named values)
+        row_ref = tl.load(ref_row + r_off)
+        row_a = tl.load(a_row + r_off)
+        row_b = tl.load(b_row + r_off)
+        p = tl.math.exp2(s - row_ref)
+        p_mix = p * row_a
+        ds = p * (row_a * dp - row_b)
     else:
         dist = q_idx - k_idx
         region = _band_of(dist, CAND, NUM_C, NB) * (NS + 1) + _sink_level_of(k_idx, CAND, NUM_C, NB, NS)

@@ -1,0 +1,244 @@
+"""Benchmark the fused mixed attention against its baselines, in one run, on one GPU.
+
+For each shape and candidate set, times (median of triton.testing.do_bench, after warm-up),
+forward and forward+backward, bf16:
+  fused          dash_kernels.mixed_attention (backend chosen by --backend, default triton)
+  flex_separate  (a) the same candidates run separately through FlexAttention, weighted and summed
+  sdpa_cudnn     (b) cuDNN SDPA, one causal attention
+  sdpa_flash     (c) flash SDPA, one causal attention
+  flex_causal    (d) FlexAttention, one causal attention
+Prints a table last and writes JSON (GPU, versions, shapes, ms, ratios).
+
+  python benchmarks/bench_mixed_attention.py --out benchmarks/results/mixed_attention_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {
+    # name: (Hq, Hkv, D)
+    "qwen2.5-3b": (16, 2, 128),
+    "smollm2-135m": (9, 3, 64),
+}
+CANDIDATE_SETS = {
+    "4cand": ([None, 512, 2048, 512], [0, 0, 0, 64]),  # full, SWA-512, SWA-2048, sink-64 + SWA-512
+    "2cand": ([None, 1024], [0, 0]),  # full, SWA-1024
+}
+TOKENS_PER_BATCH = 16384
+
+
+@dataclass
+class Case:
+    shape: str
+    seq: int
+    cand_set: str
+
+    @property
+    def batch(self) -> int:
+        return max(1, TOKENS_PER_BATCH // self.seq)
+
+
+def causal_flops(batch, seq, heads_q, head_dim, mode):
+    """FLOPs of one causal attention (half the T^2 matmul work); backward counted as 2.5x forward."""
+    fwd = 4 * batch * heads_q * seq * seq * head_dim / 2
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def make_inputs(case: Case, device="cuda", dtype=torch.bfloat16, seed=0):
+    heads_q, heads_kv, head_dim = SHAPES[case.shape]
+    windows, _ = CANDIDATE_SETS[case.cand_set]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape_q = (case.batch, case.seq, heads_q, head_dim)
+    shape_kv = (case.batch, case.seq, heads_kv, head_dim)
+    q = torch.randn(shape_q, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(shape_kv, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(shape_kv, device=device, dtype=dtype, generator=gen)
+    w = torch.softmax(torch.randn(len(windows), device=device, generator=gen), -1)
+    return q, k, v, w
+
+
+def build_methods(case: Case, q, k, v, w, backend="triton"):
+    """name -> callable returning the output (inputs captured). Baselines take [B, H, T, D] layouts."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import dash_kernels
+
+    windows, sinks = CANDIDATE_SETS[case.cand_set]
+    seq = case.seq
+    qh, kh, vh = (t.transpose(1, 2).contiguous().detach().requires_grad_(True) for t in (q, k, v))
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def mask_mod_for(window, sink):
+        def mask_mod(b, h, t, j):
+            keep = j <= t
+            if window is not None:
+                near = (t - j) < window
+                if sink:
+                    near = near | (j < sink)
+                keep = keep & near
+            return keep
+        return mask_mod
+
+    block_masks = [create_block_mask(mask_mod_for(wd, s), None, None, seq, seq, device=q.device)
+                   for wd, s in zip(windows, sinks)]
+    causal_mask = create_block_mask(mask_mod_for(None, 0), None, None, seq, seq, device=q.device)
+
+    def fused():
+        return dash_kernels.mixed_attention(q, k, v, w, windows, sinks, backend=backend)
+
+    def flex_separate():
+        out = None
+        for c, bm in enumerate(block_masks):
+            o = w[c] * flex(qh, kh, vh, block_mask=bm, enable_gqa=True)
+            out = o if out is None else out + o
+        return out
+
+    def flex_causal():
+        return flex(qh, kh, vh, block_mask=causal_mask, enable_gqa=True)
+
+    def sdpa(backend_enum):
+        def run():
+            with sdpa_kernel(backend_enum):
+                return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        return run
+
+    return {
+        "fused": (fused, (q, k, v, w)),
+        "flex_separate": (flex_separate, (qh, kh, vh, w)),
+        "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), (qh, kh, vh)),
+        "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), (qh, kh, vh)),
+        "flex_causal": (flex_causal, (qh, kh, vh)),
+    }
+
+
+def time_method(fn, inputs, mode, warmup=25, rep=100):
+    import triton
+
+    for t in inputs:
+        t.requires_grad_(mode != "fwd")
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn()
+    else:
+        out = fn()
+        dy = torch.randn_like(out)
+
+        def step():
+            fn().backward(dy)
+    step()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=list(inputs), return_mode="median")
+
+
+def environment():
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run(cases, modes, backend="triton", methods=None):
+    rows = []
+    for case in cases:
+        q, k, v, w = make_inputs(case)
+        heads_q, heads_kv, head_dim = SHAPES[case.shape]
+        built = build_methods(case, q, k, v, w, backend=backend)
+        for mode in modes:
+            row = {"shape": case.shape, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
+                   "batch": case.batch, "seq": case.seq, "candidates": case.cand_set,
+                   "windows": CANDIDATE_SETS[case.cand_set][0], "sinks": CANDIDATE_SETS[case.cand_set][1],
+                   "mode": mode, "ms": {}, "errors": {}}
+            for name, (fn, inputs) in built.items():
+                if methods and name not in methods:
+                    continue
+                try:
+                    row["ms"][name] = time_method(fn, inputs, mode)
+                except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+                    row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    torch.cuda.synchronize()
+            ms = row["ms"]
+            if "fused" in ms:
+                flops = causal_flops(case.batch, case.seq, heads_q, head_dim, mode)
+                row["fused_causal_equiv_tflops"] = flops / ms["fused"] * 1e-9
+                row["speedup_vs_flex_separate"] = ms.get("flex_separate", math.nan) / ms["fused"]
+                row["ratio_to_flex_causal"] = ms["fused"] / ms.get("flex_causal", math.nan)
+                row["ratio_to_cudnn_causal"] = ms["fused"] / ms.get("sdpa_cudnn", math.nan)
+            rows.append(row)
+            print(format_row(row), flush=True)
+        del q, k, v, w, built
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_row(row):
+    ms = row["ms"]
+    cells = " ".join(f"{name}={ms[name]:.3f}" for name in ms)
+    extra = ""
+    if "fused" in ms:
+        extra = (f" | vs(a) {row['speedup_vs_flex_separate']:.2f}x faster, vs(d) {row['ratio_to_flex_causal']:.2f}x,"
+                 f" vs cuDNN {row['ratio_to_cudnn_causal']:.2f}x")
+    return f"{row['shape']:>13} T={row['seq']:<5} {row['candidates']} {row['mode']:<7} {cells}{extra}"
+
+
+def table(rows):
+    head = ("| shape | T | B | set | mode | fused ms | (a) flex separate | (b) cuDNN | (c) flash | (d) flex causal "
+            "| (a)/fused | fused/(d) | fused/cuDNN |")
+    lines = [head, "|" + " --- |" * 13]
+    for r in rows:
+        ms = r["ms"]
+
+        def cell(name):
+            return f"{ms[name]:.3f}" if name in ms else "n/a"
+        lines.append(
+            f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['candidates']} | {r['mode']} | {cell('fused')} | "
+            f"{cell('flex_separate')} | {cell('sdpa_cudnn')} | {cell('sdpa_flash')} | {cell('flex_causal')} | "
+            f"{r.get('speedup_vs_flex_separate', math.nan):.2f} | {r.get('ratio_to_flex_causal', math.nan):.2f} | "
+            f"{r.get('ratio_to_cudnn_causal', math.nan):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--seqs", nargs="+", type=int, default=[4096, 8192])
+    parser.add_argument("--sets", nargs="+", default=list(CANDIDATE_SETS), choices=list(CANDIDATE_SETS))
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of methods to time")
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_mixed_attention: needs a CUDA GPU")
+    cases = [Case(s, t, c) for s in args.shapes for t in args.seqs for c in args.sets]
+    rows = run(cases, args.modes, backend=args.backend, methods=args.methods)
+    result = {"environment": environment(), "tokens_per_batch": TOKENS_PER_BATCH, "dtype": "bfloat16",
+              "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms", "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print()
+    print(f"GPU: {result['environment']['gpu']}  torch {result['environment']['torch']}  "
+          f"triton {result['environment']['triton']}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
