@@ -24,6 +24,8 @@ CASES = {
     "head_dim_24": (1, 33, 2, 2, 24, [4, None], [2, 0], False),
     "dash_set_scaled": (2, 61, 4, 2, 16, [None, 12, 30, 12], [0, 0, 0, 3], True),
     "sinks_wider_than_windows": (1, 50, 3, 1, 16, [3, 9], [20, 40], False),
+    # bands wider than two tiles: unmasked tile runs inside every band, not only the full one
+    "long_bands": (1, 150, 2, 1, 16, [40, 90, None], [0, 2, 0], True),
 }
 
 
@@ -48,7 +50,7 @@ def test_triton_matches_reference(name):
 
 
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
-@pytest.mark.parametrize("name", ["gqa_6_2_per_head", "dash_set_scaled", "sinks_wider_than_windows"])
+@pytest.mark.parametrize("name", ["gqa_6_2_per_head", "dash_set_scaled", "sinks_wider_than_windows", "long_bands"])
 def test_uneven_tiles(name, tiles, monkeypatch):
     block_m, block_n = tiles
     cfg = TileConfig(block_m, block_n, 4, 1)

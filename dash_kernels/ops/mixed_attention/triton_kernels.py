@@ -217,49 +217,70 @@ def _sink_level_of(key, CAND, NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.cons
 
 
 @triton.jit
-def _mix_grad_tile(
-    s, dp, q_idx, k_idx, ref_row, a_row, b_row, m0, n0, T, CAND,
-    NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Mixed probabilities ``sum_c w_c P_c`` and score gradients for one tile.
+def _band_edge(b, CAND, NUM_C: tl.constexpr, NB: tl.constexpr):
+    """Smallest distance of band b (b in [0, NB + 1]; band NB + 1 starts at FULL)."""
+    edge = 0
+    if b > 0:
+        if b <= NB:
+            edge = tl.load(CAND + 2 * NUM_C + b - 1)
+        else:
+            edge = FULL
+    return edge
 
-    ``q_idx``/``k_idx`` are query/key indices broadcastable to ``s`` (either orientation);
-    ``*_row`` point at region 0 of this head's [R, T] coefficient tables.
+
+@triton.jit
+def _mix_grad_tile(
+    s, dp, q_idx, k_idx, ref_row, a_row, b_row, region, T, CAND,
+    NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Mixed probabilities ``sum_c w_c P_c`` and score gradients ``dS`` for one tile.
+
+    ``q_idx``/``k_idx``: query/key indices broadcastable to ``s`` (either orientation).
+    ``*_row``: region 0 of this head's [R, T] coefficient tables. Unmasked tiles lie in one
+    region (``region``) and in bounds; masked tiles pick each element's region.
     """
     NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
-    d_min = m0 - (n0 + BLOCK_N - 1)
-    d_max = m0 + BLOCK_M - 1 - n0
-    level = _sink_level_of(n0, CAND, NUM_C, NB, NS)
-    uniform = ((d_min >= 0) & (m0 + BLOCK_M <= T) & (n0 + BLOCK_N <= T)
-               & (_band_of(d_min, CAND, NUM_C, NB) == _band_of(d_max, CAND, NUM_C, NB))
-               & (level == _sink_level_of(n0 + BLOCK_N - 1, CAND, NUM_C, NB, NS)))
-    if uniform:
-        r_off = (_band_of(d_min, CAND, NUM_C, NB) * (NS + 1) + level) * T + q_idx
-        # row vectors (names differ from the other branch: Triton merges same-named values)
-        row_ref = tl.load(ref_row + r_off)
-        row_a = tl.load(a_row + r_off)
-        row_b = tl.load(b_row + r_off)
-        p = tl.math.exp2(s - row_ref)
-        p_mix = p * row_a
-        ds = p * (row_a * dp - row_b)
-    else:
+    if MASKED:
+        q_ok = q_idx < T
         dist = q_idx - k_idx
-        region = _band_of(dist, CAND, NUM_C, NB) * (NS + 1) + _sink_level_of(k_idx, CAND, NUM_C, NB, NS)
-        valid = (dist >= 0) & (q_idx < T) & (k_idx < T)
-        ref = tl.full(s.shape, float("inf"), dtype=tl.float32)
+        el_region = _band_of(dist, CAND, NUM_C, NB) * (NS + 1) + _sink_level_of(k_idx, CAND, NUM_C, NB, NS)
+        el_region = tl.where((dist >= 0) & q_ok & (k_idx < T), el_region, -1)
+        ref = tl.full(s.shape, float("inf"), dtype=tl.float32)  # +inf outside every candidate: p = 0
         coef_a = tl.zeros(s.shape, dtype=tl.float32)
         coef_b = tl.zeros(s.shape, dtype=tl.float32)
-        q_ok = q_idx < T
         for r in tl.static_range(NUM_R):
-            sel = valid & (region == r)
+            sel = el_region == r
             ref = tl.where(sel, tl.load(ref_row + r * T + q_idx, mask=q_ok, other=0.0), ref)
             coef_a = tl.where(sel, tl.load(a_row + r * T + q_idx, mask=q_ok, other=0.0), coef_a)
             coef_b = tl.where(sel, tl.load(b_row + r * T + q_idx, mask=q_ok, other=0.0), coef_b)
-        p = tl.math.exp2(s - ref)  # ref = +inf outside every candidate: p = 0
-        p_mix = p * coef_a
-        ds = p * (coef_a * dp - coef_b)
-    return p_mix, ds
+    else:
+        ref = tl.load(ref_row + region * T + q_idx)
+        coef_a = tl.load(a_row + region * T + q_idx)
+        coef_b = tl.load(b_row + region * T + q_idx)
+    p = tl.math.exp2(s - ref)
+    return p * coef_a, p * (coef_a * dp - coef_b)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt, ref_row, a_row, b_row,
+    offs_n, offs_d, m_lo, m_hi, region, T, CAND, qk_scale,
+    HEAD_DIM: tl.constexpr, NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    d_ok = offs_d < HEAD_DIM
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m[:, None] < T) & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        dy = tl.load(dy_base + offs_m[:, None] * stride_yt + offs_d[None, :], mask=q_mask, other=0.0)
+        s_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        dp_t = _mma(v, tl.trans(dy), None, DOT_PRECISION)
+        p_mix, ds = _mix_grad_tile(s_t, dp_t, offs_m[None, :], offs_n[:, None], ref_row, a_row, b_row,
+                                   region, T, CAND, NUM_C, NB, NS, MASKED)
+        dv = _mma(p_mix.to(dy.dtype), dy, dv, DOT_PRECISION)
+        dk = _mma(ds.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -282,8 +303,7 @@ def _mixed_attn_bwd_dkdv(
     kvh = bkv % HKV
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    key_mask = (offs_n[:, None] < T) & d_ok[None, :]
+    key_mask = (offs_n[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=key_mask, other=0.0)
     v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
@@ -294,37 +314,48 @@ def _mixed_attn_bwd_dkdv(
     # queries that can see these keys: causal, within the widest window, or any later query for sinks
     max_window = tl.load(CAND + 2 * NUM_C + NB + NS)
     max_sink = tl.load(CAND + 2 * NUM_C + NB + NS + 1)
-    q_hi = tl.where(n0 < max_sink, T, tl.minimum(T, n0 + BLOCK_N - 1 + max_window))
+    in_sinks = n0 < max_sink  # a key tile touching the sinks: every tile masked (a few tiles only)
+    q_hi = tl.where(in_sinks, T, tl.minimum(T, n0 + BLOCK_N - 1 + max_window))
     q_lo = (n0 // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         h = kvh * GROUP + g
-        bh = b * HQ + h
         q_base = Q + b * stride_qb + h * stride_qh
         dy_base = DY + b * stride_yb + h * stride_yh
-        row_base = bh * NUM_R * T
-        for m0 in range(q_lo, q_hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            q_mask = (offs_m[:, None] < T) & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-            dy = tl.load(dy_base + offs_m[:, None] * stride_yt + offs_d[None, :], mask=q_mask, other=0.0)
-            s_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale   # [BLOCK_N, BLOCK_M]
-            dp_t = _mma(v, tl.trans(dy), None, DOT_PRECISION)
-            p_mix, ds = _mix_grad_tile(
-                s_t, dp_t, offs_m[None, :], offs_n[:, None], REF + row_base, COEF_A + row_base,
-                COEF_B + row_base, m0, n0, T, CAND, NUM_C, NB, NS, BLOCK_M, BLOCK_N)
-            dv = _mma(p_mix.to(dy.dtype), dy, dv, DOT_PRECISION)
-            dk = _mma(ds.to(q.dtype), q, dk, DOT_PRECISION)
+        row = (b * HQ + h) * NUM_R * T
+        # query tiles in increasing distance: masked tiles at band edges, unmasked runs inside bands
+        cur = q_lo
+        for band in tl.static_range(NB + 1):
+            lo = _band_edge(band, CAND, NUM_C, NB)
+            hi = _band_edge(band + 1, CAND, NUM_C, NB)
+            # tile m0 is inside band: m0 - (n0 + BLOCK_N - 1) >= lo, m0 + BLOCK_M - 1 - n0 < hi, m0 + BLOCK_M <= T
+            run_lo = q_lo + tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + lo - q_lo, 0), BLOCK_M) * BLOCK_M
+            last = tl.minimum(tl.minimum(n0 + hi - BLOCK_M, T - BLOCK_M), q_hi - BLOCK_M)
+            run_hi = tl.where(last >= q_lo, q_lo + ((last - q_lo) // BLOCK_M + 1) * BLOCK_M, q_lo)
+            run_hi = tl.where(in_sinks, cur, run_hi)
+            run_lo = tl.minimum(tl.maximum(run_lo, cur), tl.maximum(run_hi, cur))
+            run_hi = tl.maximum(run_hi, run_lo)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
+                                 REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, run_lo, 0, T, CAND,
+                                 qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
+                                 REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, run_lo, run_hi,
+                                 band * (NS + 1), T, CAND,
+                                 qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, False, DOT_PRECISION)
+            cur = run_hi
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
+                             REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, q_hi, 0, T, CAND,
+                             qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
     grad_off = b * stride_gb + kvh * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
     tl.store(DK + grad_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_mask)
     tl.store(DV + grad_off, dv.to(DV.dtype.element_ty), mask=key_mask)
 
 
 @triton.jit
-def _dq_blocks(
-    dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, ref_row, a_row, b_row, m0, n_lo, n_hi, T, CAND, qk_scale,
+def _dq_tiles(
+    dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, ref_row, a_row, b_row,
+    offs_m, offs_d, n_lo, n_hi, region, T, CAND, qk_scale,
     HEAD_DIM: tl.constexpr, NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -334,9 +365,8 @@ def _dq_blocks(
         vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd, mask=kv_mask, other=0.0)
         s = _mma(q, kt, None, DOT_PRECISION) * qk_scale
         dp = _mma(dy, vt, None, DOT_PRECISION)
-        p_mix, ds = _mix_grad_tile(
-            s, dp, offs_m[:, None], offs_n[None, :], ref_row, a_row, b_row, m0, n0, T, CAND,
-            NUM_C, NB, NS, BLOCK_M, BLOCK_N)
+        p_mix, ds = _mix_grad_tile(s, dp, offs_m[:, None], offs_n[None, :], ref_row, a_row, b_row,
+                                   region, T, CAND, NUM_C, NB, NS, MASKED)
         dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
     return dq
 
@@ -369,20 +399,38 @@ def _mixed_attn_bwd_dq(
                  mask=q_mask, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    row_base = bh * NUM_R * T
+    row = bh * NUM_R * T
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # keys: the sink prefix [0, max_sink), then the widest window's span up to the diagonal
+    # keys: the sink prefix (masked tiles), then the widest window's span, nearest band last
     max_window = tl.load(CAND + 2 * NUM_C + NB + NS)
     max_sink = tl.load(CAND + 2 * NUM_C + NB + NS + 1)
     key_hi = tl.minimum(m0 + BLOCK_M, T)
     win_lo = (tl.maximum(m0 - max_window + 1, 0) // BLOCK_N) * BLOCK_N
-    sink_hi = tl.minimum(tl.minimum(max_sink, key_hi), win_lo)
-    dq = _dq_blocks(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-                    REF + row_base, COEF_A + row_base, COEF_B + row_base, m0, 0, sink_hi, T, CAND, qk_scale,
-                    HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    dq = _dq_blocks(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
-                    REF + row_base, COEF_A + row_base, COEF_B + row_base, m0, win_lo, key_hi, T, CAND, qk_scale,
-                    HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    sink_end = tl.minimum(tl.cdiv(max_sink, BLOCK_N) * BLOCK_N, key_hi)
+    dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, 0, sink_end,
+                   0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
+    cur = tl.maximum(win_lo, sink_end)
+    for i in tl.static_range(NB + 1):
+        band = NB - i
+        lo = _band_edge(band, CAND, NUM_C, NB)
+        hi = _band_edge(band + 1, CAND, NUM_C, NB)
+        # tile n0 is inside band: m0 + BLOCK_M - 1 - n0 < hi, m0 - (n0 + BLOCK_N - 1) >= lo, n0 + BLOCK_N <= T
+        run_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - hi, 0), BLOCK_N) * BLOCK_N
+        last = tl.minimum(tl.minimum(m0 - BLOCK_N + 1 - lo, T - BLOCK_N), key_hi - BLOCK_N)
+        run_hi = tl.where(last >= 0, (last // BLOCK_N + 1) * BLOCK_N, 0)
+        run_lo = tl.minimum(tl.maximum(run_lo, cur), tl.maximum(run_hi, cur))
+        run_hi = tl.maximum(run_hi, run_lo)
+        dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                       REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, cur, run_lo,
+                       0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
+        dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                       REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, run_lo, run_hi,
+                       band * (NS + 1), T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, False, DOT_PRECISION)
+        cur = run_hi
+    dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, cur, key_hi,
+                   0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
