@@ -34,6 +34,13 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tile_ptr(base, T, stride_t, t0, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Block pointer to rows [t0, t0 + BLOCK_T) of a [T, HEAD_DIM] slab with unit column stride."""
+    return tl.make_block_ptr(base, shape=(T, HEAD_DIM), strides=(stride_t, 1), offsets=(t0, 0),
+                             block_shape=(BLOCK_T, BLOCK_D), order=(1, 0))
+
+
+@triton.jit
 def _fwd_band(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, offs_d, m0, lo_d, hi_d, key_end, qk_scale,
@@ -88,13 +95,13 @@ def _mixed_attn_fwd(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
-    tile_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=tile_mask, other=0.0)
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    o_tile = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    # O/Y tiles through block pointers: a per-element offset tile kept live across the key loops
+    # would cost BLOCK_M * BLOCK_D / threads registers and spill.
+    o_head = b * stride_ob + h * stride_oh
     lse_row = LSE + (bh * NUM_C) * T + offs_m
 
     if HAS_SINK:
@@ -111,13 +118,13 @@ def _mixed_attn_fwd(
                     offs_m, offs_d, m0, w_c, FULL, tl.minimum(s_c, T), qk_scale,
                     HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
                 l_ref = tl.where(l_i == 0.0, 1.0, l_i)
-                tl.store(SINK_O + c * stride_oc + o_tile, acc / l_ref[:, None], mask=tile_mask)
+                tl.store(_tile_ptr(SINK_O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
+                         acc / l_ref[:, None], boundary_check=(0, 1))
                 tl.store(SINK_LSE + (bh * NUM_C + c) * T + offs_m,
                          tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref)), mask=row_ok)
         tl.debug_barrier()  # the snapshots below read what other threads just wrote
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    y = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     lo_d = 0
@@ -136,7 +143,8 @@ def _mixed_attn_fwd(
             s_c = tl.load(CAND + NUM_C + c)
             if (s_c > 0) & (w_c < FULL):
                 lse_s = tl.load(SINK_LSE + (bh * NUM_C + c) * T + offs_m, mask=row_ok, other=float("-inf"))
-                o_s = tl.load(SINK_O + c * stride_oc + o_tile, mask=tile_mask, other=0.0)
+                o_s = tl.load(_tile_ptr(SINK_O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M,
+                                        BLOCK_D), boundary_check=(0, 1), padding_option="zero")
                 top = tl.maximum(lse_c, lse_s)
                 top = tl.where(top == float("-inf"), 0.0, top)
                 a_w = tl.math.exp2(lse_c - top)
@@ -145,11 +153,19 @@ def _mixed_attn_fwd(
                 tot_ref = tl.where(tot == 0.0, 1.0, tot)
                 o_c = (o_c * a_w[:, None] + o_s * a_s[:, None]) / tot_ref[:, None]
                 lse_c = tl.where(tot == 0.0, float("-inf"), top + tl.math.log2(tot_ref))
-        tl.store(O + c * stride_oc + o_tile, o_c.to(O.dtype.element_ty), mask=tile_mask)
+        tl.store(_tile_ptr(O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
+                 o_c.to(O.dtype.element_ty), boundary_check=(0, 1))
         tl.store(lse_row + c * T, lse_c, mask=row_ok)
-        y += tl.load(WEIGHTS + h * NUM_C + c) * o_c
-    tl.store(Y + b * stride_yb + h * stride_yh + offs_m[:, None] * stride_yt + offs_d[None, :],
-             y.to(Y.dtype.element_ty), mask=tile_mask)
+    # Y = sum_c w_c O_c: the widest candidate from registers, the others re-read from the O_c just
+    # stored (L2-hot). A second fp32 accumulator beside acc would spill registers.
+    tl.debug_barrier()
+    y = tl.load(WEIGHTS + h * NUM_C + NUM_C - 1) * o_c
+    for c in tl.static_range(NUM_C - 1):
+        o_prev = tl.load(_tile_ptr(O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
+                         boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        y += tl.load(WEIGHTS + h * NUM_C + c) * o_prev
+    tl.store(_tile_ptr(Y + b * stride_yb + h * stride_yh, T, stride_yt, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
+             y.to(Y.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -345,9 +361,11 @@ def _mixed_attn_bwd_dkdv(
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
                              REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, q_hi, 0, T, CAND,
                              qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
-    grad_off = b * stride_gb + kvh * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :]
-    tl.store(DK + grad_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_mask)
-    tl.store(DV + grad_off, dv.to(DV.dtype.element_ty), mask=key_mask)
+    grad_head = b * stride_gb + kvh * stride_gh
+    tl.store(_tile_ptr(DK + grad_head, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D),
+             (dk * sm_scale).to(DK.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_tile_ptr(DV + grad_head, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D),
+             dv.to(DV.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -432,5 +450,5 @@ def _mixed_attn_bwd_dq(
     dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                    REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, cur, key_hi,
                    0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
-    tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_tile_ptr(DQ + b * stride_gb + h * stride_gh, T, stride_gt, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
+             (dq * sm_scale).to(DQ.dtype.element_ty), boundary_check=(0, 1))

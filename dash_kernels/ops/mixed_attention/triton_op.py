@@ -21,29 +21,36 @@ class TileConfig:
 
 
 def _gpu_configs(head_dim: int) -> dict:
-    # Starting points measured on H100/H200 (see benchmarks/results); BLOCK_N keys per step.
+    # (BLOCK_M queries, BLOCK_N keys, warps, stages): the least register spilling among the configs
+    # compiled for sm_90 with Triton 3.6; timings in benchmarks/results.
     if head_dim <= 64:
         return {
-            "fwd": TileConfig(128, 64, 4, 3),
+            "fwd": TileConfig(128, 64, 8, 3),
             "dkdv": TileConfig(64, 128, 8, 2),
             "dq": TileConfig(128, 64, 8, 2),
         }
     return {
         "fwd": TileConfig(128, 64, 8, 3),
-        "dkdv": TileConfig(64, 64, 4, 2),
-        "dq": TileConfig(64, 64, 4, 2),
+        "dkdv": TileConfig(32, 128, 8, 2),
+        "dq": TileConfig(128, 32, 8, 2),
     }
 
 
-# Tests and benchmarks may replace entries here (e.g. to exercise uneven tiles).
-CONFIG_OVERRIDES: dict = {}
+# fp32 operands are twice as wide (and use exact fp32 products): smaller tiles, shallower pipelines.
+_FP32_CONFIGS = {
+    "fwd": TileConfig(64, 32, 4, 2),
+    "dkdv": TileConfig(32, 32, 4, 1),
+    "dq": TileConfig(32, 32, 4, 1),
+}
 
 
-def tile_config(kernel: str, head_dim: int) -> TileConfig:
+def tile_config(kernel: str, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     if kernel in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[kernel]
     if interpreting():
         return TileConfig(16, 16, 1, 1)
+    if dtype == torch.float32:
+        return _FP32_CONFIGS[kernel]
     return _gpu_configs(head_dim)[kernel]
 
 
@@ -82,7 +89,7 @@ def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
         sink_lse = torch.empty_like(lse)
     else:
         sink_o, sink_lse = o, lse  # never touched
-    cfg = tile_config("fwd", head_dim)
+    cfg = tile_config("fwd", head_dim, q.dtype)
     grid = (triton_cdiv(seq, cfg.block_m), batch * heads_q)
     kern._mixed_attn_fwd[grid](
         q, k, v, w, cand, y, o, lse, sink_o, sink_lse,
@@ -124,7 +131,7 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_C=num_c, NB=nb, NS=ns,
                   DOT_PRECISION=_dot_precision(q.dtype))
     qk_scale = scale * math.log2(math.e)
-    cfg = tile_config("dkdv", head_dim)
+    cfg = tile_config("dkdv", head_dim, q.dtype)
     kern._mixed_attn_bwd_dkdv[(triton_cdiv(seq, cfg.block_n), batch * heads_kv)](
         q, k, v, dy, ref, coef_a, coef_b, cand, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dk.stride()[:3],
@@ -132,7 +139,7 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **common,
     )
-    cfg = tile_config("dq", head_dim)
+    cfg = tile_config("dq", head_dim, q.dtype)
     kern._mixed_attn_bwd_dq[(triton_cdiv(seq, cfg.block_m), batch * heads_q)](
         q, k, v, dy, ref, coef_a, coef_b, cand, dq,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dq.stride()[:3],
