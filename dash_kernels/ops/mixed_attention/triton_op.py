@@ -36,6 +36,9 @@ def _gpu_configs(head_dim: int) -> dict:
     }
 
 
+# Tests and benchmarks may replace entries here (e.g. to exercise uneven tiles).
+CONFIG_OVERRIDES: dict = {}
+
 # fp32 operands are twice as wide (and use exact fp32 products): smaller tiles, shallower pipelines.
 _FP32_CONFIGS = {
     "fwd": TileConfig(64, 32, 4, 2),
