@@ -34,10 +34,24 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptr(base, T, stride_t, t0, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Block pointer to rows [t0, t0 + BLOCK_T) of a [T, HEAD_DIM] slab with unit column stride."""
-    return tl.make_block_ptr(base, shape=(T, HEAD_DIM), strides=(stride_t, 1), offsets=(t0, 0),
-                             block_shape=(BLOCK_T, BLOCK_D), order=(1, 0))
+def _tile_offsets(T, stride_t, t0, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of rows [t0, t0 + BLOCK_T) of a [T, HEAD_DIM] slab with unit column stride."""
+    rows = t0 + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    return rows[:, None] * stride_t + cols[None, :], (rows[:, None] < T) & (cols[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def _store_tile(base, value, T, stride_t, t0, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    offsets, mask = _tile_offsets(T, stride_t, t0, HEAD_DIM, BLOCK_T, BLOCK_D)
+    tl.store(base + offsets, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_tile(base, T, stride_t, t0, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    offsets, mask = _tile_offsets(T, stride_t, t0, HEAD_DIM, BLOCK_T, BLOCK_D)
+    return tl.load(base + offsets, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -99,8 +113,6 @@ def _mixed_attn_fwd(
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    # O/Y tiles through block pointers: a per-element offset tile kept live across the key loops
-    # would cost BLOCK_M * BLOCK_D / threads registers and spill.
     o_head = b * stride_ob + h * stride_oh
     lse_row = LSE + (bh * NUM_C) * T + offs_m
 
@@ -118,8 +130,8 @@ def _mixed_attn_fwd(
                     offs_m, offs_d, m0, w_c, FULL, tl.minimum(s_c, T), qk_scale,
                     HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
                 l_ref = tl.where(l_i == 0.0, 1.0, l_i)
-                tl.store(_tile_ptr(SINK_O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
-                         acc / l_ref[:, None], boundary_check=(0, 1))
+                _store_tile(SINK_O + c * stride_oc + o_head, acc / l_ref[:, None], T, stride_ot, m0,
+                            HEAD_DIM, BLOCK_M, BLOCK_D)
                 tl.store(SINK_LSE + (bh * NUM_C + c) * T + offs_m,
                          tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref)), mask=row_ok)
         tl.debug_barrier()  # the snapshots below read what other threads just wrote
@@ -143,8 +155,7 @@ def _mixed_attn_fwd(
             s_c = tl.load(CAND + NUM_C + c)
             if (s_c > 0) & (w_c < FULL):
                 lse_s = tl.load(SINK_LSE + (bh * NUM_C + c) * T + offs_m, mask=row_ok, other=float("-inf"))
-                o_s = tl.load(_tile_ptr(SINK_O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M,
-                                        BLOCK_D), boundary_check=(0, 1), padding_option="zero")
+                o_s = _load_tile(SINK_O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
                 top = tl.maximum(lse_c, lse_s)
                 top = tl.where(top == float("-inf"), 0.0, top)
                 a_w = tl.math.exp2(lse_c - top)
@@ -153,19 +164,16 @@ def _mixed_attn_fwd(
                 tot_ref = tl.where(tot == 0.0, 1.0, tot)
                 o_c = (o_c * a_w[:, None] + o_s * a_s[:, None]) / tot_ref[:, None]
                 lse_c = tl.where(tot == 0.0, float("-inf"), top + tl.math.log2(tot_ref))
-        tl.store(_tile_ptr(O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
-                 o_c.to(O.dtype.element_ty), boundary_check=(0, 1))
+        _store_tile(O + c * stride_oc + o_head, o_c, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
         tl.store(lse_row + c * T, lse_c, mask=row_ok)
     # Y = sum_c w_c O_c: the widest candidate from registers, the others re-read from the O_c just
     # stored (L2-hot). A second fp32 accumulator beside acc would spill registers.
     tl.debug_barrier()
     y = tl.load(WEIGHTS + h * NUM_C + NUM_C - 1) * o_c
     for c in tl.static_range(NUM_C - 1):
-        o_prev = tl.load(_tile_ptr(O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
-                         boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        o_prev = _load_tile(O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
         y += tl.load(WEIGHTS + h * NUM_C + c) * o_prev
-    tl.store(_tile_ptr(Y + b * stride_yb + h * stride_yh, T, stride_yt, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
-             y.to(Y.dtype.element_ty), boundary_check=(0, 1))
+    _store_tile(Y + b * stride_yb + h * stride_yh, y, T, stride_yt, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -362,10 +370,8 @@ def _mixed_attn_bwd_dkdv(
                              REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, q_hi, 0, T, CAND,
                              qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
     grad_head = b * stride_gb + kvh * stride_gh
-    tl.store(_tile_ptr(DK + grad_head, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D),
-             (dk * sm_scale).to(DK.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(_tile_ptr(DV + grad_head, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D),
-             dv.to(DV.dtype.element_ty), boundary_check=(0, 1))
+    _store_tile(DK + grad_head, dk * sm_scale, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+    _store_tile(DV + grad_head, dv, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -450,5 +456,4 @@ def _mixed_attn_bwd_dq(
     dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                    REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, cur, key_hi,
                    0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
-    tl.store(_tile_ptr(DQ + b * stride_gb + h * stride_gh, T, stride_gt, m0, HEAD_DIM, BLOCK_M, BLOCK_D),
-             (dq * sm_scale).to(DQ.dtype.element_ty), boundary_check=(0, 1))
+    _store_tile(DQ + b * stride_gb + h * stride_gh, dq * sm_scale, T, stride_gt, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
