@@ -76,6 +76,11 @@ def build_methods(case: Case, q, k, v, w, backend="triton"):
     windows, sinks = CANDIDATE_SETS[case.cand_set]
     seq = case.seq
     qh, kh, vh = (t.transpose(1, 2).contiguous().detach().requires_grad_(True) for t in (q, k, v))
+    # every shape compiles its own Flex kernel; past dynamo's recompile limit Flex would silently
+    # fall back to its eager (dense) path and the baseline would be meaningless
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 256
     flex = torch.compile(flex_attention, dynamic=False)
 
     def mask_mod_for(window, sink):
@@ -155,7 +160,7 @@ def environment():
     }
 
 
-def run(cases, modes, backend="triton", methods=None):
+def run(cases, modes, backend="triton", methods=None, on_row=None):
     rows = []
     for case in cases:
         q, k, v, w = make_inputs(case)
@@ -183,6 +188,8 @@ def run(cases, modes, backend="triton", methods=None):
                 row["ratio_to_cudnn_causal"] = ms["fused"] / ms.get("sdpa_cudnn", math.nan)
             rows.append(row)
             print(format_row(row), flush=True)
+            if on_row:
+                on_row(rows)
         del q, k, v, w, built
         torch.cuda.empty_cache()
     return rows
@@ -228,12 +235,17 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench_mixed_attention: needs a CUDA GPU")
     cases = [Case(s, t, c) for s in args.shapes for t in args.seqs for c in args.sets]
-    rows = run(cases, args.modes, backend=args.backend, methods=args.methods)
-    result = {"environment": environment(), "tokens_per_batch": TOKENS_PER_BATCH, "dtype": "bfloat16",
-              "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms", "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+
+    def save(rows):  # after every row: a run cut short still leaves its measurements
+        result = {"environment": environment(), "tokens_per_batch": TOKENS_PER_BATCH, "dtype": "bfloat16",
+                  "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms", "rows": rows}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+
+    rows = run(cases, args.modes, backend=args.backend, methods=args.methods, on_row=save)
+    result = save(rows)
     print()
     print(f"GPU: {result['environment']['gpu']}  torch {result['environment']['torch']}  "
           f"triton {result['environment']['triton']}")

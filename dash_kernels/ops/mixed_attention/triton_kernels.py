@@ -322,9 +322,12 @@ def _mixed_attn_bwd_dkdv(
 ):
     NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
     n0 = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
-    b = bkv // HKV
-    kvh = bkv % HKV
+    # one program per (key tile, query head): a GQA group's heads run in parallel and write
+    # per-query-head partial dK/dV that the launcher sums (a loop over the group serialized it)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    kvh = h // GROUP
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     key_mask = (offs_n[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
@@ -341,35 +344,33 @@ def _mixed_attn_bwd_dkdv(
     in_sinks = n0 < max_sink  # a key tile touching the sinks: every tile masked (a few tiles only)
     q_hi = tl.where(in_sinks, T, tl.minimum(T, n0 + BLOCK_N - 1 + max_window))
     q_lo = (n0 // BLOCK_M) * BLOCK_M
-    for g in range(GROUP):
-        h = kvh * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        dy_base = DY + b * stride_yb + h * stride_yh
-        row = (b * HQ + h) * NUM_R * T
-        # query tiles in increasing distance: masked tiles at band edges, unmasked runs inside bands
-        cur = q_lo
-        for band in tl.static_range(NB + 1):
-            lo = _band_edge(band, CAND, NUM_C, NB)
-            hi = _band_edge(band + 1, CAND, NUM_C, NB)
-            # tile m0 is inside band: m0 - (n0 + BLOCK_N - 1) >= lo, m0 + BLOCK_M - 1 - n0 < hi, m0 + BLOCK_M <= T
-            run_lo = q_lo + tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + lo - q_lo, 0), BLOCK_M) * BLOCK_M
-            last = tl.minimum(tl.minimum(n0 + hi - BLOCK_M, T - BLOCK_M), q_hi - BLOCK_M)
-            run_hi = tl.where(last >= q_lo, q_lo + ((last - q_lo) // BLOCK_M + 1) * BLOCK_M, q_lo)
-            run_hi = tl.where(in_sinks, cur, run_hi)
-            run_lo = tl.minimum(tl.maximum(run_lo, cur), tl.maximum(run_hi, cur))
-            run_hi = tl.maximum(run_hi, run_lo)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
-                                 REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, run_lo, 0, T, CAND,
-                                 qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
-                                 REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, run_lo, run_hi,
-                                 band * (NS + 1), T, CAND,
-                                 qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, False, DOT_PRECISION)
-            cur = run_hi
+    q_base = Q + b * stride_qb + h * stride_qh
+    dy_base = DY + b * stride_yb + h * stride_yh
+    row = (b * HQ + h) * NUM_R * T
+    # query tiles in increasing distance: masked tiles at band edges, unmasked runs inside bands
+    cur = q_lo
+    for band in tl.static_range(NB + 1):
+        lo = _band_edge(band, CAND, NUM_C, NB)
+        hi = _band_edge(band + 1, CAND, NUM_C, NB)
+        # tile m0 is inside band: m0 - (n0 + BLOCK_N - 1) >= lo, m0 + BLOCK_M - 1 - n0 < hi, m0 + BLOCK_M <= T
+        run_lo = q_lo + tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + lo - q_lo, 0), BLOCK_M) * BLOCK_M
+        last = tl.minimum(tl.minimum(n0 + hi - BLOCK_M, T - BLOCK_M), q_hi - BLOCK_M)
+        run_hi = tl.where(last >= q_lo, q_lo + ((last - q_lo) // BLOCK_M + 1) * BLOCK_M, q_lo)
+        run_hi = tl.where(in_sinks, cur, run_hi)
+        run_lo = tl.minimum(tl.maximum(run_lo, cur), tl.maximum(run_hi, cur))
+        run_hi = tl.maximum(run_hi, run_lo)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
-                             REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, q_hi, 0, T, CAND,
+                             REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, run_lo, 0, T, CAND,
                              qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
-    grad_head = b * stride_gb + kvh * stride_gh
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
+                             REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, run_lo, run_hi,
+                             band * (NS + 1), T, CAND,
+                             qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, False, DOT_PRECISION)
+        cur = run_hi
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
+                         REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, q_hi, 0, T, CAND,
+                         qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
+    grad_head = b * stride_gb + h * stride_gh
     _store_tile(DK + grad_head, dk * sm_scale, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
     _store_tile(DV + grad_head, dv, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
 

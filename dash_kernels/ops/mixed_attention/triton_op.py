@@ -129,13 +129,16 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
         num_warps=4,
     )
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
+    group = heads_q // heads_kv
+    # dK/dV per query head (fp32 when a GQA group sums them below)
+    part_dtype = k.dtype if group == 1 else torch.float32
+    dk = torch.empty(batch, seq, heads_q, head_dim, device=q.device, dtype=part_dtype)
+    dv = torch.empty(batch, seq, heads_q, head_dim, device=q.device, dtype=part_dtype)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_C=num_c, NB=nb, NS=ns,
                   DOT_PRECISION=_dot_precision(q.dtype))
     qk_scale = scale * math.log2(math.e)
     cfg = tile_config("dkdv", head_dim, q.dtype)
-    kern._mixed_attn_bwd_dkdv[(triton_cdiv(seq, cfg.block_n), batch * heads_kv)](
+    kern._mixed_attn_bwd_dkdv[(triton_cdiv(seq, cfg.block_n), batch * heads_q)](
         q, k, v, dy, ref, coef_a, coef_b, cand, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dk.stride()[:3],
         seq, heads_q, heads_kv, heads_q // heads_kv, qk_scale, scale,
@@ -150,6 +153,9 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **common,
     )
+    if group > 1:
+        dk = dk.view(batch, seq, heads_kv, group, head_dim).sum(3).to(k.dtype)
+        dv = dv.view(batch, seq, heads_kv, group, head_dim).sum(3).to(v.dtype)
     return dq, dk, dv, delta
 
 
