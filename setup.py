@@ -71,6 +71,7 @@ setup(
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=5.0,<6",  # dash/ only; dash_kernels never imports it
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
     ext_modules=ext_modules,

@@ -1,8 +1,8 @@
-"""DASH search layer (model surgery, candidates, alignment, search, export, CLI).
+"""DASH search layer: model surgery (HF model -> supernet) and candidates, built on ``dash_kernels``.
 
-Built on ``dash_kernels``; see DESIGN.md. The search pipeline arrives with its own issue;
-today this package only re-exports the kernel op it is built on.
+Alignment, search, export and the CLI arrive with their own issues.
 """
-from dash_kernels import mixed_attention
+from .candidates import Candidate, default_candidates, parse_candidates
+from .supernet import Supernet, build_supernet
 
-__all__ = ["mixed_attention"]
+__all__ = ["Candidate", "default_candidates", "parse_candidates", "Supernet", "build_supernet"]

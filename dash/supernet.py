@@ -1,0 +1,195 @@
+"""Supernet surgery: every attention layer of a transformers causal LM becomes a DASH mixture.
+
+Each layer outputs ``sum_c softmax(alpha_layer / tau)[c] * O_c``, where the softmax-family
+candidates ``O_c`` are computed from the teacher's own projections and RoPE in one call of
+``dash_kernels.mixed_attention``. Nothing of the modeling code is copied: the layers keep their
+modules and call a registered attention function (transformers' ``AttentionInterface``), which
+reads the layer's architecture logits from a small ``DashLayerState`` attached to the module.
+Works for the families whose attention modules take (query, key, value) after RoPE through
+that interface: Llama (SmolLM2), Qwen2/Qwen2.5, Qwen3, Mistral.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from dash_kernels import mixed_attention
+
+from .candidates import Candidate, default_candidates, parse_candidates
+
+ATTN_IMPLEMENTATION = "dash_mixed"
+
+
+class DashLayerState(nn.Module):
+    """Architecture logits of one attention layer and its candidates (as seen by that layer).
+
+    ``alpha`` is ``[C]`` (one mixture per layer) or ``[Hkv, C]`` (one per KV-head group).
+    """
+
+    def __init__(self, candidates: Sequence[Candidate], heads_q: int, heads_kv: int,
+                 per_kv_group: bool = False, teacher_window: Optional[int] = None):
+        super().__init__()
+        self.candidates = list(candidates)
+        self.heads_q, self.heads_kv = heads_q, heads_kv
+        # a teacher layer that is itself sliding-window caps every candidate at its window
+        self.windows = [_cap(c.window, teacher_window) for c in self.candidates]
+        self.sinks = [c.sink if w is not None else 0 for c, w in zip(self.candidates, self.windows)]
+        shape = (heads_kv, len(self.candidates)) if per_kv_group else (len(self.candidates),)
+        self.alpha = nn.Parameter(torch.zeros(shape))
+        self.teacher_window = teacher_window
+        self.tau = 1.0
+        self.backend = "auto"
+
+    def probabilities(self) -> torch.Tensor:
+        return torch.softmax(self.alpha.float() / self.tau, dim=-1)
+
+    def mixture_weights(self) -> torch.Tensor:
+        """``[C]`` or ``[Hq, C]`` weights for ``mixed_attention`` (KV groups expanded to query heads)."""
+        probs = self.probabilities()
+        if probs.dim() == 2:
+            probs = probs.repeat_interleave(self.heads_q // self.heads_kv, dim=0)
+        return probs
+
+
+def _cap(window: Optional[int], teacher_window: Optional[int]) -> Optional[int]:
+    if teacher_window is None:
+        return window
+    return teacher_window if window is None else min(window, teacher_window)
+
+
+def dash_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: Optional[float] = None, **kwargs):
+    """transformers attention function: query [B, Hq, T, D], key/value [B, Hkv, T, D] after RoPE."""
+    state = getattr(module, "dash", None)
+    if state is None:
+        raise RuntimeError(f"{type(module).__name__} has no DASH state: build the model with dash.build_supernet")
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            "the DASH supernet runs whole sequences (no KV cache): got "
+            f"{query.shape[2]} queries against {key.shape[2]} keys; call the model with use_cache=False"
+        )
+    if dropout:
+        raise ValueError(f"attention dropout is not supported in the supernet, got dropout={dropout}")
+    if kwargs.get("sliding_window") != state.teacher_window and kwargs.get("sliding_window") is not None:
+        raise RuntimeError(
+            f"layer {module.layer_idx} runs with sliding_window={kwargs['sliding_window']} but its DASH state was "
+            f"built for {state.teacher_window}: rebuild the supernet after changing the config"
+        )
+    out = mixed_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          state.mixture_weights(), state.windows, state.sinks, scale=scaling,
+                          backend=state.backend)
+    return out, None
+
+
+def dash_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                        attention_mask=None, **kwargs):
+    """The kernel applies each candidate's causal mask itself; padding is not supported."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError(
+            "the DASH supernet expects unpadded (packed) sequences, but the attention_mask masks some tokens; "
+            "pack the data to full sequences instead of padding"
+        )
+    return None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, dash_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, dash_attention_mask)
+
+
+def teacher_window(layer: nn.Module, config) -> Optional[int]:
+    """The window a teacher layer itself attends with (None for full attention)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return config.sliding_window if layer_types[layer.layer_idx] == "sliding_attention" else None
+    window = getattr(layer, "sliding_window", None)
+    return window if window is not None else getattr(config, "sliding_window", None)
+
+
+def attention_layers(model: nn.Module) -> list:
+    """The self-attention modules of a transformers causal LM, in layer order."""
+    layers = [m for m in model.modules()
+              if all(hasattr(m, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))]
+    if not layers:
+        raise ValueError(f"no attention layers with q/k/v/o projections found in {type(model).__name__}")
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+class Supernet:
+    """A frozen causal LM whose attention layers are DASH mixtures; only the logits train."""
+
+    def __init__(self, model: nn.Module, layers: list, candidates: list):
+        self.model = model
+        self.layers = layers
+        self.candidates = candidates
+
+    @property
+    def states(self) -> list:
+        return [layer.dash for layer in self.layers]
+
+    def arch_parameters(self) -> list:
+        return [s.alpha for s in self.states]
+
+    def set_temperature(self, tau: float) -> None:
+        if not tau > 0:
+            raise ValueError(f"temperature must be > 0, got {tau}")
+        for s in self.states:
+            s.tau = float(tau)
+
+    def set_backend(self, backend: str) -> None:
+        for s in self.states:
+            s.backend = backend
+
+    def probabilities(self) -> torch.Tensor:
+        """[L, C] (or [L, Hkv, C]) candidate probabilities."""
+        return torch.stack([s.probabilities().detach() for s in self.states])
+
+    def discrete_choice(self) -> list:
+        """Each layer's most probable candidate (per KV group: the group-averaged choice)."""
+        probs = self.probabilities()
+        if probs.dim() == 3:
+            probs = probs.mean(1)
+        return [self.candidates[i].name for i in probs.argmax(-1).tolist()]
+
+    def __call__(self, *args, **kwargs):
+        kwargs.setdefault("use_cache", False)
+        return self.model(*args, **kwargs)
+
+
+def build_supernet(model: nn.Module, candidates: Optional[Sequence] = None, *, per_kv_group: bool = False,
+                   tau: float = 1.0, backend: str = "auto", freeze: bool = True) -> Supernet:
+    """Turn ``model`` (a transformers causal LM) into a DASH supernet, in place.
+
+    ``candidates``: names ('full', 'swa512', 'sink64_swa512'), dicts or ``Candidate``s; default
+    ``default_candidates(config.max_position_embeddings)``. Every model weight is frozen unless
+    ``freeze=False``; the logits start at zero (uniform mixture).
+    """
+    config = model.config
+    if candidates is None:
+        candidates = default_candidates(int(getattr(config, "max_position_embeddings", 8192)))
+    candidates = parse_candidates(candidates)
+    _register()
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    layers = attention_layers(model)
+    heads_q = config.num_attention_heads
+    heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
+    device = next(model.parameters()).device
+    for layer in layers:
+        state = DashLayerState(candidates, heads_q, heads_kv, per_kv_group,
+                               teacher_window=teacher_window(layer, config))
+        layer.dash = state.to(device)
+    net = Supernet(model, layers, candidates)
+    net.set_temperature(tau)
+    net.set_backend(backend)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # pragma: no cover - older transformers
+        config._attn_implementation = ATTN_IMPLEMENTATION
+    return net
