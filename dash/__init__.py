@@ -3,6 +3,7 @@
 Alignment, search, export and the CLI arrive with their own issues.
 """
 from .candidates import Candidate, default_candidates, parse_candidates
+from .models import load_model
 from .supernet import Supernet, build_supernet
 
-__all__ = ["Candidate", "default_candidates", "parse_candidates", "Supernet", "build_supernet"]
+__all__ = ["Candidate", "default_candidates", "parse_candidates", "Supernet", "build_supernet", "load_model"]

