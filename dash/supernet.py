@@ -10,6 +10,7 @@ that interface: Llama (SmolLM2), Qwen2/Qwen2.5, Qwen3, Mistral.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -41,6 +42,7 @@ class DashLayerState(nn.Module):
         self.teacher_window = teacher_window
         self.tau = 1.0
         self.backend = "auto"
+        self.teacher_mode = False  # True: attend like the unmodified layer (used for distillation targets)
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.alpha.float() / self.tau, dim=-1)
@@ -77,8 +79,11 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
             f"layer {module.layer_idx} runs with sliding_window={kwargs['sliding_window']} but its DASH state was "
             f"built for {state.teacher_window}: rebuild the supernet after changing the config"
         )
-    out = mixed_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                          state.mixture_weights(), state.windows, state.sinks, scale=scaling,
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if state.teacher_mode:
+        one = torch.ones(1, device=q.device)
+        return mixed_attention(q, k, v, one, [state.teacher_window], scale=scaling, backend=state.backend), None
+    out = mixed_attention(q, k, v, state.mixture_weights(), state.windows, state.sinks, scale=scaling,
                           backend=state.backend)
     return out, None
 
@@ -155,6 +160,17 @@ class Supernet:
         if probs.dim() == 3:
             probs = probs.mean(1)
         return [self.candidates[i].name for i in probs.argmax(-1).tolist()]
+
+    @contextlib.contextmanager
+    def teacher(self):
+        """Within this block the model computes exactly as the unmodified teacher."""
+        for s in self.states:
+            s.teacher_mode = True
+        try:
+            yield self
+        finally:
+            for s in self.states:
+                s.teacher_mode = False
 
     def __call__(self, *args, **kwargs):
         kwargs.setdefault("use_cache", False)

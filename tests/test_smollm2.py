@@ -42,3 +42,19 @@ def test_supernet_on_smollm2_reproduces_the_teacher(smollm2):
         torch.testing.assert_close(student, teacher, atol=1e-4, rtol=1e-4)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_search_smoke_on_smollm2_with_default_data(smollm2, tmp_path):
+    from dash.data import default_data
+    from dash.search import Search, SearchConfig
+
+    model, tokenizer = smollm2
+    data = default_data(tokenizer, seq_len=96, num_tokens=400, seed=0)
+    net = build_supernet(model)
+    try:
+        search = Search(net, data, SearchConfig(tokens=2 * 96, batch_size=1, budget=6), str(tmp_path))
+        summary = search.run(progress=False)
+        assert summary["steps"] == 2 and len(summary["choice"]) == 30
+        assert all(torch.isfinite(torch.tensor(h["kl"])) for h in search.history)
+    finally:
+        model.set_attn_implementation("sdpa")

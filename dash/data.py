@@ -1,0 +1,145 @@
+"""Training text for alignment and search: user files, or an offline default; packed to fixed length.
+
+The offline default needs no download: synthetic documents with long-range dependencies (facts stated
+early and asked about much later, key-value lists recalled out of order, passages repeated after long
+gaps), built from a word list generated from the tokenizer's own vocabulary. Such documents reward
+exactly what full attention gives over a window, which is the signal the search needs. Text generated
+by the teacher itself can be added (``teacher_documents``); on a CPU it is slow, so it is opt-in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def read_documents(paths: Sequence[str], text_field: str = "text") -> List[str]:
+    """Documents from text files (one document each), jsonl files (``text_field`` per line) or folders."""
+    docs: List[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, files in sorted(os.walk(path)):
+                inner = [os.path.join(root, f) for f in sorted(files) if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)]
+                docs.extend(read_documents(inner, text_field))
+        elif path.endswith(JSONL_SUFFIXES):
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise ValueError(f"{path}:{line_no}: expected a JSON object with a string field '{text_field}'")
+                    docs.append(record[text_field])
+        elif os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                docs.append(f.read())
+        else:
+            raise FileNotFoundError(f"data path not found: {path}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"no non-empty documents found in {list(paths)}")
+    return docs
+
+
+def vocabulary_words(tokenizer, limit: int = 4000) -> List[str]:
+    """Plain alphabetic words from the tokenizer's vocabulary (deterministic order)."""
+    words = set()
+    for piece in tokenizer.get_vocab():
+        word = piece.replace("Ġ", "").replace("▁", "").strip()
+        if 3 <= len(word) <= 10 and word.isascii() and word.isalpha() and word.islower():
+            words.add(word)
+    words = sorted(words)[:limit]
+    if len(words) < 50:
+        raise ValueError("tokenizer vocabulary yields too few plain words for synthetic documents")
+    return words
+
+
+def synthetic_documents(words: Sequence[str], num_docs: int, approx_words: int, seed: int = 0) -> List[str]:
+    """Documents whose later parts depend on facts stated far earlier."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(num_docs):
+        kind = i % 3
+
+        def filler(n):
+            return " ".join(rng.choice(words) for _ in range(n))
+
+        if kind == 0:  # key-value list, then recall in a different order
+            keys = rng.sample(list(words), 12)
+            facts = {k: rng.randrange(1000, 9999) for k in keys}
+            head = " ".join(f"The code for {k} is {v}." for k, v in facts.items())
+            body = filler(max(10, approx_words - 120))
+            tail = " ".join(f"Recall: the code for {k} is {facts[k]}." for k in rng.sample(keys, len(keys)))
+            docs.append(f"{head}\n{body}\n{tail}")
+        elif kind == 1:  # a passage repeated after a long gap
+            passage = filler(60)
+            docs.append(f"{passage}\n{filler(max(10, approx_words - 120))}\nOnce more: {passage}")
+        else:  # a named entity introduced early, referred back to at the end
+            name, city, job = rng.choice(words).title(), rng.choice(words).title(), rng.choice(words)
+            docs.append(f"{name} lives in {city} and works as a {job}. {filler(max(10, approx_words - 30))} "
+                        f"Where does {name} live? {name} lives in {city}, working as a {job}.")
+    return docs
+
+
+@dataclass
+class PackedData:
+    """Token sequences of equal length: ``train`` [N, T] and ``heldout`` [M, T] (int64)."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.shape[1]
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """The batch of a given step: a seeded permutation per epoch, so a resumed run sees the same data."""
+        n = self.train.shape[0]
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} exceeds the {n} packed training sequences")
+        per_epoch = n // batch_size
+        epoch, index = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        return self.train[order[index * batch_size:(index + 1) * batch_size]]
+
+
+def pack(documents: Iterable[str], tokenizer, seq_len: int, *, seed: int = 0, heldout_fraction: float = 0.05,
+         max_tokens: Optional[int] = None) -> PackedData:
+    """Tokenize, shuffle documents (seeded), join with EOS and cut into ``seq_len`` rows; split off held-out rows."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    docs = list(documents)
+    random.Random(seed).shuffle(docs)
+    eos = tokenizer.eos_token_id
+    stream: List[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    rows = len(stream) // seq_len
+    if rows < 2:
+        raise ValueError(f"only {len(stream)} tokens: need at least {2 * seq_len} for sequences of {seq_len}")
+    data = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+    n_held = max(1, int(round(rows * heldout_fraction))) if heldout_fraction > 0 else 0
+    return PackedData(train=data[n_held:], heldout=data[:n_held])
+
+
+def default_data(tokenizer, seq_len: int, num_tokens: int, *, seed: int = 0, heldout_fraction: float = 0.05):
+    """The offline default corpus (see module docstring), about ``num_tokens`` tokens."""
+    words = vocabulary_words(tokenizer)
+    approx_words = max(50, int(seq_len * 0.6))
+    docs = synthetic_documents(words, num_docs=max(8, num_tokens // max(1, seq_len) + 4),
+                               approx_words=approx_words, seed=seed)
+    return pack(docs, tokenizer, seq_len, seed=seed, heldout_fraction=heldout_fraction,
+                max_tokens=int(num_tokens * (1 + heldout_fraction)) + seq_len)

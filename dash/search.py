@@ -1,0 +1,203 @@
+"""Stage 2, the architecture search: frozen weights, Adam on the per-layer logits only.
+
+Loss per step = KL(teacher || supernet) on next-token distributions (computed in chunks of tokens,
+each recomputed in backward, so full-vocabulary fp32 logits never exist for the whole batch)
++ a cost regulariser toward the budget + a ramped entropy term that drives every layer toward one
+choice, with the mixture temperature annealed from ``tau_start`` to ``tau_end``. The run
+checkpoints its logits, optimizer and history; a killed run resumes to the same final logits as an
+uninterrupted one (batches are a pure function of the seed and the step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .candidates import Candidate
+from .data import PackedData
+from .supernet import Supernet
+
+BUDGET_KINDS = ("full_layers", "kv_bytes")
+
+
+@dataclass
+class SearchConfig:
+    tokens: int = 12_300_000  # search budget in training tokens
+    batch_size: int = 4
+    lr: float = 0.05
+    tau_start: float = 1.0
+    tau_end: float = 0.2
+    budget_kind: str = "full_layers"  # or "kv_bytes": expected KV-cache bytes at budget_context
+    budget: Optional[float] = None  # full layers (default: a fifth of the layers) or bytes
+    budget_context: int = 8192
+    cost_weight: float = 1.0
+    entropy_weight: float = 0.05  # reached linearly by the end of the run
+    kl_chunk_tokens: int = 1024
+    checkpoint_every: int = 50
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self, num_layers: int) -> None:
+        if self.budget_kind not in BUDGET_KINDS:
+            raise ValueError(f"budget_kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
+        if self.budget_kind == "full_layers" and self.budget is not None and not 0 <= self.budget <= num_layers:
+            raise ValueError(f"budget must be between 0 and {num_layers} full-attention layers, got {self.budget}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be >= 0, got {self.budget}")
+        for name in ("tokens", "batch_size", "kl_chunk_tokens", "checkpoint_every", "budget_context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.tau_start > 0 and self.tau_end > 0):
+            raise ValueError("tau_start and tau_end must be > 0")
+
+
+def candidate_kv_tokens(candidate: Candidate, context: int) -> int:
+    """Cached key/value positions a layer with this candidate keeps at ``context``."""
+    if candidate.window is None:
+        return context
+    return min(context, candidate.window + candidate.sink)
+
+
+def layer_costs(net: Supernet, config: SearchConfig) -> torch.Tensor:
+    """[C] cost of each candidate in the budget's unit (full layers, or KV bytes at the budget context)."""
+    if config.budget_kind == "full_layers":
+        return torch.tensor([1.0 if c.window is None else 0.0 for c in net.candidates])
+    model_cfg = net.model.config
+    heads_kv = getattr(model_cfg, "num_key_value_heads", None) or model_cfg.num_attention_heads
+    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
+    bytes_per_token = 2 * heads_kv * head_dim * 2  # K and V, 16-bit
+    return torch.tensor([float(candidate_kv_tokens(c, config.budget_context) * bytes_per_token)
+                         for c in net.candidates])
+
+
+def expected_cost(net: Supernet, costs: torch.Tensor) -> torch.Tensor:
+    total = 0.0
+    for state in net.states:
+        probs = state.probabilities()
+        probs = probs.mean(0) if probs.dim() == 2 else probs
+        total = total + (probs * costs.to(probs.device)).sum()
+    return total
+
+
+def _kl_chunk(student_h, teacher_logits_h, head_weight, head_bias):
+    student = F.linear(student_h, head_weight, head_bias).float()
+    teacher = F.linear(teacher_logits_h, head_weight, head_bias).float()
+    t_logp = torch.log_softmax(teacher, -1)
+    return (t_logp.exp() * (t_logp - torch.log_softmax(student, -1))).sum()
+
+
+def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int) -> torch.Tensor:
+    """Mean per-token KL(teacher || student), chunked over tokens and recomputed in backward."""
+    s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    total = s.new_zeros((), dtype=torch.float32)
+    for start in range(0, s.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_kl_chunk, s[part], t[part], lm_head.weight, lm_head.bias, use_reentrant=False)
+    return total / s.shape[0]
+
+
+class Search:
+    def __init__(self, net: Supernet, data: PackedData, config: SearchConfig, output_dir: str):
+        self.net, self.data, self.config, self.output_dir = net, data, config, output_dir
+        num_layers = len(net.layers)
+        config.validate(num_layers)
+        if config.budget is None:
+            config.budget = float(max(1, round(num_layers / 5))) if config.budget_kind == "full_layers" else None
+            if config.budget is None:
+                raise ValueError("budget_kind='kv_bytes' needs an explicit budget in bytes")
+        self.costs = layer_costs(net, config)
+        self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
+        self.optimizer = torch.optim.Adam(net.arch_parameters(), lr=config.lr)
+        self.history: list = []
+        self.step = 0
+        os.makedirs(output_dir, exist_ok=True)
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.output_dir, "search_state.pt")
+
+    def temperature(self, step: int) -> float:
+        frac = step / max(1, self.steps - 1)
+        return self.config.tau_start * (self.config.tau_end / self.config.tau_start) ** frac
+
+    def save(self) -> None:
+        state = {"step": self.step, "alphas": [a.detach().cpu() for a in self.net.arch_parameters()],
+                 "optimizer": self.optimizer.state_dict(), "history": self.history,
+                 "config": asdict(self.config), "candidates": [c.name for c in self.net.candidates]}
+        tmp = self.state_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)  # a kill mid-write leaves the previous checkpoint intact
+
+    def try_resume(self) -> bool:
+        if not os.path.exists(self.state_path):
+            return False
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        if state["candidates"] != [c.name for c in self.net.candidates]:
+            raise ValueError(f"{self.state_path} was made for candidates {state['candidates']}, "
+                             f"not {[c.name for c in self.net.candidates]}")
+        with torch.no_grad():
+            for alpha, saved in zip(self.net.arch_parameters(), state["alphas"]):
+                alpha.copy_(saved.to(alpha.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = state["step"], state["history"]
+        return True
+
+    def loss_terms(self, input_ids: torch.Tensor) -> dict:
+        model = self.net.model
+        base, head = model.base_model, model.get_output_embeddings()
+        with torch.no_grad(), self.net.teacher():
+            teacher_hidden = base(input_ids, use_cache=False).last_hidden_state
+        student_hidden = base(input_ids, use_cache=False).last_hidden_state
+        kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens)
+        cost = expected_cost(self.net, self.costs)
+        overshoot = torch.relu(cost - self.config.budget) / max(self.config.budget, 1e-9)
+        entropy = torch.stack([-(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+                               for p in (s.probabilities() for s in self.net.states)]).mean()
+        ramp = self.step / max(1, self.steps - 1)
+        total = kl + self.config.cost_weight * overshoot ** 2 + self.config.entropy_weight * ramp * entropy
+        return {"loss": total, "kl": kl, "expected_cost": cost, "entropy": entropy}
+
+    def run(self, progress: bool = True, stop_after: Optional[int] = None) -> dict:
+        """Runs to the end (or ``stop_after`` more steps); returns the final summary."""
+        from tqdm.auto import tqdm
+
+        resumed = self.try_resume()
+        device = next(self.net.model.parameters()).device
+        tokens_per_step = self.config.batch_size * self.data.seq_len
+        end = self.steps if stop_after is None else min(self.steps, self.step + stop_after)
+        bar = tqdm(total=self.steps, initial=self.step, disable=not progress, unit="step",
+                   desc="dash search" + (" (resumed)" if resumed else ""))
+        started = time.time()
+        first = self.step
+        while self.step < end:
+            self.net.set_temperature(self.temperature(self.step))
+            batch = self.data.batch(self.step, self.config.batch_size, self.config.seed).to(device)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms = self.loss_terms(batch)
+            terms["loss"].backward()
+            self.optimizer.step()
+            self.step += 1
+            record = {k: float(v.detach()) for k, v in terms.items()}
+            record.update(step=self.step, tau=self.net.states[0].tau,
+                          probabilities=self.net.probabilities().tolist())
+            self.history.append(record)
+            rate = (self.step - first) * tokens_per_step / max(1e-9, time.time() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", tok_s=f"{rate:.0f}",
+                            full=sum(c == "full" for c in self.net.discrete_choice()))
+            if self.step % self.config.checkpoint_every == 0 or self.step == end:
+                self.save()
+        bar.close()
+        summary = {"steps": self.step, "total_steps": self.steps, "tokens": self.step * tokens_per_step,
+                   "choice": self.net.discrete_choice(), "probabilities": self.net.probabilities().tolist()}
+        with open(os.path.join(self.output_dir, "history.json"), "w") as f:
+            json.dump({"summary": summary, "history": self.history}, f)
+        return summary

@@ -1,0 +1,107 @@
+"""Stage-2 search on a tiny random model: losses, regulariser, checkpoint/resume, data packing."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dash import build_supernet  # noqa: E402
+from dash.data import PackedData, pack, read_documents, synthetic_documents  # noqa: E402
+from dash.search import Search, SearchConfig, distillation_kl  # noqa: E402
+from test_supernet import tiny_model  # noqa: E402
+
+
+def random_data(rows=12, seq_len=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return PackedData(train=torch.randint(0, 97, (rows, seq_len), generator=gen),
+                      heldout=torch.randint(0, 97, (2, seq_len), generator=gen))
+
+
+def make_search(tmp_path, steps=6, **overrides):
+    net = build_supernet(tiny_model("llama"), ["full", "swa4", "sink1_swa4"])
+    data = random_data()
+    cfg = SearchConfig(tokens=steps * 2 * data.seq_len, batch_size=2, lr=0.1, checkpoint_every=2,
+                       kl_chunk_tokens=16, budget=1, **overrides)
+    return Search(net, data, cfg, str(tmp_path))
+
+
+def test_chunked_kl_matches_the_direct_computation():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    s, t = torch.randn(2, 7, 8, requires_grad=True), torch.randn(2, 7, 8)
+    direct = torch.nn.functional.kl_div(torch.log_softmax(head(s), -1), torch.log_softmax(head(t), -1),
+                                        log_target=True, reduction="sum") / 14
+    for chunk in (3, 100):
+        torch.testing.assert_close(distillation_kl(s, t, head, chunk), direct)
+
+
+def test_teacher_mode_is_the_unmodified_model():
+    model = tiny_model("mistral", sliding_window=5)
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    net = build_supernet(model, ["swa2", "full"])
+    with torch.no_grad(), net.teacher():
+        got = net(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_search_runs_and_writes_history(tmp_path):
+    search = make_search(tmp_path)
+    summary = search.run(progress=False)
+    assert summary["steps"] == search.steps == 6
+    assert len(summary["choice"]) == 3
+    history = json.load(open(os.path.join(tmp_path, "history.json")))["history"]
+    assert len(history) == 6 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert history[-1]["tau"] < history[0]["tau"]
+
+
+def test_cost_regulariser_pushes_toward_the_budget(tmp_path):
+    search = make_search(tmp_path, steps=8, cost_weight=50.0)
+    search.config.budget = 0.0
+    before = search.net.probabilities()[:, 0].sum().item()
+    search.run(progress=False)
+    after = search.net.probabilities()[:, 0].sum().item()
+    assert after < before  # expected number of full-attention layers went down
+
+
+def test_killed_search_resumes_to_the_same_logits(tmp_path):
+    straight = make_search(tmp_path / "a")
+    straight.run(progress=False)
+    first = make_search(tmp_path / "b")
+    first.run(progress=False, stop_after=3)  # "killed" after 3 steps (checkpoint at step 2 and 3)
+    resumed = make_search(tmp_path / "b")
+    resumed.run(progress=False)
+    for a, b in zip(straight.net.arch_parameters(), resumed.net.arch_parameters()):
+        assert torch.equal(a, b)
+    assert len(resumed.history) == 6
+
+
+def test_bad_budget_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="between 0 and 3 full-attention layers"):
+        Search(
+            build_supernet(tiny_model("llama"), ["full", "swa4"]), random_data(),
+            SearchConfig(budget=7, batch_size=2), str(tmp_path))
+
+
+def test_packing_is_deterministic_and_splits_heldout(tmp_path):
+    class CharTokenizer:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + (ord(ch) % 90) for ch in text]}
+
+    docs = synthetic_documents([f"word{i}" for i in range(60)], num_docs=9, approx_words=40, seed=3)
+    a = pack(docs, CharTokenizer(), 32, seed=5, heldout_fraction=0.1)
+    b = pack(docs, CharTokenizer(), 32, seed=5, heldout_fraction=0.1)
+    assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout)
+    assert a.heldout.shape[0] >= 1 and a.train.shape[1] == 32
+    assert torch.equal(a.batch(7, 4, seed=1), b.batch(7, 4, seed=1))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "one.txt").write_text("hello world")
+    (tmp_path / "d" / "two.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n")
+    assert sorted(read_documents([str(tmp_path / "d")])) == ["from jsonl", "hello world"]
+    with pytest.raises(FileNotFoundError):
+        read_documents([str(tmp_path / "missing")])
