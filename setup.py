@@ -72,8 +72,11 @@ setup(
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
         "transformers>=5.0,<6",  # dash/ only; dash_kernels never imports it
+        "pyyaml",
+        "tqdm",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
+    entry_points={"console_scripts": ["dash = dash.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -196,6 +196,7 @@ class Search:
             if self.step % self.config.checkpoint_every == 0 or self.step == end:
                 self.save()
         bar.close()
+        self.net.set_temperature(self.temperature(max(0, self.step - 1)))  # as at the last step, resumed or not
         summary = {"steps": self.step, "total_steps": self.steps, "tokens": self.step * tokens_per_step,
                    "choice": self.net.discrete_choice(), "probabilities": self.net.probabilities().tolist()}
         with open(os.path.join(self.output_dir, "history.json"), "w") as f:

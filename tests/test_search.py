@@ -105,3 +105,23 @@ def test_packing_is_deterministic_and_splits_heldout(tmp_path):
     assert sorted(read_documents([str(tmp_path / "d")])) == ["from jsonl", "hello world"]
     with pytest.raises(FileNotFoundError):
         read_documents([str(tmp_path / "missing")])
+
+
+def test_cli_settings_precedence(tmp_path):
+    from dash.cli import main, resolve_search_settings  # noqa: F401
+    import argparse
+
+    from dash.cli import _search_parser
+
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text("tokens: 1000\nseq_len: 64\nbudget: 3\n")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    _search_parser(sub)
+    settings = resolve_search_settings(parser.parse_args(["search", "--config", str(cfg), "--budget", "5",
+                                                          "--device", "cpu"]))
+    assert settings["tokens"] == 1000 and settings["seq_len"] == 64 and settings["budget"] == 5
+    assert settings["dtype"] == "float32" and settings["model"] == "smollm2-135m-instruct"
+    cfg.write_text("tokenz: 5\n")
+    with pytest.raises(SystemExit, match="unknown settings"):
+        resolve_search_settings(parser.parse_args(["search", "--config", str(cfg)]))

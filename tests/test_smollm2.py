@@ -58,3 +58,19 @@ def test_search_smoke_on_smollm2_with_default_data(smollm2, tmp_path):
         assert all(torch.isfinite(torch.tensor(h["kl"])) for h in search.history)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_cli_search_end_to_end_and_resume(tmp_path):
+    import json
+
+    from dash.cli import main
+
+    args = ["search", "--tokens", "128", "--seq-len", "64", "--candidates", "full", "swa16", "sink4_swa16",
+            "--budget", "10", "--output", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["steps"] == 2 and len(summary["choice"]) == 30
+    assert summary["candidates"] == ["full", "swa16", "sink4_swa16"]
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "search_state.pt").exists()
+    assert main(args) == 0  # a finished run resumes to the same end without more steps
+    assert json.load(open(tmp_path / "summary.json"))["probabilities"] == summary["probabilities"]
