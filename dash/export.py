@@ -1,0 +1,163 @@
+"""Discretise a search into a hybrid and export it as a model directory a user can load.
+
+The directory holds the weights (safetensors), the transformers config and ``dash_hybrid.json``
+(each layer's operator: ``full_attention``, ``sliding_attention`` with its window, or
+``sink_sliding_attention`` with window and sink). ``dash.load_hybrid(path)`` loads any export.
+Where plain transformers can express the hybrid (full and sliding layers of one window width,
+no sinks) the directory is written in a format with per-layer ``layer_types`` (Qwen2 for
+Llama/Mistral-architecture teachers: the same blocks with zero q/k/v biases; Qwen2/Qwen3 as they
+are), so ``AutoModelForCausalLM.from_pretrained(path)`` loads it too.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+from .candidates import Candidate
+from .supernet import DashLayerState, attention_layers, teacher_window
+
+HYBRID_FILE = "dash_hybrid.json"
+_LLAMA_LIKE = ("llama", "mistral")
+_LAYER_TYPES_NATIVE = ("qwen2", "qwen3")
+
+
+def discretise(probabilities: torch.Tensor, candidates: Sequence[Candidate], budget: float,
+               budget_kind: str = "full_layers", costs: Optional[torch.Tensor] = None) -> List[Candidate]:
+    """Each layer's operator under a budget.
+
+    ``probabilities``: [L, C] (or [L, Hkv, C], averaged over groups). Layers are ranked by their
+    probability of full attention; the best-ranked get full attention while the budget allows
+    (``full_layers``: K layers; ``kv_bytes``: total of ``costs`` per layer), the others their most
+    probable efficient candidate.
+    """
+    probs = probabilities.float()
+    probs = probs.mean(1) if probs.dim() == 3 else probs
+    full = [i for i, c in enumerate(candidates) if c.window is None]
+    efficient = [i for i, c in enumerate(candidates) if c.window is not None]
+    if not full or not efficient:
+        raise ValueError("discretising under a budget needs a full candidate and at least one efficient one")
+    num_layers = probs.shape[0]
+    best_eff = [efficient[int(probs[layer, efficient].argmax())] for layer in range(num_layers)]
+    choice = list(best_eff)
+    order = sorted(range(num_layers), key=lambda layer: -float(probs[layer, full].sum()))
+    if budget_kind == "full_layers":
+        if not 0 <= budget <= num_layers:
+            raise ValueError(f"budget must be between 0 and {num_layers} full-attention layers, got {budget}")
+        for layer in order[: int(budget)]:
+            choice[layer] = full[0]
+    elif budget_kind == "kv_bytes":
+        if costs is None:
+            raise ValueError("budget_kind='kv_bytes' needs the per-candidate costs")
+        total = float(sum(costs[c] for c in choice))
+        if total > budget:
+            raise ValueError(f"even the all-efficient hybrid needs {total:.0f} bytes, over the budget {budget:.0f}")
+        for layer in order:
+            extra = float(costs[full[0]] - costs[choice[layer]])
+            if total + extra <= budget:
+                choice[layer], total = full[0], total + extra
+    else:
+        raise ValueError(f"budget_kind must be 'full_layers' or 'kv_bytes', got {budget_kind!r}")
+    return [candidates[i] for i in choice]
+
+
+def _layer_entry(candidate: Candidate) -> dict:
+    if candidate.window is None:
+        return {"type": "full_attention"}
+    if candidate.sink:
+        return {"type": "sink_sliding_attention", "window": candidate.window, "sink": candidate.sink}
+    return {"type": "sliding_attention", "window": candidate.window}
+
+
+def _plain_transformers_form(model, choices: Sequence[Candidate]):
+    """(config, state_dict) in a layer_types format, or None when transformers cannot express the hybrid."""
+    import transformers
+
+    windows = {c.window for c in choices if c.window is not None}
+    if any(c.sink for c in choices) or len(windows) > 1:
+        return None
+    config = model.config
+    layer_types = ["full_attention" if c.window is None else "sliding_attention" for c in choices]
+    window = windows.pop() if windows else None
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if config.model_type in _LAYER_TYPES_NATIVE:
+        new = config.__class__.from_dict({**config.to_dict(), "layer_types": layer_types, "sliding_window": window,
+                                          "use_sliding_window": window is not None})
+        return new, state
+    if config.model_type not in _LLAMA_LIKE or getattr(config, "attention_bias", False) or \
+            getattr(config, "mlp_bias", False):
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        return None  # Qwen2 derives the head dim from the hidden size
+    new = transformers.Qwen2Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, layer_types=layer_types,
+        sliding_window=window, use_sliding_window=window is not None)
+    for layer in range(config.num_hidden_layers):  # Qwen2 has q/k/v biases: zero reproduces Llama exactly
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            weight = state[f"model.layers.{layer}.self_attn.{proj}.weight"]
+            state[f"model.layers.{layer}.self_attn.{proj}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return new, state
+
+
+def export_hybrid(model, choices: Sequence[Candidate], output_dir: str, tokenizer=None,
+                  report: Optional[dict] = None) -> dict:
+    """Write the hybrid to ``output_dir``; returns the ``dash_hybrid.json`` content."""
+    import transformers
+
+    layers = attention_layers(model)
+    if len(choices) != len(layers):
+        raise ValueError(f"{len(choices)} layer choices for a model with {len(layers)} attention layers")
+    os.makedirs(output_dir, exist_ok=True)
+    plain = _plain_transformers_form(model, choices)
+    if plain is not None:
+        config, state = plain
+        config.architectures = [f"{type(config).__name__.replace('Config', '')}ForCausalLM"]
+        with torch.device("meta"):
+            target = transformers.AutoModelForCausalLM.from_config(config)
+        target.load_state_dict(state, assign=True)
+        target.save_pretrained(output_dir)
+    else:
+        model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    hybrid = {"format": "dash-hybrid/1", "teacher_model_type": model.config.model_type,
+              "loads_with_transformers": plain is not None,
+              "layers": [_layer_entry(c) for c in choices], "report": report or {}}
+    with open(os.path.join(output_dir, HYBRID_FILE), "w") as f:
+        json.dump(hybrid, f, indent=1)
+    return hybrid
+
+
+def load_hybrid(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"):
+    """Load an exported hybrid; every layer attends with its chosen operator (``generate`` works)."""
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(path, HYBRID_FILE)) as f:
+        hybrid = json.load(f)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    layers = attention_layers(model)
+    if len(layers) != len(hybrid["layers"]):
+        raise ValueError(f"{path}: {len(hybrid['layers'])} layer entries for {len(layers)} attention layers")
+    from .supernet import ATTN_IMPLEMENTATION, _register
+
+    _register()
+    config = model.config
+    heads_q = config.num_attention_heads
+    heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
+    for layer, entry in zip(layers, hybrid["layers"]):
+        cand = Candidate(window=entry.get("window"), sink=entry.get("sink", 0))
+        state = DashLayerState([cand], heads_q, heads_kv, teacher_window=teacher_window(layer, config))
+        state.backend = backend
+        state.alpha.requires_grad_(False)
+        layer.dash = state.to(device)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.generation_config.use_cache = False  # the fused op runs whole sequences (no KV cache yet)
+    return model
