@@ -73,6 +73,7 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
         "transformers>=5.0,<6",  # dash/ only; dash_kernels never imports it
         "pyyaml",
+        "matplotlib",
         "tqdm",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},

@@ -1,4 +1,5 @@
-"""``dash`` command line. Today: ``dash search`` (stage 2) on the embedded SmolLM2 or any model.
+"""``dash`` command line: ``dash search`` (stage 2), ``dash export`` (discretise + write a hybrid),
+``dash eval`` (perplexity), on the embedded SmolLM2 or any model.
 
 Settings come from defaults, then a YAML file (``--config``), then command-line flags; the resolved
 settings are written to ``<output>/config.yaml``. Re-running the same command resumes a killed search.
@@ -104,10 +105,105 @@ def run_search(settings: dict, progress: bool = True) -> dict:
     return summary
 
 
+def _export_parser(sub):
+    p = sub.add_parser("export", help="discretise a search under a budget and write a loadable hybrid")
+    p.add_argument("--search", required=True, help="output directory of `dash search`")
+    p.add_argument("--budget", type=float, help="full-attention layers (default: the search's budget)")
+    p.add_argument("--budget-kind", choices=["full_layers", "kv_bytes"])
+    p.add_argument("--budget-context", type=int)
+    p.add_argument("--output", help="hybrid directory (default: <search>/hybrid)")
+
+
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="perplexity of a model or exported hybrid on held-out text")
+    p.add_argument("--model", help="an exported hybrid directory, or any model `dash search --model` accepts")
+    p.add_argument("--data", nargs="+", help="text/jsonl files or folders (default: offline synthetic corpus)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=32768, help="held-out tokens to score")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="JSON file for the result")
+
+
+def run_export(args) -> dict:
+    import yaml
+
+    from .export import discretise, export_hybrid
+    from .models import load_model
+    from .report import write_report
+    from .search import SearchConfig, layer_costs
+    from .supernet import build_supernet
+
+    with open(os.path.join(args.search, "config.yaml")) as f:
+        settings = yaml.safe_load(f)
+    state = torch.load(os.path.join(args.search, "search_state.pt"), map_location="cpu", weights_only=False)
+    cfg = SearchConfig(**state["config"])
+    budget_kind = args.budget_kind or cfg.budget_kind
+    budget = args.budget if args.budget is not None else cfg.budget
+    if args.budget_context:
+        cfg.budget_context = args.budget_context
+    cfg.budget_kind = budget_kind
+    model, tokenizer = load_model(settings["model"], device="cpu", dtype=DTYPES[settings["dtype"]])
+    net = build_supernet(model, state["candidates"], per_kv_group=bool(settings.get("per_kv_group")))
+    with torch.no_grad():
+        for alpha, saved in zip(net.arch_parameters(), state["alphas"]):
+            alpha.copy_(saved)
+    history = state["history"]
+    net.set_temperature(history[-1]["tau"] if history else 1.0)
+    probs = net.probabilities()
+    choices = discretise(probs, net.candidates, budget, budget_kind, layer_costs(net, cfg))
+    model.set_attn_implementation("sdpa")
+    for layer in net.layers:
+        del layer.dash
+    output = args.output or os.path.join(args.search, "hybrid")
+    report = {"model": settings["model"], "budget": budget, "budget_kind": budget_kind,
+              "search_tokens": state["step"] * cfg.batch_size * settings["seq_len"],
+              "candidates": state["candidates"], "choice": [c.name for c in choices],
+              "probabilities": probs.tolist()}
+    info = export_hybrid(model, choices, output, tokenizer=tokenizer, report=report)
+    write_report(output, report, history, state["candidates"])
+    return {**report, "output": output, "loads_with_transformers": info["loads_with_transformers"]}
+
+
+def run_eval(args) -> dict:
+    import math
+
+    from .data import default_data, pack, read_documents
+    from .export import HYBRID_FILE, load_hybrid
+    from .models import load_model
+
+    if args.model and os.path.exists(os.path.join(args.model, HYBRID_FILE)):
+        from transformers import AutoTokenizer
+
+        model = load_hybrid(args.model, device=args.device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_model(args.model, device=args.device)
+    if args.data:
+        data = pack(read_documents(args.data), tokenizer, args.seq_len, seed=args.seed, heldout_fraction=0.2)
+    else:
+        data = default_data(tokenizer, args.seq_len, 5 * args.tokens, seed=args.seed + 1, heldout_fraction=0.2)
+    rows = data.heldout[: max(1, args.tokens // args.seq_len)].to(args.device)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            logits = model(row[None], use_cache=False).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+            count += row.numel() - 1
+    result = {"model": args.model or "smollm2-135m-instruct", "tokens": count, "nll": nll / count,
+              "perplexity": math.exp(nll / count), "seq_len": args.seq_len}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _search_parser(sub)
+    _export_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "search":
         settings = resolve_search_settings(args)
@@ -117,6 +213,14 @@ def main(argv=None) -> int:
               f"{full}/{len(summary['choice'])} layers choose full attention")
         print("per-layer choice:", " ".join(summary["choice"]))
         print(f"written to {settings['output']}/ (summary.json, history.json, search_state.pt, config.yaml)")
+    elif args.command == "export":
+        done = run_export(args)
+        print(f"hybrid with {done['choice'].count('full')}/{len(done['choice'])} full-attention layers written to "
+              f"{done['output']} (loads with plain transformers: {done['loads_with_transformers']}; "
+              "always with dash.load_hybrid)")
+    elif args.command == "eval":
+        result = run_eval(args)
+        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} held-out tokens")
     return 0
 
 

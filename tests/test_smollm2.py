@@ -74,3 +74,27 @@ def test_cli_search_end_to_end_and_resume(tmp_path):
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "search_state.pt").exists()
     assert main(args) == 0  # a finished run resumes to the same end without more steps
     assert json.load(open(tmp_path / "summary.json"))["probabilities"] == summary["probabilities"]
+
+
+def test_cli_export_and_eval_after_search(tmp_path):
+    import json
+
+    import transformers
+
+    from dash.cli import main
+
+    search_dir = tmp_path / "search"
+    assert main(["search", "--tokens", "128", "--seq-len", "64", "--candidates", "full", "swa16",
+                 "--budget", "10", "--output", str(search_dir), "--no-progress"]) == 0
+    hybrid_dir = tmp_path / "hybrid"
+    assert main(["export", "--search", str(search_dir), "--budget", "10", "--output", str(hybrid_dir)]) == 0
+    report = json.load(open(hybrid_dir / "report.json"))
+    assert report["choice"].count("full") == 10 and len(report["choice"]) == 30
+    assert (hybrid_dir / "report.md").exists() and (hybrid_dir / "probabilities.png").exists()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(hybrid_dir))  # full + one window width
+    assert plain.config.layer_types.count("full_attention") == 10
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(hybrid_dir), "--seq-len", "64", "--tokens", "128",
+                 "--output", str(out)]) == 0
+    result = json.load(open(out))
+    assert result["perplexity"] > 1.0 and result["tokens"] == 126  # synthetic filler words: high but finite
