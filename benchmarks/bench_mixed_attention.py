@@ -126,9 +126,8 @@ def build_methods(case: Case, q, k, v, w, backend="triton"):
     }
 
 
-def time_method(fn, inputs, mode, warmup=25, rep=100):
-    import triton
-
+def make_step(fn, inputs, mode):
+    """One timed unit: a forward (no autograd) or a forward + backward; compiled/warmed once here."""
     for t in inputs:
         t.requires_grad_(mode != "fwd")
     if mode == "fwd":
@@ -136,13 +135,21 @@ def time_method(fn, inputs, mode, warmup=25, rep=100):
             with torch.no_grad():
                 fn()
     else:
-        out = fn()
-        dy = torch.randn_like(out)
+        dy = torch.randn_like(fn())
 
         def step():
+            for t in inputs:
+                t.grad = None
             fn().backward(dy)
     step()  # compile / autotune outside the timing
     torch.cuda.synchronize()
+    return step
+
+
+def time_method(fn, inputs, mode, warmup=25, rep=100):
+    import triton
+
+    step = make_step(fn, inputs, mode)
     return triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=list(inputs), return_mode="median")
 
 

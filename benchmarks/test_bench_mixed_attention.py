@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_mixed_attention import CANDIDATE_SETS, SHAPES, Case, build_methods, make_inputs  # noqa: E402
+from bench_mixed_attention import CANDIDATE_SETS, SHAPES, Case, build_methods, make_inputs, make_step  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -25,22 +25,12 @@ def test_mixed_attention_speed(benchmark, shape, seq, cand_set, method, mode):
     case = Case(shape, seq, cand_set)
     q, k, v, w = make_inputs(case)
     fn, inputs = build_methods(case, q, k, v, w)[method]
-    for t in inputs:
-        t.requires_grad_(mode != "fwd")
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn()
-            torch.cuda.synchronize()
-    else:
-        dy = torch.randn_like(fn())
+    timed = make_step(fn, inputs, mode)
 
-        def step():
-            for t in inputs:
-                t.grad = None
-            fn().backward(dy)
-            torch.cuda.synchronize()
-    step()  # compile outside the timing
+    def step():
+        timed()
+        torch.cuda.synchronize()
+
     benchmark.extra_info.update(shape=shape, seq=seq, batch=case.batch, candidates=cand_set, mode=mode,
                                 gpu=torch.cuda.get_device_name())
     benchmark.pedantic(step, rounds=20, warmup_rounds=3)
