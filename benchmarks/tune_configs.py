@@ -10,7 +10,7 @@ import math
 import torch
 import triton
 
-from bench_mixed_attention import CANDIDATE_SETS, SHAPES, Case, make_inputs
+from bench_mixed_attention import CANDIDATE_SETS, Case, make_inputs
 from dash_kernels.ops.mixed_attention import triton_op
 from dash_kernels.ops.mixed_attention.spec import make_plan
 from dash_kernels.ops.mixed_attention.triton_op import TileConfig

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -42,7 +42,6 @@ class SearchConfig:
     kl_chunk_tokens: int = 1024
     checkpoint_every: int = 50
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def validate(self, num_layers: int) -> None:
         if self.budget_kind not in BUDGET_KINDS:

@@ -108,10 +108,9 @@ def test_packing_is_deterministic_and_splits_heldout(tmp_path):
 
 
 def test_cli_settings_precedence(tmp_path):
-    from dash.cli import main, resolve_search_settings  # noqa: F401
     import argparse
 
-    from dash.cli import _search_parser
+    from dash.cli import _search_parser, resolve_search_settings
 
     cfg = tmp_path / "search.yaml"
     cfg.write_text("tokens: 1000\nseq_len: 64\nbudget: 3\n")

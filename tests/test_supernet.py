@@ -7,7 +7,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import dash  # noqa: E402
 from dash import Candidate, build_supernet, default_candidates, parse_candidates  # noqa: E402
 
 FAMILIES = {
