@@ -5,7 +5,8 @@ or the PyTorch reference) behind one function. This package never imports ``dash
 or ``transformers``.
 """
 from .backends import report as backend_report
+from .ops.gla import gated_linear_attention
 from .ops.mixed_attention import mixed_attention, mixed_attention_reference
 
 __version__ = "0.1.0"
-__all__ = ["mixed_attention", "mixed_attention_reference", "backend_report", "__version__"]
+__all__ = ["mixed_attention", "mixed_attention_reference", "gated_linear_attention", "backend_report", "__version__"]
