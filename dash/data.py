@@ -1,10 +1,10 @@
 """Training text for alignment and search: user files, or an offline default; packed to fixed length.
 
-The offline default needs no download: synthetic documents with long-range dependencies (facts stated
-early and asked about much later, key-value lists recalled out of order, passages repeated after long
-gaps), built from a word list generated from the tokenizer's own vocabulary. Such documents reward
-exactly what full attention gives over a window, which is the signal the search needs. Text generated
-by the teacher itself can be added (``teacher_documents``); on a CPU it is slow, so it is opt-in.
+The offline default needs no download. It mixes natural English that ships with every CPython (the
+language reference topics of ``pydoc_data``, ~110K tokens) with synthetic documents that have
+long-range dependencies: facts stated early and asked about much later, key-value lists recalled out
+of order, passages repeated after long gaps, with natural prose from the same source as filler. Such
+documents reward exactly what full attention gives over a window, which is the signal the search needs.
 """
 from __future__ import annotations
 
@@ -61,29 +61,48 @@ def vocabulary_words(tokenizer, limit: int = 4000) -> List[str]:
     return words
 
 
-def synthetic_documents(words: Sequence[str], num_docs: int, approx_words: int, seed: int = 0) -> List[str]:
-    """Documents whose later parts depend on facts stated far earlier."""
+def natural_paragraphs() -> List[str]:
+    """English paragraphs of the Python language reference shipped with CPython (offline, deterministic)."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        paragraphs.extend(p.strip() for p in topics[key].split("\n\n") if len(p.strip()) > 80)
+    return paragraphs
+
+
+def synthetic_documents(words: Sequence[str], num_docs: int, approx_words: int, seed: int = 0,
+                        filler: Optional[Sequence[str]] = None) -> List[str]:
+    """Documents whose later parts depend on facts stated far earlier.
+
+    ``filler``: paragraphs to put between a fact and its recall (random ``words`` when None)."""
     rng = random.Random(seed)
     docs = []
     for i in range(num_docs):
         kind = i % 3
 
-        def filler(n):
-            return " ".join(rng.choice(words) for _ in range(n))
+        def gap(n_words):
+            if not filler:
+                return " ".join(rng.choice(words) for _ in range(n_words))
+            out, count = [], 0
+            while count < n_words:
+                para = filler[rng.randrange(len(filler))]
+                out.append(para)
+                count += len(para.split())
+            return "\n\n".join(out)
 
         if kind == 0:  # key-value list, then recall in a different order
             keys = rng.sample(list(words), 12)
             facts = {k: rng.randrange(1000, 9999) for k in keys}
             head = " ".join(f"The code for {k} is {v}." for k, v in facts.items())
-            body = filler(max(10, approx_words - 120))
             tail = " ".join(f"Recall: the code for {k} is {facts[k]}." for k in rng.sample(keys, len(keys)))
-            docs.append(f"{head}\n{body}\n{tail}")
+            docs.append(f"{head}\n{gap(max(10, approx_words - 120))}\n{tail}")
         elif kind == 1:  # a passage repeated after a long gap
-            passage = filler(60)
-            docs.append(f"{passage}\n{filler(max(10, approx_words - 120))}\nOnce more: {passage}")
+            passage = " ".join(rng.choice(words) for _ in range(60))
+            docs.append(f"{passage}\n{gap(max(10, approx_words - 120))}\nOnce more: {passage}")
         else:  # a named entity introduced early, referred back to at the end
             name, city, job = rng.choice(words).title(), rng.choice(words).title(), rng.choice(words)
-            docs.append(f"{name} lives in {city} and works as a {job}. {filler(max(10, approx_words - 30))} "
+            docs.append(f"{name} lives in {city} and works as a {job}. {gap(max(10, approx_words - 30))} "
                         f"Where does {name} live? {name} lives in {city}, working as a {job}.")
     return docs
 
@@ -138,8 +157,17 @@ def pack(documents: Iterable[str], tokenizer, seq_len: int, *, seed: int = 0, he
 def default_data(tokenizer, seq_len: int, num_tokens: int, *, seed: int = 0, heldout_fraction: float = 0.05):
     """The offline default corpus (see module docstring), about ``num_tokens`` tokens."""
     words = vocabulary_words(tokenizer)
+    prose = natural_paragraphs()
     approx_words = max(50, int(seq_len * 0.6))
-    docs = synthetic_documents(words, num_docs=max(8, num_tokens // max(1, seq_len) + 4),
-                               approx_words=approx_words, seed=seed)
+    recall = synthetic_documents(words, num_docs=max(8, num_tokens // max(1, seq_len) + 4),
+                                 approx_words=approx_words, seed=seed, filler=prose)
+    # natural documents: runs of consecutive paragraphs, as long as a sequence
+    natural, current = [], []
+    for para in prose:
+        current.append(para)
+        if sum(len(p.split()) for p in current) >= approx_words:
+            natural.append("\n\n".join(current))
+            current = []
+    docs = [d for pair in zip(recall, natural) for d in pair] + recall[len(natural):]
     return pack(docs, tokenizer, seq_len, seed=seed, heldout_fraction=heldout_fraction,
                 max_tokens=int(num_tokens * (1 + heldout_fraction)) + seq_len)
