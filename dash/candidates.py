@@ -7,12 +7,21 @@ from typing import Optional, Sequence
 
 @dataclass(frozen=True)
 class Candidate:
-    """One softmax-attention operator: full causal (window None), sliding window, or sinks + window."""
+    """One attention operator of a layer.
+
+    ``kind="softmax"``: full causal (window None), sliding window, or sinks + window.
+    ``kind="gla"``: teacher-aligned gated linear attention (dash/linear.py); no window or sink.
+    """
 
     window: Optional[int] = None
     sink: int = 0
+    kind: str = "softmax"
 
     def __post_init__(self):
+        if self.kind not in ("softmax", "gla"):
+            raise ValueError(f"Candidate.kind must be 'softmax' or 'gla', got {self.kind!r}")
+        if self.kind == "gla" and (self.window is not None or self.sink):
+            raise ValueError("a linear (gla) candidate has no window or sink")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"Candidate.window must be None or an int >= 1, got {self.window!r}")
         if not isinstance(self.sink, int) or self.sink < 0:
@@ -21,7 +30,17 @@ class Candidate:
             raise ValueError("a full-attention candidate cannot have sinks (it already sees every key)")
 
     @property
+    def is_linear(self) -> bool:
+        return self.kind != "softmax"
+
+    @property
+    def is_full(self) -> bool:
+        return self.kind == "softmax" and self.window is None
+
+    @property
     def name(self) -> str:
+        if self.is_linear:
+            return self.kind
         if self.window is None:
             return "full"
         return f"sink{self.sink}_swa{self.window}" if self.sink else f"swa{self.window}"
@@ -32,21 +51,23 @@ class Candidate:
         if isinstance(spec, Candidate):
             return spec
         if isinstance(spec, dict):
-            unknown = set(spec) - {"window", "sink"}
+            unknown = set(spec) - {"window", "sink", "kind"}
             if unknown:
-                raise ValueError(f"unknown candidate keys {sorted(unknown)}; expected 'window' and 'sink'")
-            return cls(window=spec.get("window"), sink=spec.get("sink", 0))
+                raise ValueError(f"unknown candidate keys {sorted(unknown)}; expected 'window', 'sink', 'kind'")
+            return cls(window=spec.get("window"), sink=spec.get("sink", 0), kind=spec.get("kind", "softmax"))
         if isinstance(spec, str):
             text = spec.strip().lower()
             if text == "full":
                 return cls()
+            if text == "gla":
+                return cls(kind="gla")
             sink = 0
             if text.startswith("sink"):
                 head, _, text = text.partition("_")
                 sink = _parse_int(head[4:], spec)
             if text.startswith("swa"):
                 return cls(window=_parse_int(text[3:], spec), sink=sink)
-        raise ValueError(f"cannot parse candidate {spec!r}: use 'full', 'swa<W>', 'sink<S>_swa<W>' or a dict")
+        raise ValueError(f"cannot parse candidate {spec!r}: use 'full', 'swa<W>', 'sink<S>_swa<W>', 'gla' or a dict")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,4 +108,6 @@ def parse_candidates(specs: Sequence) -> list:
     cands = [Candidate.parse(s) for s in specs]
     if len(set(cands)) != len(cands):
         raise ValueError(f"duplicate candidates in {[c.name for c in cands]}")
+    if all(c.is_linear for c in cands):
+        raise ValueError("at least one softmax-family candidate is needed")
     return cands

@@ -1,5 +1,5 @@
-"""``dash`` command line: ``dash search`` (stage 2), ``dash export`` (discretise + write a hybrid),
-``dash eval`` (perplexity), on the embedded SmolLM2 or any model.
+"""``dash`` command line: ``dash align`` (stage 1), ``dash search`` (stage 2), ``dash export`` (discretise
+and write a hybrid) and ``dash eval`` (perplexity), on the embedded SmolLM2 or any model.
 
 Settings come from defaults, then a YAML file (``--config``), then command-line flags; the resolved
 settings are written to ``<output>/config.yaml``. Re-running the same command resumes a killed search.
@@ -38,8 +38,46 @@ def _search_parser(sub):
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--bank", help="linear-candidate bank from `dash align` (needed with the 'gla' candidate)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _align_parser(sub):
+    p = sub.add_parser("align", help="stage 1: align every layer's linear candidate to its teacher attention")
+    p.add_argument("--model", help="as for `dash search`")
+    p.add_argument("--data", nargs="+", help="text/jsonl files or folders (default: offline corpus)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None, help="alignment tokens (default 2M on GPU, 16K on CPU)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--output", default=os.path.join("runs", "align"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_align(args) -> dict:
+    from .align import Align, AlignConfig
+    from .data import default_data, pack, read_documents
+    from .models import load_model
+    from .supernet import build_supernet
+
+    on_gpu = args.device.startswith("cuda")
+    dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    seq_len = args.seq_len or (2048 if on_gpu else 1024)
+    tokens = args.tokens or (2_000_000 if on_gpu else CPU_DEFAULT_TOKENS)
+    model_name = args.model or "smollm2-135m-instruct"
+    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
+    if args.data:
+        data = pack(read_documents(args.data), tokenizer, seq_len, seed=args.seed)
+    else:
+        data = default_data(tokenizer, seq_len, min(tokens, 2_000_000), seed=args.seed)
+    net = build_supernet(model, ["full", "gla"])
+    config = AlignConfig(tokens=tokens, batch_size=args.batch_size or (4 if on_gpu else 1), lr=args.lr,
+                         seed=args.seed)
+    return Align(net, data, config, args.output, model_name=model_name).run(progress=not args.no_progress)
 
 
 def resolve_search_settings(args) -> dict:
@@ -65,13 +103,22 @@ def resolve_search_settings(args) -> dict:
     settings.setdefault("output", os.path.join("runs", "search"))
     settings.setdefault("seed", 0)
     known = {f.name for f in fields(SearchConfig)} | {"model", "data", "candidates", "per_kv_group", "seq_len",
-                                                       "output", "device", "dtype"}
+                                                       "output", "device", "dtype", "bank"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {sorted(known)}")
     if settings["dtype"] not in DTYPES:
         raise SystemExit(f"dtype must be one of {list(DTYPES)}, got {settings['dtype']!r}")
     return settings
+
+
+def _load_bank_if_needed(net, settings: dict) -> None:
+    from .align import load_bank
+
+    if settings.get("bank"):
+        load_bank(net, settings["bank"], model_name=settings["model"])
+    elif net.linear_parameters():
+        raise SystemExit("the 'gla' candidate needs an aligned bank: run `dash align`, then pass --bank <dir>")
 
 
 def run_search(settings: dict, progress: bool = True) -> dict:
@@ -92,6 +139,7 @@ def run_search(settings: dict, progress: bool = True) -> dict:
     else:
         data = default_data(tokenizer, seq_len, min(tokens, 2_000_000), seed=seed)
     net = build_supernet(model, settings.get("candidates"), per_kv_group=bool(settings.get("per_kv_group")))
+    _load_bank_if_needed(net, settings)
     same_as_full = [c.name for c in net.candidates if c.window is not None and c.window >= seq_len]
     if same_as_full:
         print(f"warning: {same_as_full} cover every position of a {seq_len}-token sequence, so the search cannot "
@@ -145,6 +193,7 @@ def run_export(args) -> dict:
     cfg.budget_kind = budget_kind
     model, tokenizer = load_model(settings["model"], device="cpu", dtype=DTYPES[settings["dtype"]])
     net = build_supernet(model, state["candidates"], per_kv_group=bool(settings.get("per_kv_group")))
+    _load_bank_if_needed(net, settings)
     with torch.no_grad():
         for alpha, saved in zip(net.arch_parameters(), state["alphas"]):
             alpha.copy_(saved)
@@ -152,6 +201,7 @@ def run_export(args) -> dict:
     net.set_temperature(history[-1]["tau"] if history else 1.0)
     probs = net.probabilities()
     choices = discretise(probs, net.candidates, budget, budget_kind, layer_costs(net, cfg))
+    linear_modules = [s.linear for s in net.states]
     model.set_attn_implementation("sdpa")
     for layer in net.layers:
         del layer.dash
@@ -160,7 +210,7 @@ def run_export(args) -> dict:
               "search_tokens": state["step"] * cfg.batch_size * settings["seq_len"],
               "candidates": state["candidates"], "choice": [c.name for c in choices],
               "probabilities": probs.tolist()}
-    info = export_hybrid(model, choices, output, tokenizer=tokenizer, report=report)
+    info = export_hybrid(model, choices, output, tokenizer=tokenizer, report=report, linear_modules=linear_modules)
     write_report(output, report, history, state["candidates"])
     return {**report, "output": output, "loads_with_transformers": info["loads_with_transformers"]}
 
@@ -201,11 +251,18 @@ def run_eval(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _align_parser(sub)
     _search_parser(sub)
     _export_parser(sub)
     _eval_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "search":
+    if args.command == "align":
+        meta = run_align(args)
+        errors = meta["heldout_relative_error"]
+        print(f"aligned {meta['num_layers']} linear candidates on {meta['tokens']} tokens; held-out relative error "
+              f"per layer: " + " ".join(f"{e:.3f}" for e in errors))
+        print(f"bank written to {args.output}/ (linear_bank.safetensors, linear_bank.json)")
+    elif args.command == "search":
         settings = resolve_search_settings(args)
         summary = run_search(settings, progress=not args.no_progress)
         full = sum(c == "full" for c in summary["choice"])

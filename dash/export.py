@@ -17,9 +17,10 @@ from typing import List, Optional, Sequence
 import torch
 
 from .candidates import Candidate
-from .supernet import DashLayerState, attention_layers, teacher_window
+from .supernet import attention_layers
 
 HYBRID_FILE = "dash_hybrid.json"
+LINEAR_FILE = "dash_linear.safetensors"
 _LLAMA_LIKE = ("llama", "mistral")
 _LAYER_TYPES_NATIVE = ("qwen2", "qwen3")
 
@@ -35,8 +36,8 @@ def discretise(probabilities: torch.Tensor, candidates: Sequence[Candidate], bud
     """
     probs = probabilities.float()
     probs = probs.mean(1) if probs.dim() == 3 else probs
-    full = [i for i, c in enumerate(candidates) if c.window is None]
-    efficient = [i for i, c in enumerate(candidates) if c.window is not None]
+    full = [i for i, c in enumerate(candidates) if c.is_full]
+    efficient = [i for i, c in enumerate(candidates) if not c.is_full]
     if not full or not efficient:
         raise ValueError("discretising under a budget needs a full candidate and at least one efficient one")
     num_layers = probs.shape[0]
@@ -64,6 +65,8 @@ def discretise(probabilities: torch.Tensor, candidates: Sequence[Candidate], bud
 
 
 def _layer_entry(candidate: Candidate) -> dict:
+    if candidate.is_linear:
+        return {"type": "linear_attention", "kind": candidate.kind}
     if candidate.window is None:
         return {"type": "full_attention"}
     if candidate.sink:
@@ -76,7 +79,7 @@ def _plain_transformers_form(model, choices: Sequence[Candidate]):
     import transformers
 
     windows = {c.window for c in choices if c.window is not None}
-    if any(c.sink for c in choices) or len(windows) > 1:
+    if any(c.sink or c.is_linear for c in choices) or len(windows) > 1:
         return None
     config = model.config
     layer_types = ["full_attention" if c.window is None else "sliding_attention" for c in choices]
@@ -108,14 +111,27 @@ def _plain_transformers_form(model, choices: Sequence[Candidate]):
 
 
 def export_hybrid(model, choices: Sequence[Candidate], output_dir: str, tokenizer=None,
-                  report: Optional[dict] = None) -> dict:
-    """Write the hybrid to ``output_dir``; returns the ``dash_hybrid.json`` content."""
+                  report: Optional[dict] = None, linear_modules: Optional[Sequence] = None) -> dict:
+    """Write the hybrid to ``output_dir``; returns the ``dash_hybrid.json`` content.
+
+    ``linear_modules``: per layer, the aligned ``LinearAttention`` (needed where a layer chose it)."""
     import transformers
+    from safetensors.torch import save_file
 
     layers = attention_layers(model)
     if len(choices) != len(layers):
         raise ValueError(f"{len(choices)} layer choices for a model with {len(layers)} attention layers")
     os.makedirs(output_dir, exist_ok=True)
+    linear_tensors = {}
+    for index, choice in enumerate(choices):
+        if choice.is_linear:
+            module = linear_modules[index] if linear_modules is not None else None
+            if module is None:
+                raise ValueError(f"layer {index} chose {choice.name} but no aligned linear module was given")
+            for name, tensor in module.state_dict().items():
+                linear_tensors[f"layers.{index}.{name}"] = tensor.detach().cpu().contiguous()
+    if linear_tensors:
+        save_file(linear_tensors, os.path.join(output_dir, LINEAR_FILE))
     plain = _plain_transformers_form(model, choices)
     if plain is not None:
         config, state = plain
@@ -136,6 +152,12 @@ def export_hybrid(model, choices: Sequence[Candidate], output_dir: str, tokenize
     return hybrid
 
 
+def _candidate_of(entry: dict) -> Candidate:
+    if entry["type"] == "linear_attention":
+        return Candidate(kind=entry["kind"])
+    return Candidate(window=entry.get("window"), sink=entry.get("sink", 0))
+
+
 def load_hybrid(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"):
     """Load an exported hybrid; every layer attends with its chosen operator (``generate`` works)."""
     from transformers import AutoModelForCausalLM
@@ -146,18 +168,23 @@ def load_hybrid(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
     layers = attention_layers(model)
     if len(layers) != len(hybrid["layers"]):
         raise ValueError(f"{path}: {len(hybrid['layers'])} layer entries for {len(layers)} attention layers")
-    from .supernet import ATTN_IMPLEMENTATION, _register
+    from .supernet import ATTN_IMPLEMENTATION, _register, attach_states
 
     _register()
-    config = model.config
-    heads_q = config.num_attention_heads
-    heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
-    for layer, entry in zip(layers, hybrid["layers"]):
-        cand = Candidate(window=entry.get("window"), sink=entry.get("sink", 0))
-        state = DashLayerState([cand], heads_q, heads_kv, teacher_window=teacher_window(layer, config))
-        state.backend = backend
-        state.alpha.requires_grad_(False)
-        layer.dash = state.to(device)
+    choices = {layer.layer_idx: _candidate_of(entry) for layer, entry in zip(layers, hybrid["layers"])}
+    attach_states(layers, model.config, lambda layer: [choices[layer.layer_idx]], False, device)
+    if os.path.exists(os.path.join(path, LINEAR_FILE)):
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(path, LINEAR_FILE))
+        for index, layer in enumerate(layers):
+            if layer.dash.linear is not None:
+                prefix = f"layers.{index}."
+                layer.dash.linear.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                                   if k.startswith(prefix)})
+    for layer in layers:
+        layer.dash.backend = backend
+        layer.dash.requires_grad_(False)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.generation_config.use_cache = False  # the fused op runs whole sequences (no KV cache yet)
     return model

@@ -57,22 +57,24 @@ class SearchConfig:
             raise ValueError("tau_start and tau_end must be > 0")
 
 
-def candidate_kv_tokens(candidate: Candidate, context: int) -> int:
-    """Cached key/value positions a layer with this candidate keeps at ``context``."""
-    if candidate.window is None:
-        return context
-    return min(context, candidate.window + candidate.sink)
+def candidate_cache_bytes(candidate: Candidate, context: int, heads_kv: int, heads_q: int, head_dim: int) -> int:
+    """Inference cache a layer with this candidate keeps at ``context``: 16-bit K/V rows, or a fp32
+    [Hq, D, D + 1] recurrent state for the linear candidate."""
+    if candidate.is_linear:
+        return heads_q * head_dim * (head_dim + 1) * 4
+    tokens = context if candidate.window is None else min(context, candidate.window + candidate.sink)
+    return tokens * 2 * heads_kv * head_dim * 2
 
 
 def layer_costs(net: Supernet, config: SearchConfig) -> torch.Tensor:
-    """[C] cost of each candidate in the budget's unit (full layers, or KV bytes at the budget context)."""
+    """[C] cost of each candidate in the budget's unit (full layers, or cache bytes at the budget context)."""
     if config.budget_kind == "full_layers":
-        return torch.tensor([1.0 if c.window is None else 0.0 for c in net.candidates])
+        return torch.tensor([1.0 if c.is_full else 0.0 for c in net.candidates])
     model_cfg = net.model.config
-    heads_kv = getattr(model_cfg, "num_key_value_heads", None) or model_cfg.num_attention_heads
-    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
-    bytes_per_token = 2 * heads_kv * head_dim * 2  # K and V, 16-bit
-    return torch.tensor([float(candidate_kv_tokens(c, config.budget_context) * bytes_per_token)
+    heads_q = model_cfg.num_attention_heads
+    heads_kv = getattr(model_cfg, "num_key_value_heads", None) or heads_q
+    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // heads_q
+    return torch.tensor([float(candidate_cache_bytes(c, config.budget_context, heads_kv, heads_q, head_dim))
                          for c in net.candidates])
 
 
@@ -112,6 +114,8 @@ class Search:
             config.budget = float(max(1, round(num_layers / 5))) if config.budget_kind == "full_layers" else None
             if config.budget is None:
                 raise ValueError("budget_kind='kv_bytes' needs an explicit budget in bytes")
+        for p in net.linear_parameters():  # stage 2 trains the logits only; linear candidates come aligned
+            p.requires_grad_(False)
         self.costs = layer_costs(net, config)
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
         self.optimizer = torch.optim.Adam(net.arch_parameters(), lr=config.lr)

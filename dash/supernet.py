@@ -19,6 +19,7 @@ from torch import nn
 from dash_kernels import mixed_attention
 
 from .candidates import Candidate, default_candidates, parse_candidates
+from .linear import LinearAttention
 
 ATTN_IMPLEMENTATION = "dash_mixed"
 
@@ -30,19 +31,31 @@ class DashLayerState(nn.Module):
     """
 
     def __init__(self, candidates: Sequence[Candidate], heads_q: int, heads_kv: int,
-                 per_kv_group: bool = False, teacher_window: Optional[int] = None):
+                 per_kv_group: bool = False, teacher_window: Optional[int] = None,
+                 hidden_size: Optional[int] = None, head_dim: Optional[int] = None):
         super().__init__()
         self.candidates = list(candidates)
         self.heads_q, self.heads_kv = heads_q, heads_kv
+        softmax = [c for c in self.candidates if not c.is_linear]
+        self.softmax_index = [i for i, c in enumerate(self.candidates) if not c.is_linear]
+        self.linear_index = [i for i, c in enumerate(self.candidates) if c.is_linear]
         # a teacher layer that is itself sliding-window caps every candidate at its window
-        self.windows = [_cap(c.window, teacher_window) for c in self.candidates]
-        self.sinks = [c.sink if w is not None else 0 for c, w in zip(self.candidates, self.windows)]
+        self.windows = [_cap(c.window, teacher_window) for c in softmax]
+        self.sinks = [c.sink if w is not None else 0 for c, w in zip(softmax, self.windows)]
         shape = (heads_kv, len(self.candidates)) if per_kv_group else (len(self.candidates),)
         self.alpha = nn.Parameter(torch.zeros(shape))
         self.teacher_window = teacher_window
+        self.linear = None
+        if self.linear_index:
+            if hidden_size is None or head_dim is None:
+                raise ValueError("a linear candidate needs the layer's hidden size and head dim")
+            self.linear = LinearAttention(hidden_size, heads_q, heads_kv, head_dim)
+        self.hidden = None  # the layer input, stashed by a pre-hook for the linear candidate's gate
         self.tau = 1.0
         self.backend = "auto"
         self.teacher_mode = False  # True: attend like the unmodified layer (used for distillation targets)
+        self.align_mode = False  # with teacher_mode: also score the linear candidate against the teacher
+        self.align_loss = None
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.alpha.float() / self.tau, dim=-1)
@@ -80,12 +93,29 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
             f"built for {state.teacher_window}: rebuild the supernet after changing the config"
         )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    hidden, state.hidden = state.hidden, None
     if state.teacher_mode:
         one = torch.ones(1, device=q.device)
-        return mixed_attention(q, k, v, one, [state.teacher_window], scale=scaling, backend=state.backend), None
-    out = mixed_attention(q, k, v, state.mixture_weights(), state.windows, state.sinks, scale=scaling,
-                          backend=state.backend)
+        out = mixed_attention(q, k, v, one, [state.teacher_window], scale=scaling, backend=state.backend)
+        if state.align_mode and state.linear is not None:
+            target = out.detach().float()
+            error = (state.linear(q, k, v, hidden).float() - target).pow(2).mean()
+            state.align_loss = error / target.pow(2).mean().clamp_min(1e-12)
+        return out, None
+    weights = state.mixture_weights()
+    out = 0
+    if state.windows:
+        out = mixed_attention(q, k, v, weights[..., state.softmax_index], state.windows, state.sinks,
+                              scale=scaling, backend=state.backend)
+    if state.linear is not None:
+        w_lin = weights[..., state.linear_index[0]]  # [] or [Hq]
+        w_lin = w_lin.view(1, 1, -1, 1) if w_lin.dim() == 1 else w_lin
+        out = out + (w_lin * state.linear(q, k, v, hidden).float()).to(q.dtype)
     return out, None
+
+
+def _stash_hidden(module, args, kwargs):
+    module.dash.hidden = kwargs.get("hidden_states", args[0] if args else None)
 
 
 def dash_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -125,6 +155,19 @@ def attention_layers(model: nn.Module) -> list:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
+def attach_states(layers, config, candidates_of, per_kv_group: bool, device) -> None:
+    """Give every attention layer its DashLayerState (and the input stash a linear candidate needs)."""
+    heads_q = config.num_attention_heads
+    heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads_q
+    for layer in layers:
+        cands = candidates_of(layer)
+        layer.dash = DashLayerState(cands, heads_q, heads_kv, per_kv_group, teacher_window(layer, config),
+                                    hidden_size=config.hidden_size, head_dim=head_dim).to(device)
+        if any(c.is_linear for c in cands) and not getattr(layer, "_dash_stash", None):
+            layer._dash_stash = layer.register_forward_pre_hook(_stash_hidden, with_kwargs=True)
+
+
 class Supernet:
     """A frozen causal LM whose attention layers are DASH mixtures; only the logits train."""
 
@@ -139,6 +182,21 @@ class Supernet:
 
     def arch_parameters(self) -> list:
         return [s.alpha for s in self.states]
+
+    def linear_parameters(self) -> list:
+        return [p for s in self.states if s.linear is not None for p in s.linear.parameters()]
+
+    @contextlib.contextmanager
+    def aligning(self):
+        """Teacher forward that also scores every layer's linear candidate (stage 1)."""
+        for s in self.states:
+            s.align_mode = True
+        try:
+            with self.teacher():
+                yield self
+        finally:
+            for s in self.states:
+                s.align_mode = False
 
     def set_temperature(self, tau: float) -> None:
         if not tau > 0:
@@ -194,13 +252,8 @@ def build_supernet(model: nn.Module, candidates: Optional[Sequence] = None, *, p
         for p in model.parameters():
             p.requires_grad_(False)
     layers = attention_layers(model)
-    heads_q = config.num_attention_heads
-    heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
     device = next(model.parameters()).device
-    for layer in layers:
-        state = DashLayerState(candidates, heads_q, heads_kv, per_kv_group,
-                               teacher_window=teacher_window(layer, config))
-        layer.dash = state.to(device)
+    attach_states(layers, config, lambda layer: candidates, per_kv_group, device)
     net = Supernet(model, layers, candidates)
     net.set_temperature(tau)
     net.set_backend(backend)

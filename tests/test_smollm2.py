@@ -98,3 +98,21 @@ def test_cli_export_and_eval_after_search(tmp_path):
                  "--output", str(out)]) == 0
     result = json.load(open(out))
     assert result["perplexity"] > 1.0 and result["tokens"] == 126  # synthetic filler words: high but finite
+
+
+def test_cli_align_then_search_with_the_linear_candidate(tmp_path):
+    import json
+
+    from dash.cli import main
+
+    bank = tmp_path / "bank"
+    assert main(["align", "--tokens", "128", "--seq-len", "64", "--output", str(bank), "--no-progress"]) == 0
+    meta = json.load(open(bank / "linear_bank.json"))
+    assert meta["num_layers"] == 30 and len(meta["heldout_relative_error"]) == 30
+    out = tmp_path / "search"
+    assert main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "swa16", "gla",
+                 "--bank", str(bank), "--budget", "5", "--output", str(out), "--no-progress"]) == 0
+    assert json.load(open(out / "summary.json"))["candidates"] == ["full", "swa16", "gla"]
+    with pytest.raises(SystemExit, match="needs an aligned bank"):
+        main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "gla",
+              "--output", str(tmp_path / "nobank"), "--no-progress"])

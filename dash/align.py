@@ -1,0 +1,149 @@
+"""Stage 1, ``dash align``: train every layer's linear candidate to reproduce that layer's teacher attention.
+
+One teacher forward per batch feeds all layers: each layer returns its teacher output (so later layers see
+teacher activations) and scores its linear candidate against it (relative MSE). Only the linear
+candidates' own parameters train. The result is a reusable *candidate bank*: ``linear_bank.safetensors``
+plus ``linear_bank.json`` (model, candidate kind, shapes and per-layer held-out alignment error). Runs
+checkpoint and resume like the search.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from .data import PackedData
+from .supernet import Supernet
+
+BANK_WEIGHTS = "linear_bank.safetensors"
+BANK_META = "linear_bank.json"
+
+
+@dataclass
+class AlignConfig:
+    tokens: int = 2_000_000
+    batch_size: int = 4
+    lr: float = 1e-3
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def _bank_tensors(net: Supernet) -> dict:
+    return {f"layers.{i}.{name}": t.detach().cpu().contiguous()
+            for i, s in enumerate(net.states) if s.linear is not None
+            for name, t in s.linear.state_dict().items()}
+
+
+def save_bank(net: Supernet, output_dir: str, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_bank_tensors(net), os.path.join(output_dir, BANK_WEIGHTS))
+    with open(os.path.join(output_dir, BANK_META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load_bank(net: Supernet, bank_dir: str, model_name: Optional[str] = None) -> dict:
+    """Load aligned linear candidates into a supernet built with the same linear candidate."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(bank_dir, BANK_META)) as f:
+        meta = json.load(f)
+    if model_name is not None and meta.get("model") != model_name:
+        raise ValueError(f"bank {bank_dir} was aligned on {meta.get('model')!r}, not {model_name!r}")
+    if meta.get("num_layers") != len(net.states):
+        raise ValueError(f"bank {bank_dir} has {meta.get('num_layers')} layers, the model {len(net.states)}")
+    tensors = load_file(os.path.join(bank_dir, BANK_WEIGHTS))
+    for i, state in enumerate(net.states):
+        if state.linear is None:
+            raise ValueError("the supernet has no linear candidate to load the bank into (add 'gla')")
+        prefix = f"layers.{i}."
+        state.linear.load_state_dict({k[len(prefix):]: v.to(state.alpha.device)
+                                      for k, v in tensors.items() if k.startswith(prefix)})
+    return meta
+
+
+class Align:
+    def __init__(self, net: Supernet, data: PackedData, config: AlignConfig, output_dir: str, model_name: str = ""):
+        if not net.linear_parameters():
+            raise ValueError("nothing to align: build the supernet with a linear candidate ('gla')")
+        self.net, self.data, self.config, self.output_dir, self.model_name = net, data, config, output_dir, model_name
+        self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
+        self.optimizer = torch.optim.Adam(net.linear_parameters(), lr=config.lr)
+        self.step, self.history = 0, []
+        os.makedirs(output_dir, exist_ok=True)
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.output_dir, "align_state.pt")
+
+    def _layer_losses(self, batch: torch.Tensor) -> list:
+        with self.net.aligning():
+            self.net.model.base_model(batch, use_cache=False)
+        return [s.align_loss for s in self.net.states]
+
+    def evaluate(self, rows: Optional[torch.Tensor] = None) -> list:
+        """Per-layer relative error ||lin - teacher||^2 / ||teacher||^2 on held-out rows."""
+        rows = self.data.heldout if rows is None else rows
+        device = next(self.net.model.parameters()).device
+        totals = torch.zeros(len(self.net.states))
+        with torch.no_grad():
+            for row in rows:
+                totals += torch.stack([loss.float().cpu() for loss in self._layer_losses(row[None].to(device))])
+        return (totals / max(1, len(rows))).tolist()
+
+    def save(self) -> None:
+        state = {"step": self.step, "linear": _bank_tensors(self.net), "optimizer": self.optimizer.state_dict(),
+                 "history": self.history, "config": asdict(self.config)}
+        tmp = self.state_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path)
+
+    def try_resume(self) -> bool:
+        if not os.path.exists(self.state_path):
+            return False
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        for i, s in enumerate(self.net.states):
+            prefix = f"layers.{i}."
+            s.linear.load_state_dict({k[len(prefix):]: v.to(s.alpha.device)
+                                      for k, v in state["linear"].items() if k.startswith(prefix)})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history = state["step"], state["history"]
+        return True
+
+    def run(self, progress: bool = True, stop_after: Optional[int] = None) -> dict:
+        from tqdm.auto import tqdm
+
+        resumed = self.try_resume()
+        device = next(self.net.model.parameters()).device
+        end = self.steps if stop_after is None else min(self.steps, self.step + stop_after)
+        bar = tqdm(total=self.steps, initial=self.step, disable=not progress, unit="step",
+                   desc="dash align" + (" (resumed)" if resumed else ""))
+        started, first = time.time(), self.step
+        while self.step < end:
+            batch = self.data.batch(self.step, self.config.batch_size, self.config.seed).to(device)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = self._layer_losses(batch)
+            loss = torch.stack(losses).mean()
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            self.history.append({"step": self.step, "loss": float(loss.detach()),
+                                 "layers": [float(x.detach()) for x in losses]})
+            rate = (self.step - first) * self.config.batch_size * self.data.seq_len / max(1e-9, time.time() - started)
+            bar.update(1)
+            bar.set_postfix(rel_err=f"{float(loss.detach()):.4f}", tok_s=f"{rate:.0f}")
+            if self.step % self.config.checkpoint_every == 0 or self.step == end:
+                self.save()
+        bar.close()
+        errors = self.evaluate()
+        meta = {"format": "dash-linear-bank/1", "model": self.model_name, "kind": "gla",
+                "num_layers": len(self.net.states), "steps": self.step,
+                "tokens": self.step * self.config.batch_size * self.data.seq_len,
+                "heldout_relative_error": errors}
+        save_bank(self.net, self.output_dir, meta)
+        return meta

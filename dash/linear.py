@@ -1,0 +1,48 @@
+"""Teacher-aligned linear candidate: gated linear attention on the teacher layer's own q/k/v.
+
+The candidate reads the teacher's projected (and rotated) queries, keys and values, the same ones the
+softmax candidates see, and adds small parameters of its own, trained in stage 1 (``dash align``) to
+reproduce the teacher layer's attention output:
+- per-head feature maps ``phi(x) = elu(x W_h) + 1`` on queries and keys (``W_h`` starts at identity);
+- a per-channel forget gate from the layer input, ``g = logsigmoid(x A B + c) / 16`` (low rank, starting
+  close to no decay);
+- normalisation: values carry a column of ones, so the output is ``num / den`` like softmax attention.
+It runs through ``dash_kernels.gated_linear_attention``. Its output goes through the teacher's o_proj,
+like every other candidate's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dash_kernels import gated_linear_attention
+
+GATE_RANK = 16
+GATE_NORMALIZER = 16.0
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, hidden_size: int, heads_q: int, heads_kv: int, head_dim: int):
+        super().__init__()
+        self.heads_q, self.heads_kv, self.head_dim = heads_q, heads_kv, head_dim
+        eye = torch.eye(head_dim).expand(heads_q, head_dim, head_dim).clone()
+        self.q_map = nn.Parameter(eye.clone())
+        self.k_map = nn.Parameter(eye.clone())
+        self.gate_down = nn.Parameter(torch.randn(hidden_size, GATE_RANK) / hidden_size ** 0.5)
+        self.gate_up = nn.Parameter(torch.zeros(GATE_RANK, heads_q * head_dim))
+        self.gate_bias = nn.Parameter(torch.full((heads_q * head_dim,), 4.0))  # logsigmoid(4)/16: ~no decay
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """q [B, T, Hq, D], k/v [B, T, Hkv, D], hidden [B, T, hidden] -> [B, T, Hq, D] in q's dtype."""
+        group = self.heads_q // self.heads_kv
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+        dtype = q.dtype
+        q_feat = F.elu(torch.einsum("bthd,hde->bthe", q.float(), self.q_map)) + 1
+        k_feat = F.elu(torch.einsum("bthd,hde->bthe", k.float(), self.k_map)) + 1
+        gate = (hidden.float() @ self.gate_down) @ self.gate_up + self.gate_bias
+        g = F.logsigmoid(gate).view(*q.shape[:2], self.heads_q, self.head_dim) / GATE_NORMALIZER
+        ones = torch.ones(*v.shape[:3], 1, device=v.device, dtype=torch.float32)
+        out, _ = gated_linear_attention(q_feat, k_feat, torch.cat([v.float(), ones], -1), g, scale=1.0)
+        return (out[..., :-1] / out[..., -1:].clamp_min(1e-6)).to(dtype)
