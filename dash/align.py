@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .data import PackedData
+from .search import load_checkpoint
 from .supernet import Supernet
 
 BANK_WEIGHTS = "linear_bank.safetensors"
@@ -51,13 +52,20 @@ def load_bank(net: Supernet, bank_dir: str, model_name: Optional[str] = None) ->
     """Load aligned linear candidates into a supernet built with the same linear candidate."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(bank_dir, BANK_META)) as f:
-        meta = json.load(f)
+    meta_path, weights_path = os.path.join(bank_dir, BANK_META), os.path.join(bank_dir, BANK_WEIGHTS)
+    for path in (meta_path, weights_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"linear-candidate bank incomplete: {path} not found (run `dash align`)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tensors = load_file(weights_path)
+    except Exception as exc:
+        raise ValueError(f"bank {bank_dir} is unreadable ({type(exc).__name__}: {exc})") from exc
     if model_name is not None and meta.get("model") != model_name:
         raise ValueError(f"bank {bank_dir} was aligned on {meta.get('model')!r}, not {model_name!r}")
     if meta.get("num_layers") != len(net.states):
         raise ValueError(f"bank {bank_dir} has {meta.get('num_layers')} layers, the model {len(net.states)}")
-    tensors = load_file(os.path.join(bank_dir, BANK_WEIGHTS))
     for i, state in enumerate(net.states):
         if state.linear is None:
             raise ValueError("the supernet has no linear candidate to load the bank into (add 'gla')")
@@ -106,7 +114,7 @@ class Align:
     def try_resume(self) -> bool:
         if not os.path.exists(self.state_path):
             return False
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(self.state_path, ("step", "linear", "optimizer", "history"))
         for i, s in enumerate(self.net.states):
             prefix = f"layers.{i}."
             s.linear.load_state_dict({k[len(prefix):]: v.to(s.alpha.device)

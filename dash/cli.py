@@ -39,6 +39,7 @@ def _search_parser(sub):
     p.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--bank", help="linear-candidate bank from `dash align` (needed with the 'gla' candidate)")
+    p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -91,7 +92,7 @@ def resolve_search_settings(args) -> dict:
             raise SystemExit(f"{args.config}: expected a mapping of settings")
         settings.update(loaded)
     for key, value in vars(args).items():
-        if key not in ("config", "command", "no_progress") and value is not None:
+        if key not in ("config", "command", "no_progress", "no_export") and value is not None:
             settings[key] = value
     device = settings.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
@@ -184,7 +185,10 @@ def run_export(args) -> dict:
 
     with open(os.path.join(args.search, "config.yaml")) as f:
         settings = yaml.safe_load(f)
-    state = torch.load(os.path.join(args.search, "search_state.pt"), map_location="cpu", weights_only=False)
+    from .search import load_checkpoint
+
+    state = load_checkpoint(os.path.join(args.search, "search_state.pt"),
+                            ("step", "alphas", "history", "config", "candidates"))
     cfg = SearchConfig(**state["config"])
     budget_kind = args.budget_kind or cfg.budget_kind
     budget = args.budget if args.budget is not None else cfg.budget
@@ -270,6 +274,11 @@ def main(argv=None) -> int:
               f"{full}/{len(summary['choice'])} layers choose full attention")
         print("per-layer choice:", " ".join(summary["choice"]))
         print(f"written to {settings['output']}/ (summary.json, history.json, search_state.pt, config.yaml)")
+        if not args.no_export:  # end to end: the hybrid under the search's budget, with its report
+            done = run_export(argparse.Namespace(search=settings["output"], budget=None, budget_kind=None,
+                                                 budget_context=None, output=None))
+            print(f"hybrid ({done['choice'].count('full')}/{len(done['choice'])} full-attention layers) and "
+                  f"report written to {done['output']}/")
     elif args.command == "export":
         done = run_export(args)
         print(f"hybrid with {done['choice'].count('full')}/{len(done['choice'])} full-attention layers written to "

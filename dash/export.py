@@ -135,13 +135,15 @@ def export_hybrid(model, choices: Sequence[Candidate], output_dir: str, tokenize
     plain = _plain_transformers_form(model, choices)
     if plain is not None:
         config, state = plain
-        config.architectures = [f"{type(config).__name__.replace('Config', '')}ForCausalLM"]
-        with torch.device("meta"):
-            target = transformers.AutoModelForCausalLM.from_config(config)
-        target.load_state_dict(state, assign=True)
-        target.save_pretrained(output_dir)
-    else:
-        model.save_pretrained(output_dir)
+    else:  # the teacher's own format; a fresh instance (a GGUF-loaded model refuses save_pretrained)
+        fields = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+        config = model.config.__class__.from_dict(fields)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+    config.architectures = [f"{type(config).__name__.replace('Config', '')}ForCausalLM"]
+    with torch.device("meta"):
+        target = transformers.AutoModelForCausalLM.from_config(config)
+    target.load_state_dict(state, assign=True)
+    target.save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     hybrid = {"format": "dash-hybrid/1", "teacher_model_type": model.config.model_type,

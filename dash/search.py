@@ -105,6 +105,21 @@ def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int) 
     return total / s.shape[0]
 
 
+def load_checkpoint(path: str, keys: tuple) -> dict:
+    """torch.load with a clear error for a missing, truncated or foreign file (the file is left as it is)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or not a torch file
+        raise ValueError(f"{path} is not a readable DASH checkpoint ({type(exc).__name__}: {exc}); "
+                         "move it away to start over") from exc
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a DASH checkpoint of this kind: missing {missing}")
+    return state
+
+
 class Search:
     def __init__(self, net: Supernet, data: PackedData, config: SearchConfig, output_dir: str):
         self.net, self.data, self.config, self.output_dir = net, data, config, output_dir
@@ -142,7 +157,7 @@ class Search:
     def try_resume(self) -> bool:
         if not os.path.exists(self.state_path):
             return False
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(self.state_path, ("step", "alphas", "optimizer", "history", "candidates"))
         if state["candidates"] != [c.name for c in self.net.candidates]:
             raise ValueError(f"{self.state_path} was made for candidates {state['candidates']}, "
                              f"not {[c.name for c in self.net.candidates]}")

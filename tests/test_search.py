@@ -7,6 +7,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+import transformers  # noqa: E402
+
 from dash import build_supernet  # noqa: E402
 from dash.data import PackedData, pack, read_documents, synthetic_documents  # noqa: E402
 from dash.search import Search, SearchConfig, distillation_kl  # noqa: E402
@@ -124,3 +126,22 @@ def test_cli_settings_precedence(tmp_path):
     cfg.write_text("tokenz: 5\n")
     with pytest.raises(SystemExit, match="unknown settings"):
         resolve_search_settings(parser.parse_args(["search", "--config", str(cfg)]))
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
+    search = make_search(tmp_path)
+    (tmp_path / "search_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable DASH checkpoint"):
+        search.run(progress=False)
+    assert (tmp_path / "search_state.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_unknown_architecture_and_missing_bank_are_clear_errors(tmp_path):
+    from dash.align import load_bank
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="no attention layers"):
+        build_supernet(gpt2)
+    net = build_supernet(tiny_model("llama"), ["full", "gla"])
+    with pytest.raises(FileNotFoundError, match="bank incomplete"):
+        load_bank(net, str(tmp_path))

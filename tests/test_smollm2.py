@@ -70,6 +70,7 @@ def test_cli_search_end_to_end_and_resume(tmp_path):
     assert main(args) == 0
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["steps"] == 2 and len(summary["choice"]) == 30
+    assert (tmp_path / "hybrid" / "report.md").exists()  # search runs end to end: hybrid + report
     assert summary["candidates"] == ["full", "swa16", "sink4_swa16"]
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "search_state.pt").exists()
     assert main(args) == 0  # a finished run resumes to the same end without more steps
@@ -85,7 +86,7 @@ def test_cli_export_and_eval_after_search(tmp_path):
 
     search_dir = tmp_path / "search"
     assert main(["search", "--tokens", "128", "--seq-len", "64", "--candidates", "full", "swa16",
-                 "--budget", "10", "--output", str(search_dir), "--no-progress"]) == 0
+                 "--budget", "10", "--output", str(search_dir), "--no-progress", "--no-export"]) == 0
     hybrid_dir = tmp_path / "hybrid"
     assert main(["export", "--search", str(search_dir), "--budget", "10", "--output", str(hybrid_dir)]) == 0
     report = json.load(open(hybrid_dir / "report.json"))
@@ -93,6 +94,12 @@ def test_cli_export_and_eval_after_search(tmp_path):
     assert (hybrid_dir / "report.md").exists() and (hybrid_dir / "probabilities.png").exists()
     plain = transformers.AutoModelForCausalLM.from_pretrained(str(hybrid_dir))  # full + one window width
     assert plain.config.layer_types.count("full_attention") == 10
+    from dash import load_hybrid
+
+    hybrid = load_hybrid(str(hybrid_dir))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hybrid_dir))
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert hybrid.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", str(hybrid_dir), "--seq-len", "64", "--tokens", "128",
                  "--output", str(out)]) == 0
@@ -113,6 +120,8 @@ def test_cli_align_then_search_with_the_linear_candidate(tmp_path):
     assert main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "swa16", "gla",
                  "--bank", str(bank), "--budget", "5", "--output", str(out), "--no-progress"]) == 0
     assert json.load(open(out / "summary.json"))["candidates"] == ["full", "swa16", "gla"]
+    hybrid = json.load(open(out / "hybrid" / "dash_hybrid.json"))  # align -> search -> export, linear layers incl.
+    assert len(hybrid["layers"]) == 30
     with pytest.raises(SystemExit, match="needs an aligned bank"):
         main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "gla",
               "--output", str(tmp_path / "nobank"), "--no-progress"])
