@@ -74,6 +74,11 @@ def _layer_entry(candidate: Candidate) -> dict:
     return {"type": "sliding_attention", "window": candidate.window}
 
 
+def _teacher_state(model) -> dict:
+    """The model's own weights (without DASH states a supernet attached to its layers)."""
+    return {k: v.detach() for k, v in model.state_dict().items() if ".dash." not in k}
+
+
 def _plain_transformers_form(model, choices: Sequence[Candidate]):
     """(config, state_dict) in a layer_types format, or None when transformers cannot express the hybrid."""
     import transformers
@@ -84,7 +89,7 @@ def _plain_transformers_form(model, choices: Sequence[Candidate]):
     config = model.config
     layer_types = ["full_attention" if c.window is None else "sliding_attention" for c in choices]
     window = windows.pop() if windows else None
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = _teacher_state(model)
     if config.model_type in _LAYER_TYPES_NATIVE:
         new = config.__class__.from_dict({**config.to_dict(), "layer_types": layer_types, "sliding_window": window,
                                           "use_sliding_window": window is not None})
@@ -138,7 +143,7 @@ def export_hybrid(model, choices: Sequence[Candidate], output_dir: str, tokenize
     else:  # the teacher's own format; a fresh instance (a GGUF-loaded model refuses save_pretrained)
         fields = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
         config = model.config.__class__.from_dict(fields)
-        state = {k: v.detach() for k, v in model.state_dict().items()}
+        state = _teacher_state(model)
     config.architectures = [f"{type(config).__name__.replace('Config', '')}ForCausalLM"]
     with torch.device("meta"):
         target = transformers.AutoModelForCausalLM.from_config(config)
