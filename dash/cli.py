@@ -24,7 +24,8 @@ def _search_parser(sub):
     p = sub.add_parser("search", help="stage 2: learn per-layer architecture logits (weights frozen)")
     p.add_argument("--config", help="YAML file with any of the settings below")
     p.add_argument("--model", help="'smollm2-135m-instruct' (default, embedded), a .gguf, a directory or a hub id")
-    p.add_argument("--data", nargs="+", help="text/jsonl files or folders (default: offline synthetic corpus)")
+    p.add_argument("--data", nargs="+", help="text/jsonl files, folders or hf:<dataset>[:split] (default: offline "
+                                            "corpus)")
     p.add_argument("--candidates", nargs="+", help="e.g. full swa512 swa2048 sink64_swa512 (default: by context)")
     p.add_argument("--per-kv-group", action="store_true", default=None, help="one mixture per KV-head group")
     p.add_argument("--seq-len", type=int, help="packed sequence length (default 2048 on GPU, 1024 on CPU)")

@@ -20,11 +20,27 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 
+def _hub_documents(spec: str, text_field: str) -> List[str]:
+    """``name[:split]`` of a hub dataset (needs the ``datasets`` package and a network)."""
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(f"hub dataset 'hf:{spec}' needs the datasets package: pip install datasets") from exc
+    rows = datasets.load_dataset(name, split=split or "train")
+    if text_field not in rows.column_names:
+        raise ValueError(f"hub dataset {name} has no '{text_field}' column (columns: {rows.column_names})")
+    return [r for r in rows[text_field] if isinstance(r, str)]
+
+
 def read_documents(paths: Sequence[str], text_field: str = "text") -> List[str]:
-    """Documents from text files (one document each), jsonl files (``text_field`` per line) or folders."""
+    """Documents from text files (one document each), jsonl files (``text_field`` per line), folders,
+    or ``hf:<dataset>[:split]`` hub datasets where a network exists."""
     docs: List[str] = []
     for path in paths:
-        if os.path.isdir(path):
+        if path.startswith("hf:"):
+            docs.extend(_hub_documents(path[3:], text_field))
+        elif os.path.isdir(path):
             for root, _, files in sorted(os.walk(path)):
                 inner = [os.path.join(root, f) for f in sorted(files) if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)]
                 docs.extend(read_documents(inner, text_field))

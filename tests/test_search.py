@@ -107,6 +107,11 @@ def test_packing_is_deterministic_and_splits_heldout(tmp_path):
     assert sorted(read_documents([str(tmp_path / "d")])) == ["from jsonl", "hello world"]
     with pytest.raises(FileNotFoundError):
         read_documents([str(tmp_path / "missing")])
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install datasets"):
+            read_documents(["hf:some/corpus"])
 
 
 def test_cli_settings_precedence(tmp_path):
