@@ -31,7 +31,7 @@ def _compile(fn, constexprs, num_warps, num_stages):
     for param in fn.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-        elif param.name.isupper() and param.name not in ("T", "HQ", "HKV", "GROUP"):
+        elif param.name.isupper() and param.name not in ("T", "HQ", "GROUP"):
             signature[param.name] = POINTER_TYPES.get(param.name, "*fp32")
         elif param.name in ("qk_scale", "sm_scale"):
             signature[param.name] = "fp32"
@@ -40,7 +40,7 @@ def _compile(fn, constexprs, num_warps, num_stages):
     # what a real launch specializes on: 16-byte aligned pointers, strides and lengths divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
              if not p.is_constexpr and signature[p.name] != "fp32"
-             and not p.name.endswith("_d") and p.name not in ("HQ", "HKV", "GROUP")}
+             and not p.name.endswith("_d") and p.name not in ("HQ", "GROUP")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))

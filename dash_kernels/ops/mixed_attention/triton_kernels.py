@@ -315,7 +315,7 @@ def _mixed_attn_bwd_dkdv(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_yb, stride_yt, stride_yh,
     stride_gb, stride_gt, stride_gh,
-    T, HQ, HKV, GROUP, qk_scale, sm_scale,
+    T, HQ, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,

@@ -141,7 +141,7 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
     kern._mixed_attn_bwd_dkdv[(triton_cdiv(seq, cfg.block_n), batch * heads_q)](
         q, k, v, dy, ref, coef_a, coef_b, cand, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dk.stride()[:3],
-        seq, heads_q, heads_kv, heads_q // heads_kv, qk_scale, scale,
+        seq, heads_q, heads_q // heads_kv, qk_scale, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **common,
     )
