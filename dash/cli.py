@@ -28,7 +28,7 @@ def _search_parser(sub):
                                             "corpus)")
     p.add_argument("--candidates", nargs="+", help="e.g. full swa512 swa2048 sink64_swa512 (default: by context)")
     p.add_argument("--per-kv-group", action="store_true", default=None, help="one mixture per KV-head group")
-    p.add_argument("--seq-len", type=int, help="packed sequence length (default 2048 on GPU, 1024 on CPU)")
+    p.add_argument("--seq-len", type=int, help="packed sequence length (default 4096 on GPU, 1024 on CPU)")
     p.add_argument("--tokens", type=int, help="search tokens (default 12.3M on GPU, 16K on CPU)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -99,9 +99,9 @@ def resolve_search_settings(args) -> dict:
     on_gpu = device.startswith("cuda")
     settings.setdefault("model", "smollm2-135m-instruct")
     settings.setdefault("dtype", "bfloat16" if on_gpu else "float32")
-    settings.setdefault("seq_len", 2048 if on_gpu else 1024)
+    settings.setdefault("seq_len", 4096 if on_gpu else 1024)  # longer than the widest default window
     settings.setdefault("tokens", SearchConfig.tokens if on_gpu else CPU_DEFAULT_TOKENS)
-    settings.setdefault("batch_size", 4 if on_gpu else 1)
+    settings.setdefault("batch_size", 2 if on_gpu else 1)
     settings.setdefault("output", os.path.join("runs", "search"))
     settings.setdefault("seed", 0)
     known = {f.name for f in fields(SearchConfig)} | {"model", "data", "candidates", "per_kv_group", "seq_len",

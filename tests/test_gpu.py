@@ -4,6 +4,8 @@ bf16/fp16 error is judged FlashAttention's way: the kernel's error against the f
 must stay within a small multiple of what a plain low-precision PyTorch implementation scores
 against the same reference.
 """
+import zlib
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def _grads(y, inputs, dy):
 def test_triton_vs_fp32_reference(name):
     batch, seq, hq, hkv, d, dtype, windows, sinks, per_head = CASES[name]
     q, k, v, w = make_inputs(batch, seq, hq, hkv, d, len(windows), per_head=per_head, dtype=dtype,
-                             device="cuda", seed=hash(name) % 1000)
+                             device="cuda", seed=zlib.crc32(name.encode()) % 1000)
     inputs = (q, k, v, w)
     dy = torch.randn(q.shape, device="cuda", dtype=dtype)
     y = mixed_attention(q, k, v, w, windows, sinks, backend="triton")
@@ -45,12 +47,19 @@ def test_triton_vs_fp32_reference(name):
     y_low = mixed_attention_reference(q, k, v, w, windows, sinks, upcast=False)  # plain low precision
     low = (y_low, *_grads(y_low, inputs, dy))
     del y_low
-    report = []
+    report, failures = [], []
     for label, g, r, l in zip(("y", "dq", "dk", "dv", "dw"), got, want, low):
         err, err_plain = rel_err(g, r), rel_err(l, r)
+        # FlashAttention-3's rule: 2x the plain error, plus twice the rounding quantum of the output
+        # dtype at the reference's magnitude ((x + 0.3 - 0.3) - x); it matters where the plain error
+        # is itself near zero (a 1-key window, T = 1)
+        out_dtype = torch.float32 if label == "dw" else dtype  # weights (and dw) are fp32
+        quantum = rel_err((r.to(out_dtype) + 0.3 - 0.3).float(), r)
         report.append(f"{label}: kernel {err:.2e} plain {err_plain:.2e}")
-        assert err <= 2 * err_plain + 1e-4, f"{name} {label}: kernel {err:.3e} vs plain {err_plain:.3e}"
-    print(name, "; ".join(report))
+        if err > 2 * err_plain + 2 * quantum + 1e-4:
+            failures.append(f"{label}: kernel {err:.3e} vs plain {err_plain:.3e} (quantum {quantum:.1e})")
+    print(name, "; ".join(report), flush=True)
+    assert not failures, f"{name}: " + "; ".join(failures)
 
 
 def test_fp32_inputs_are_accurate():
