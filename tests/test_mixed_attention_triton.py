@@ -26,6 +26,10 @@ CASES = {
     "sinks_wider_than_windows": (1, 50, 3, 1, 16, [3, 9], [20, 40], False),
     # bands wider than two tiles: unmasked tile runs inside every band, not only the full one
     "long_bands": (1, 150, 2, 1, 16, [40, 90, None], [0, 2, 0], True),
+    # bands wider than a 16x16 tile's distance span: the backward's two-region edge tiles (EDGE),
+    # beside per-element regions on the key tiles holding sinks
+    "edge_tiles_sinks_gqa": (1, 200, 4, 2, 16, [None, 48, 100, 48], [0, 0, 0, 5], True),
+    "edge_tiles_no_full": (1, 190, 2, 1, 16, [40, 90], [0, 33], False),
 }
 
 
@@ -50,12 +54,31 @@ def test_triton_matches_reference(name):
 
 
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
-@pytest.mark.parametrize("name", ["gqa_6_2_per_head", "dash_set_scaled", "sinks_wider_than_windows", "long_bands"])
+@pytest.mark.parametrize("name", ["gqa_6_2_per_head", "dash_set_scaled", "sinks_wider_than_windows", "long_bands",
+                                  "edge_tiles_sinks_gqa"])
 def test_uneven_tiles(name, tiles, monkeypatch):
     block_m, block_n = tiles
     cfg = TileConfig(block_m, block_n, 4, 1)
     monkeypatch.setattr(triton_op, "CONFIG_OVERRIDES", {"fwd": cfg, "dkdv": cfg, "dq": cfg})
     _check(CASES[name])
+
+
+@pytest.mark.parametrize("name", ["long_bands", "edge_tiles_sinks_gqa", "edge_tiles_no_full", "dash_set_scaled"])
+def test_unspecialized_edges(name, monkeypatch):
+    """The other code paths: one forward loop testing each block; every masked backward tile per element."""
+    cfg = TileConfig(16, 16, 1, 1, specialize_edges=False)
+    monkeypatch.setattr(triton_op, "CONFIG_OVERRIDES", {"fwd": cfg, "dkdv": cfg, "dq": cfg})
+    _check(CASES[name])
+
+
+def test_edge_mode_needs_bands_wider_than_a_tile():
+    from dash_kernels.ops.mixed_attention.spec import make_plan
+
+    cfg = TileConfig(16, 16, 1, 1)
+    assert triton_op._edge_mode(make_plan([None, 48, 100]), cfg) == 1
+    assert triton_op._edge_mode(make_plan([None, 30, 100]), cfg) == 2  # band 0 narrower than 31
+    assert triton_op._edge_mode(make_plan([None, 48, 70]), cfg) == 2  # band 1 narrower than 31
+    assert triton_op._edge_mode(make_plan([None, 48, 100]), TileConfig(16, 16, 1, 1, False)) == 2
 
 
 def test_non_contiguous_inputs():

@@ -50,12 +50,17 @@ def compile_all(head_dim):
     configs = _gpu_configs(head_dim)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), NUM_C=4, DOT_PRECISION="tf32")
     regions = dict(NB=2, NS=1)
-    builds = {
-        "fwd": (kern._mixed_attn_fwd, dict(common, HAS_SINK=True), configs["fwd"]),
-        "dkdv": (kern._mixed_attn_bwd_dkdv, dict(common, **regions), configs["dkdv"]),
-        "dq": (kern._mixed_attn_bwd_dq, dict(common, **regions), configs["dq"]),
-    }
-    for name, (fn, constexprs, cfg) in builds.items():
+    # both code paths of each kernel (see TileConfig.specialize_edges)
+    builds = [
+        (f"{name}/{variant}", fn, dict(constexprs, **{flag: variant}), configs[name])
+        for name, fn, constexprs, flag, variants in [
+            ("fwd", kern._mixed_attn_fwd, dict(common, HAS_SINK=True), "SPLIT", (False, True)),
+            ("dkdv", kern._mixed_attn_bwd_dkdv, dict(common, **regions), "EDGE_MODE", (1, 2)),
+            ("dq", kern._mixed_attn_bwd_dq, dict(common, **regions), "EDGE_MODE", (1, 2)),
+        ]
+        for variant in variants
+    ]
+    for name, fn, constexprs, cfg in builds:
         constexprs = dict(constexprs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         compiled = _compile(fn, constexprs, cfg.num_warps, cfg.num_stages)
         assert "wgmma.mma_async" in compiled.asm["ptx"], f"{name}: matrix products did not become wgmma"

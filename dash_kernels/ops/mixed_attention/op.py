@@ -63,11 +63,13 @@ def _setup_context(ctx, inputs, output):
     _, o, lse = output
     ctx.save_for_backward(q, k, v, weights, o, lse)
     ctx.candidates = (windows, sinks, scale)
-    ctx.set_materialize_grads(True)
+    ctx.set_materialize_grads(False)  # O and LSE are internal: no zero-filled gradients for them
 
 
 def _backward(ctx, dy, _do, _dlse):
     q, k, v, weights, o, lse = ctx.saved_tensors
+    if dy is None:  # only O or LSE of the raw op was used: they carry no gradient
+        dy = torch.zeros_like(q)
     windows, sinks, scale = ctx.candidates
     dq, dk, dv, dw = mixed_attention_bwd(dy, q, k, v, weights, o, lse, windows, sinks, scale)
     return dq, dk, dv, dw, None, None, None

@@ -55,27 +55,30 @@ def _load_tile(base, T, stride_t, t0, HEAD_DIM: tl.constexpr, BLOCK_T: tl.conste
 
 
 @triton.jit
-def _fwd_band(
+def _fwd_blocks(
     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, m0, lo_d, hi_d, key_end, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    offs_m, offs_d, m0, n_lo, n_hi, lo_d, hi_d, key_end, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online softmax over the keys with ``lo_d <= t - j < hi_d`` and ``j < key_end``."""
+    """Online-softmax steps over key blocks [n_lo, n_hi), keeping ``lo_d <= t - j < hi_d``, ``j < key_end``.
+
+    MASK: 0 = no block needs masking, 1 = every block is masked, 2 = test each block (a branch
+    inside the loop; the blocks at the band's two edges are the only ones masked)."""
     m1 = m0 + BLOCK_M
-    j_lo = tl.maximum(m0 - hi_d + 1, 0)
-    j_hi = tl.minimum(m1 - lo_d, key_end)
     d_ok = offs_d < HEAD_DIM
-    for n0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                      mask=(offs_n[None, :] < key_end) & d_ok[:, None], other=0.0)
         s = _mma(q, kt, None, DOT_PRECISION) * qk_scale
-        # edge blocks only: rows disagree on which keys are in the band
-        if (n0 + BLOCK_N - 1 > m0 - lo_d) | (n0 < m1 - hi_d) | (n0 + BLOCK_N > key_end):
+        if MASK == 1:
             dist = offs_m[:, None] - offs_n[None, :]
-            keep = (dist >= lo_d) & (dist < hi_d) & (offs_n[None, :] < key_end)
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where((dist >= lo_d) & (dist < hi_d) & (offs_n[None, :] < key_end), s, float("-inf"))
+        elif MASK == 2:
+            if (n0 + BLOCK_N - 1 > m0 - lo_d) | (n0 < m1 - hi_d) | (n0 + BLOCK_N > key_end):
+                dist = offs_m[:, None] - offs_n[None, :]
+                s = tl.where((dist >= lo_d) & (dist < hi_d) & (offs_n[None, :] < key_end), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
         p = tl.math.exp2(s - m_ref[:, None])
@@ -89,6 +92,43 @@ def _fwd_band(
 
 
 @triton.jit
+def _fwd_band(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, offs_d, m0, lo_d, hi_d, key_end, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the keys with ``lo_d <= t - j < hi_d`` and ``j < key_end``.
+
+    SPLIT: the interior blocks (every row inside the band) run in their own unmasked loop and the
+    edge blocks in masked loops, instead of one loop testing each block."""
+    m1 = m0 + BLOCK_M
+    n_start = (tl.maximum(m0 - hi_d + 1, 0) // BLOCK_N) * BLOCK_N
+    n_end = tl.minimum(m1 - lo_d, key_end)
+    if SPLIT:
+        # interior block n0: n0 >= m1 - hi_d, n0 + BLOCK_N - 1 <= m0 - lo_d, n0 + BLOCK_N <= key_end
+        in_lo = tl.cdiv(tl.maximum(m1 - hi_d, 0), BLOCK_N) * BLOCK_N
+        last = tl.minimum(m0 - lo_d - BLOCK_N + 1, key_end - BLOCK_N)
+        in_hi = tl.where(last >= 0, (last // BLOCK_N + 1) * BLOCK_N, 0)
+        in_lo = tl.minimum(tl.maximum(in_lo, n_start), tl.maximum(n_end, n_start))
+        in_hi = tl.minimum(tl.maximum(in_hi, in_lo), tl.maximum(n_end, in_lo))
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, offs_d, m0, n_start, in_lo, lo_d, hi_d, key_end, qk_scale,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, 1, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, offs_d, m0, in_lo, in_hi, lo_d, hi_d, key_end, qk_scale,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, 0, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, offs_d, m0, in_hi, n_end, lo_d, hi_d, key_end, qk_scale,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, 1, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                    offs_m, offs_d, m0, n_start, n_end, lo_d, hi_d, key_end, qk_scale,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, 2, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _mixed_attn_fwd(
     Q, K, V, WEIGHTS, CAND, Y, O, LSE, SINK_O, SINK_LSE,
     stride_qb, stride_qt, stride_qh, stride_qd,
@@ -98,7 +138,7 @@ def _mixed_attn_fwd(
     stride_oc, stride_ob, stride_ot, stride_oh,
     T, HQ, GROUP, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_C: tl.constexpr, HAS_SINK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # heaviest (latest) query tiles first: better tail balance under causal masks
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -128,7 +168,7 @@ def _mixed_attn_fwd(
                 acc, l_i, m_i = _fwd_band(
                     acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                     offs_m, offs_d, m0, w_c, FULL, tl.minimum(s_c, T), qk_scale,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                    HEAD_DIM, BLOCK_M, BLOCK_N, SPLIT, DOT_PRECISION)
                 l_ref = tl.where(l_i == 0.0, 1.0, l_i)
                 _store_tile(SINK_O + c * stride_oc + o_head, acc / l_ref[:, None], T, stride_ot, m0,
                             HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -145,7 +185,7 @@ def _mixed_attn_fwd(
         acc, l_i, m_i = _fwd_band(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
             offs_m, offs_d, m0, lo_d, w_c, T, qk_scale,
-            HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+            HEAD_DIM, BLOCK_M, BLOCK_N, SPLIT, DOT_PRECISION)
         lo_d = w_c
         # snapshot: the running state now covers exactly candidate c's window
         l_ref = tl.where(l_i == 0.0, 1.0, l_i)
@@ -252,35 +292,78 @@ def _band_edge(b, CAND, NUM_C: tl.constexpr, NB: tl.constexpr):
     return edge
 
 
+# How a backward tile picks each element's region (constexpr MODE of _mix_grad_tile):
+INSIDE = tl.constexpr(0)  # the whole tile lies in one region, in bounds and causal
+EDGE = tl.constexpr(1)  # non-sink keys, tile within two adjacent bands (narrower than every band)
+ANY = tl.constexpr(2)  # anything: each element's band and sink level, one select per region
+
+
+@triton.jit
+def _band_lo_of(d, CAND, NUM_C: tl.constexpr, NB: tl.constexpr):
+    """Band of a scalar distance d >= 0."""
+    band = 0
+    for e in tl.static_range(NB):
+        band += (d >= tl.load(CAND + 2 * NUM_C + e)).to(tl.int32)
+    return band
+
+
+@triton.jit
+def _next_edge(d, CAND, NUM_C: tl.constexpr, NB: tl.constexpr):
+    """Smallest band edge above a scalar distance d (FULL if none); branch-free for loop bodies."""
+    edge = FULL + 0
+    for i in tl.static_range(NB):
+        w = tl.load(CAND + 2 * NUM_C + NB - 1 - i)  # descending
+        edge = tl.where(w > d, w, edge)
+    return edge
+
+
 @triton.jit
 def _mix_grad_tile(
-    s, dp, q_idx, k_idx, ref_row, a_row, b_row, region, T, CAND,
-    NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr, MASKED: tl.constexpr,
+    s, dp, q_idx, k_idx, ref_row, a_row, b_row, region, d_min, T, CAND,
+    NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr, MODE: tl.constexpr,
 ):
     """Mixed probabilities ``sum_c w_c P_c`` and score gradients ``dS`` for one tile.
 
     ``q_idx``/``k_idx``: query/key indices broadcastable to ``s`` (either orientation).
-    ``*_row``: region 0 of this head's [R, T] coefficient tables. Unmasked tiles lie in one
-    region (``region``) and in bounds; masked tiles pick each element's region.
+    ``*_row``: region 0 of this head's [R, T] coefficient tables. INSIDE tiles use ``region``;
+    EDGE tiles (smallest distance ``d_min``) straddle at most one band edge, so each element
+    selects between two regions' rows; ANY tiles select among all R regions per element (only
+    where needed: key tiles holding sinks, or bands narrower than a tile).
     """
     NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
-    if MASKED:
-        q_ok = q_idx < T
-        dist = q_idx - k_idx
-        el_region = _band_of(dist, CAND, NUM_C, NB) * (NS + 1) + _sink_level_of(k_idx, CAND, NUM_C, NB, NS)
-        el_region = tl.where((dist >= 0) & q_ok & (k_idx < T), el_region, -1)
-        ref = tl.full(s.shape, float("inf"), dtype=tl.float32)  # +inf outside every candidate: p = 0
-        coef_a = tl.zeros(s.shape, dtype=tl.float32)
-        coef_b = tl.zeros(s.shape, dtype=tl.float32)
-        for r in tl.static_range(NUM_R):
-            sel = el_region == r
-            ref = tl.where(sel, tl.load(ref_row + r * T + q_idx, mask=q_ok, other=0.0), ref)
-            coef_a = tl.where(sel, tl.load(a_row + r * T + q_idx, mask=q_ok, other=0.0), coef_a)
-            coef_b = tl.where(sel, tl.load(b_row + r * T + q_idx, mask=q_ok, other=0.0), coef_b)
-    else:
+    if MODE == INSIDE:
         ref = tl.load(ref_row + region * T + q_idx)
         coef_a = tl.load(a_row + region * T + q_idx)
         coef_b = tl.load(b_row + region * T + q_idx)
+    else:
+        q_ok = q_idx < T
+        dist = q_idx - k_idx
+        valid = (dist >= 0) & q_ok & (k_idx < T)
+        if MODE == EDGE:
+            near = _band_lo_of(tl.maximum(d_min, 0), CAND, NUM_C, NB)
+            far = tl.minimum(near + 1, NB)
+            far_edge = _next_edge(tl.maximum(d_min, 0), CAND, NUM_C, NB)
+            r_near = near * (NS + 1) * T
+            r_far = far * (NS + 1) * T
+            is_far = dist >= far_edge
+            ref = tl.where(is_far, tl.load(ref_row + r_far + q_idx, mask=q_ok, other=0.0),
+                           tl.load(ref_row + r_near + q_idx, mask=q_ok, other=0.0))
+            ref = tl.where(valid, ref, float("inf"))  # +inf outside every candidate: p = 0
+            coef_a = tl.where(is_far, tl.load(a_row + r_far + q_idx, mask=q_ok, other=0.0),
+                              tl.load(a_row + r_near + q_idx, mask=q_ok, other=0.0))
+            coef_b = tl.where(is_far, tl.load(b_row + r_far + q_idx, mask=q_ok, other=0.0),
+                              tl.load(b_row + r_near + q_idx, mask=q_ok, other=0.0))
+        else:
+            el_region = _band_of(dist, CAND, NUM_C, NB) * (NS + 1) + _sink_level_of(k_idx, CAND, NUM_C, NB, NS)
+            el_region = tl.where(valid, el_region, -1)
+            ref = tl.full(s.shape, float("inf"), dtype=tl.float32)
+            coef_a = tl.zeros(s.shape, dtype=tl.float32)
+            coef_b = tl.zeros(s.shape, dtype=tl.float32)
+            for r in tl.static_range(NUM_R):
+                sel = el_region == r
+                ref = tl.where(sel, tl.load(ref_row + r * T + q_idx, mask=q_ok, other=0.0), ref)
+                coef_a = tl.where(sel, tl.load(a_row + r * T + q_idx, mask=q_ok, other=0.0), coef_a)
+                coef_b = tl.where(sel, tl.load(b_row + r * T + q_idx, mask=q_ok, other=0.0), coef_b)
     p = tl.math.exp2(s - ref)
     return p * coef_a, p * (coef_a * dp - coef_b)
 
@@ -288,9 +371,9 @@ def _mix_grad_tile(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt, ref_row, a_row, b_row,
-    offs_n, offs_d, m_lo, m_hi, region, T, CAND, qk_scale,
+    n0, offs_n, offs_d, m_lo, m_hi, region, T, CAND, qk_scale,
     HEAD_DIM: tl.constexpr, NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for m0 in range(m_lo, m_hi, BLOCK_M):
@@ -301,7 +384,7 @@ def _dkdv_tiles(
         s_t = _mma(k, tl.trans(q), None, DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         dp_t = _mma(v, tl.trans(dy), None, DOT_PRECISION)
         p_mix, ds = _mix_grad_tile(s_t, dp_t, offs_m[None, :], offs_n[:, None], ref_row, a_row, b_row,
-                                   region, T, CAND, NUM_C, NB, NS, MASKED)
+                                   region, m0 - n0 - BLOCK_N + 1, T, CAND, NUM_C, NB, NS, MODE)
         dv = _mma(p_mix.to(dy.dtype), dy, dv, DOT_PRECISION)
         dk = _mma(ds.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
@@ -318,9 +401,8 @@ def _mixed_attn_bwd_dkdv(
     T, HQ, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
     n0 = tl.program_id(0) * BLOCK_N
     # one program per (key tile, query head): a GQA group's heads run in parallel and write
     # per-query-head partial dK/dV that the launcher sums (a loop over the group serialized it)
@@ -341,14 +423,20 @@ def _mixed_attn_bwd_dkdv(
     # queries that can see these keys: causal, within the widest window, or any later query for sinks
     max_window = tl.load(CAND + 2 * NUM_C + NB + NS)
     max_sink = tl.load(CAND + 2 * NUM_C + NB + NS + 1)
-    in_sinks = n0 < max_sink  # a key tile touching the sinks: every tile masked (a few tiles only)
+    in_sinks = n0 < max_sink
     q_hi = tl.where(in_sinks, T, tl.minimum(T, n0 + BLOCK_N - 1 + max_window))
     q_lo = (n0 // BLOCK_M) * BLOCK_M
     q_base = Q + b * stride_qb + h * stride_qh
     dy_base = DY + b * stride_yb + h * stride_yh
-    row = (b * HQ + h) * NUM_R * T
-    # query tiles in increasing distance: masked tiles at band edges, unmasked runs inside bands
-    cur = q_lo
+    row = (b * HQ + h) * (NB + 1) * (NS + 1) * T
+    ref_row, a_row, b_row = REF + row, COEF_A + row, COEF_B + row
+    # a key tile holding sinks (a few per head): every query tile picks regions per element.
+    # Loop bounds rather than branches decide which loops run (no branches around pipelined loops).
+    cur = tl.where(in_sinks, q_hi, q_lo)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt, ref_row, a_row, b_row,
+                         n0, offs_n, offs_d, q_lo, cur, 0, T, CAND, qk_scale,
+                         HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, ANY, DOT_PRECISION)
+    # other key tiles: query tiles in increasing distance, edge tiles at band edges, runs inside bands
     for band in tl.static_range(NB + 1):
         lo = _band_edge(band, CAND, NUM_C, NB)
         hi = _band_edge(band + 1, CAND, NUM_C, NB)
@@ -356,20 +444,18 @@ def _mixed_attn_bwd_dkdv(
         run_lo = q_lo + tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + lo - q_lo, 0), BLOCK_M) * BLOCK_M
         last = tl.minimum(tl.minimum(n0 + hi - BLOCK_M, T - BLOCK_M), q_hi - BLOCK_M)
         run_hi = tl.where(last >= q_lo, q_lo + ((last - q_lo) // BLOCK_M + 1) * BLOCK_M, q_lo)
-        run_hi = tl.where(in_sinks, cur, run_hi)
         run_lo = tl.minimum(tl.maximum(run_lo, cur), tl.maximum(run_hi, cur))
         run_hi = tl.maximum(run_hi, run_lo)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
-                             REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, run_lo, 0, T, CAND,
-                             qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
+                             ref_row, a_row, b_row, n0, offs_n, offs_d, cur, run_lo, 0, T, CAND, qk_scale,
+                             HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, EDGE_MODE, DOT_PRECISION)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
-                             REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, run_lo, run_hi,
-                             band * (NS + 1), T, CAND,
-                             qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, False, DOT_PRECISION)
+                             ref_row, a_row, b_row, n0, offs_n, offs_d, run_lo, run_hi, band * (NS + 1), T, CAND,
+                             qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, INSIDE, DOT_PRECISION)
         cur = run_hi
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, dy_base, stride_qt, stride_qd, stride_yt,
-                         REF + row, COEF_A + row, COEF_B + row, offs_n, offs_d, cur, q_hi, 0, T, CAND,
-                         qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_M, True, DOT_PRECISION)
+                         ref_row, a_row, b_row, n0, offs_n, offs_d, cur, q_hi, 0, T, CAND, qk_scale,
+                         HEAD_DIM, NUM_C, NB, NS, BLOCK_M, BLOCK_N, EDGE_MODE, DOT_PRECISION)
     grad_head = b * stride_gb + h * stride_gh
     _store_tile(DK + grad_head, dk * sm_scale, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
     _store_tile(DV + grad_head, dv, T, stride_gt, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -378,9 +464,9 @@ def _mixed_attn_bwd_dkdv(
 @triton.jit
 def _dq_tiles(
     dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, ref_row, a_row, b_row,
-    offs_m, offs_d, n_lo, n_hi, region, T, CAND, qk_scale,
+    m0, offs_m, offs_d, n_lo, n_hi, region, T, CAND, qk_scale,
     HEAD_DIM: tl.constexpr, NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -391,7 +477,7 @@ def _dq_tiles(
         s = _mma(q, kt, None, DOT_PRECISION) * qk_scale
         dp = _mma(dy, vt, None, DOT_PRECISION)
         p_mix, ds = _mix_grad_tile(s, dp, offs_m[:, None], offs_n[None, :], ref_row, a_row, b_row,
-                                   region, T, CAND, NUM_C, NB, NS, MASKED)
+                                   region, m0 - n0 - BLOCK_N + 1, T, CAND, NUM_C, NB, NS, MODE)
         dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
     return dq
 
@@ -407,9 +493,8 @@ def _mixed_attn_bwd_dq(
     T, HQ, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_C: tl.constexpr, NB: tl.constexpr, NS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // HQ
@@ -424,18 +509,19 @@ def _mixed_attn_bwd_dq(
                  mask=q_mask, other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    row = bh * NUM_R * T
+    row = bh * (NB + 1) * (NS + 1) * T
+    ref_row, a_row, b_row = REF + row, COEF_A + row, COEF_B + row
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # keys: the sink prefix (masked tiles), then the widest window's span, nearest band last
+    # keys: the sink prefix (per-element regions), then the widest window's span, nearest band last
     max_window = tl.load(CAND + 2 * NUM_C + NB + NS)
     max_sink = tl.load(CAND + 2 * NUM_C + NB + NS + 1)
     key_hi = tl.minimum(m0 + BLOCK_M, T)
     win_lo = (tl.maximum(m0 - max_window + 1, 0) // BLOCK_N) * BLOCK_N
     sink_end = tl.minimum(tl.cdiv(max_sink, BLOCK_N) * BLOCK_N, key_hi)
-    dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, 0, sink_end,
-                   0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, ref_row, a_row, b_row,
+                   m0, offs_m, offs_d, 0, sink_end, 0, T, CAND, qk_scale,
+                   HEAD_DIM, NUM_C, NB, NS, BLOCK_N, ANY, DOT_PRECISION)
     cur = tl.maximum(win_lo, sink_end)
     for i in tl.static_range(NB + 1):
         band = NB - i
@@ -448,13 +534,13 @@ def _mixed_attn_bwd_dq(
         run_lo = tl.minimum(tl.maximum(run_lo, cur), tl.maximum(run_hi, cur))
         run_hi = tl.maximum(run_hi, run_lo)
         dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                       REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, cur, run_lo,
-                       0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
+                       ref_row, a_row, b_row, m0, offs_m, offs_d, cur, run_lo, 0, T, CAND, qk_scale,
+                       HEAD_DIM, NUM_C, NB, NS, BLOCK_N, EDGE_MODE, DOT_PRECISION)
         dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                       REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, run_lo, run_hi,
-                       band * (NS + 1), T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, False, DOT_PRECISION)
+                       ref_row, a_row, b_row, m0, offs_m, offs_d, run_lo, run_hi, band * (NS + 1), T, CAND,
+                       qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, INSIDE, DOT_PRECISION)
         cur = run_hi
     dq = _dq_tiles(dq, q, dy, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   REF + row, COEF_A + row, COEF_B + row, offs_m, offs_d, cur, key_hi,
-                   0, T, CAND, qk_scale, HEAD_DIM, NUM_C, NB, NS, BLOCK_N, True, DOT_PRECISION)
+                   ref_row, a_row, b_row, m0, offs_m, offs_d, cur, key_hi, 0, T, CAND, qk_scale,
+                   HEAD_DIM, NUM_C, NB, NS, BLOCK_N, EDGE_MODE, DOT_PRECISION)
     _store_tile(DQ + b * stride_gb + h * stride_gh, dq * sm_scale, T, stride_gt, m0, HEAD_DIM, BLOCK_M, BLOCK_D)

@@ -18,6 +18,10 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # forward: walk each band's interior blocks in an unmasked loop of their own (else one loop that
+    # tests each block); backward: tiles at a band edge select between the two regions they straddle
+    # (else every masked tile selects among all regions)
+    specialize_edges: bool = True
 
 
 def _gpu_configs(head_dim: int) -> dict:
@@ -25,12 +29,12 @@ def _gpu_configs(head_dim: int) -> dict:
     # compiled for sm_90 with Triton 3.6; timings in benchmarks/results.
     if head_dim <= 64:
         return {
-            "fwd": TileConfig(128, 64, 8, 3),
+            "fwd": TileConfig(128, 64, 8, 3, specialize_edges=False),
             "dkdv": TileConfig(64, 128, 8, 2),
             "dq": TileConfig(128, 64, 8, 2),
         }
     return {
-        "fwd": TileConfig(128, 64, 8, 3),
+        "fwd": TileConfig(128, 64, 8, 3, specialize_edges=False),
         "dkdv": TileConfig(32, 128, 8, 2),
         "dq": TileConfig(128, 32, 8, 2),
     }
@@ -41,7 +45,7 @@ CONFIG_OVERRIDES: dict = {}
 
 # fp32 operands are twice as wide (and use exact fp32 products): smaller tiles, shallower pipelines.
 _FP32_CONFIGS = {
-    "fwd": TileConfig(64, 32, 4, 2),
+    "fwd": TileConfig(64, 32, 4, 2, specialize_edges=False),
     "dkdv": TileConfig(32, 32, 4, 1),
     "dq": TileConfig(32, 32, 4, 1),
 }
@@ -100,7 +104,7 @@ def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
         *y.stride()[:3], *o.stride()[:4],
         seq, heads_q, heads_q // heads_kv, scale * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), NUM_C=num_c, HAS_SINK=has_sink,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.specialize_edges, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y, o, lse
@@ -142,21 +146,28 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
         q, k, v, dy, ref, coef_a, coef_b, cand, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dk.stride()[:3],
         seq, heads_q, heads_q // heads_kv, qk_scale, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EDGE_MODE=_edge_mode(plan, cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     cfg = tile_config("dq", head_dim, q.dtype)
     kern._mixed_attn_bwd_dq[(triton_cdiv(seq, cfg.block_m), batch * heads_q)](
         q, k, v, dy, ref, coef_a, coef_b, cand, dq,
         *q.stride(), *k.stride(), *v.stride(), *dy.stride()[:3], *dq.stride()[:3],
         seq, heads_q, heads_q // heads_kv, qk_scale, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EDGE_MODE=_edge_mode(plan, cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if group > 1:
         dk = dk.view(batch, seq, heads_kv, group, head_dim).sum(3).to(k.dtype)
         dv = dv.view(batch, seq, heads_kv, group, head_dim).sum(3).to(v.dtype)
     return dq, dk, dv, delta
+
+
+def _edge_mode(plan: CandidatePlan, cfg: TileConfig) -> int:
+    """EDGE (1) when no tile can span more than one band edge, else ANY (2); see _mix_grad_tile."""
+    edges = (0, *plan.band_edges)
+    narrowest = min((b - a for a, b in zip(edges, edges[1:])), default=1 << 30)
+    return 1 if cfg.specialize_edges and narrowest >= cfg.block_m + cfg.block_n - 1 else 2
 
 
 def triton_cdiv(a: int, b: int) -> int:
