@@ -36,6 +36,12 @@ def load_model(name_or_path: Optional[str] = None, *, device: str = "cpu", dtype
         name_or_path, gguf_file = embedded_smollm2()
     elif name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
         name_or_path, gguf_file = os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    elif not os.path.exists(name_or_path) and (
+        os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.endswith(".gguf")
+        or name_or_path.count("/") > 1
+    ):
+        # clearly a local path, not a hub id ("org/name"): say so instead of a hub lookup error
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)

@@ -25,6 +25,7 @@ from .data import PackedData
 from .supernet import Supernet
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
+LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
 
 
 @dataclass
@@ -131,7 +132,8 @@ class Search:
                 raise ValueError("budget_kind='kv_bytes' needs an explicit budget in bytes")
         for p in net.linear_parameters():  # stage 2 trains the logits only; linear candidates come aligned
             p.requires_grad_(False)
-        self.costs = layer_costs(net, config)
+        # on the logits' device once (a per-layer host-to-device copy would stall every step)
+        self.costs = layer_costs(net, config).to(net.arch_parameters()[0].device)
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
         self.optimizer = torch.optim.Adam(net.arch_parameters(), lr=config.lr)
         self.history: list = []
@@ -183,6 +185,14 @@ class Search:
         total = kl + self.config.cost_weight * overshoot ** 2 + self.config.entropy_weight * ramp * entropy
         return {"loss": total, "kl": kl, "expected_cost": cost, "entropy": entropy}
 
+    def _flush(self, pending: list) -> None:
+        """Moves the pending GPU-side step records into the history (one sync for all of them)."""
+        for step, tau, terms, probs in pending:
+            record = {k: float(v) for k, v in terms.items()}
+            record.update(step=step, tau=tau, probabilities=probs.tolist())
+            self.history.append(record)
+        pending.clear()
+
     def run(self, progress: bool = True, stop_after: Optional[int] = None) -> dict:
         """Runs to the end (or ``stop_after`` more steps); returns the final summary."""
         from tqdm.auto import tqdm
@@ -195,23 +205,30 @@ class Search:
                    desc="dash search" + (" (resumed)" if resumed else ""))
         started = time.time()
         first = self.step
+        pending = []  # per-step records still on the GPU: reading them every step would stall the queue
         while self.step < end:
             self.net.set_temperature(self.temperature(self.step))
-            batch = self.data.batch(self.step, self.config.batch_size, self.config.seed).to(device)
+            batch = self.data.batch(self.step, self.config.batch_size, self.config.seed)
+            if device.type == "cuda":
+                batch = batch.pin_memory().to(device, non_blocking=True)
+            else:
+                batch = batch.to(device)
             self.optimizer.zero_grad(set_to_none=True)
             terms = self.loss_terms(batch)
             terms["loss"].backward()
             self.optimizer.step()
             self.step += 1
-            record = {k: float(v.detach()) for k, v in terms.items()}
-            record.update(step=self.step, tau=self.net.states[0].tau,
-                          probabilities=self.net.probabilities().tolist())
-            self.history.append(record)
-            rate = (self.step - first) * tokens_per_step / max(1e-9, time.time() - started)
+            pending.append((self.step, self.net.states[0].tau, {k: v.detach() for k, v in terms.items()},
+                            self.net.probabilities()))
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", tok_s=f"{rate:.0f}",
-                            full=sum(c == "full" for c in self.net.discrete_choice()))
-            if self.step % self.config.checkpoint_every == 0 or self.step == end:
+            checkpoint_now = self.step % self.config.checkpoint_every == 0 or self.step == end
+            if checkpoint_now or self.step % LOG_EVERY == 0:
+                self._flush(pending)
+                rate = (self.step - first) * tokens_per_step / max(1e-9, time.time() - started)
+                record = self.history[-1]
+                bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", tok_s=f"{rate:.0f}",
+                                full=sum(c == "full" for c in self.net.discrete_choice()))
+            if checkpoint_now:
                 self.save()
         bar.close()
         self.net.set_temperature(self.temperature(max(0, self.step - 1)))  # as at the last step, resumed or not

@@ -39,6 +39,10 @@ class DashLayerState(nn.Module):
         softmax = [c for c in self.candidates if not c.is_linear]
         self.softmax_index = [i for i, c in enumerate(self.candidates) if not c.is_linear]
         self.linear_index = [i for i, c in enumerate(self.candidates) if c.is_linear]
+        # a device tensor, moved with the model: indexing with a Python list would copy it to the GPU
+        # (a blocking transfer) in every layer of every step
+        self.register_buffer("softmax_positions", torch.tensor(self.softmax_index, dtype=torch.long),
+                             persistent=False)
         # a teacher layer that is itself sliding-window caps every candidate at its window
         self.windows = [_cap(c.window, teacher_window) for c in softmax]
         self.sinks = [c.sink if w is not None else 0 for c, w in zip(softmax, self.windows)]
@@ -105,7 +109,8 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
     weights = state.mixture_weights()
     out = 0
     if state.windows:
-        out = mixed_attention(q, k, v, weights[..., state.softmax_index], state.windows, state.sinks,
+        softmax_weights = weights.index_select(-1, state.softmax_positions.to(weights.device))
+        out = mixed_attention(q, k, v, softmax_weights, state.windows, state.sinks,
                               scale=scaling, backend=state.backend)
     if state.linear is not None:
         w_lin = weights[..., state.linear_index[0]]  # [] or [Hq]

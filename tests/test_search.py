@@ -150,3 +150,10 @@ def test_unknown_architecture_and_missing_bank_are_clear_errors(tmp_path):
     net = build_supernet(tiny_model("llama"), ["full", "gla"])
     with pytest.raises(FileNotFoundError, match="bank incomplete"):
         load_bank(net, str(tmp_path))
+
+
+def test_missing_local_model_path_is_a_clear_error(tmp_path):
+    from dash.models import load_model
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "no-such-hybrid"))

@@ -45,9 +45,10 @@ def mixed_attention_bwd(
     plan = _plan_of(windows, sinks)
     dq, dk, dv, delta = triton_op.mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan, scale)
     # dw[h, c] = sum_{b, t} <dY, O_c>; back to the caller's candidate order and weight shape
-    dw_sorted = delta.sum(dim=(0, 3))  # [Hq, C] sorted
-    dw = torch.empty_like(dw_sorted)
-    dw[:, list(plan.order)] = dw_sorted
+    dw = delta.sum(dim=(0, 3))  # [Hq, C] sorted
+    inverse = triton_op.plan_tables(plan, dw.device)["inverse"]
+    if inverse is not None:
+        dw = dw.index_select(1, inverse)
     if weights.dim() == 1:
         dw = dw.sum(0)
     return dq, dk, dv, dw.to(weights.dtype)

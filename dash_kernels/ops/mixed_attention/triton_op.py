@@ -1,6 +1,7 @@
 """Launchers for the Triton kernels: allocation, plan tables, block sizes."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,18 +26,18 @@ class TileConfig:
 
 
 def _gpu_configs(head_dim: int) -> dict:
-    # (BLOCK_M queries, BLOCK_N keys, warps, stages): the least register spilling among the configs
-    # compiled for sm_90 with Triton 3.6; timings in benchmarks/results.
+    # (BLOCK_M queries, BLOCK_N keys, warps, stages): the fastest of benchmarks/tune_configs.py's sweep on
+    # an H200 with Triton 3.6 (benchmarks/results/tune_configs_h200_*.json)
     if head_dim <= 64:
         return {
-            "fwd": TileConfig(128, 64, 8, 3, specialize_edges=False),
-            "dkdv": TileConfig(64, 128, 8, 2),
-            "dq": TileConfig(128, 64, 8, 2),
+            "fwd": TileConfig(128, 128, 8, 2, specialize_edges=False),
+            "dkdv": TileConfig(32, 64, 4, 3),
+            "dq": TileConfig(128, 32, 4, 3),
         }
     return {
-        "fwd": TileConfig(128, 64, 8, 3, specialize_edges=False),
+        "fwd": TileConfig(64, 64, 4, 3, specialize_edges=False),
         "dkdv": TileConfig(32, 128, 8, 2),
-        "dq": TileConfig(128, 32, 8, 2),
+        "dq": TileConfig(64, 32, 4, 3),
     }
 
 
@@ -69,14 +70,29 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit operands
 
 
+@functools.lru_cache(maxsize=256)
+def plan_tables(plan: CandidatePlan, device: torch.device) -> dict:
+    """The plan's device tensors, made once per (plan, device): a copy from a Python list is a
+    blocking host-to-device transfer, and one per call per layer stalled the whole model."""
+    identity = plan.order == tuple(range(plan.num_candidates))
+    inverse = sorted(range(plan.num_candidates), key=lambda i: plan.order[i])
+    return {
+        "cand": torch.tensor(plan.table(), dtype=torch.int32, device=device),
+        "membership": torch.tensor(plan.membership, dtype=torch.int32, device=device).flatten(),
+        # sorted position i holds user candidate order[i]; user candidate c sits at inverse[c]
+        "order": None if identity else torch.tensor(plan.order, dtype=torch.long, device=device),
+        "inverse": None if identity else torch.tensor(inverse, dtype=torch.long, device=device),
+    }
+
+
 def _tables(plan: CandidatePlan, weights: torch.Tensor, heads_q: int, device):
     """Sorted per-head weights [Hq, C] fp32, the int table, and the region membership."""
+    tables = plan_tables(plan, torch.device(device))
     w = weights.detach().to(device=device, dtype=torch.float32)
     w = w.expand(heads_q, -1) if w.dim() == 1 else w
-    w = w[:, list(plan.order)].contiguous()
-    cand = torch.tensor(plan.table(), dtype=torch.int32, device=device)
-    membership = torch.tensor(plan.membership, dtype=torch.int32, device=device).flatten()
-    return w, cand, membership
+    if tables["order"] is not None:
+        w = w.index_select(1, tables["order"])
+    return w.contiguous(), tables["cand"], tables["membership"]
 
 
 def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
