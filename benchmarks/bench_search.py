@@ -54,6 +54,7 @@ def main(argv=None):
     parser.add_argument("--candidates", nargs="+", default=["full", "swa512", "swa2048", "sink64_swa512"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also: CUDA time per kernel of one search step")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     shape = TINY if args.tiny else QWEN25_3B
@@ -99,6 +100,14 @@ def main(argv=None):
         "projected_minutes_for_12.3M_tokens": 12.3e6 / (tokens / search_s) / 60,
         "timing": f"median of {args.repeats} steps after one warm-up, wall clock with device synchronisation",
     }
+    if args.profile and args.device.startswith("cuda"):
+        from profile_kernels import kernel_times
+
+        per_kernel = kernel_times(search_step, iters=2)
+        result["search_step_kernels_ms"] = dict(list(per_kernel.items())[:25])
+        print(f"CUDA time of one search step: {sum(per_kernel.values()):.1f} ms; top kernels:")
+        for name, ms in list(per_kernel.items())[:15]:
+            print(f"  {ms:8.2f} ms  {name[:100]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# Everything the GPU must confirm, in one device call (keep it under the 10-minute command limit):
-# backends, GPU tests, the kernel benchmark, and (RUN_SEARCH=1) the search-step benchmark.
-# Writes logs and JSON under $OUT (or ./gpu_out); prints the benchmark table last.
-#   TEST_ARGS="-k qwen"   pass extra pytest arguments     SKIP_TESTS=1 / SKIP_BENCH=1   skip a part
+# What the GPU must confirm, in parts that each fit one device call (10-minute command limit).
+# Writes logs and JSON under $OUT (or ./gpu_out); prints short tables last.
+#   PARTS="tests bench"          which parts, in order (default: tests bench)
+#     tests        GPU correctness tests (tests/test_gpu.py)          ~4 min
+#     tune         tile-config sweep per head dim                      ~5 min
+#     profile      CUDA time per kernel, fused vs one Flex attention   ~2 min
+#     bench        kernel benchmark vs the baselines (issue table)     ~5 min
+#     search_step  Qwen2.5-3B-shaped search step vs its floor          ~3 min
+#     smollm2      the default SmolLM2 search end to end (needs MODEL=path to the GGUF, see
+#                  ../shared/hooks/stage-smollm2-for-device.sh)        ~8 min
+#   TEST_ARGS="-k qwen"   extra pytest arguments (note: -k fp32 matches every case id; use case ids)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -m dash_kernels | tee -a "$OUT/gpu.txt"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  # note: -k "fp32" also matches test_triton_vs_fp32_reference[...]; select cases by their ids
-  timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py ${TEST_ARGS:-} \
-    2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20
-fi
-if [ "${RUN_SEARCH:-0}" = 1 ]; then
-  timeout "${SEARCH_TIMEOUT:-200}" python benchmarks/bench_search.py --out "$OUT/search_step.json" 2>&1 | tail -12
-fi
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout "${BENCH_TIMEOUT:-300}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
-    ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"
-  sed -n '/^GPU:/,$p' "$OUT/bench.log"
-fi
+for part in ${PARTS:-tests bench}; do
+  case "$part" in
+    tests)
+      timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py ${TEST_ARGS:-} \
+        2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20 ;;
+    tune)
+      timeout 200 python benchmarks/tune_configs.py --shape qwen2.5-3b --out "$OUT/tune_qwen.json" 2>&1 | grep "^best"
+      timeout 120 python benchmarks/tune_configs.py --shape smollm2-135m --out "$OUT/tune_smol.json" 2>&1 | grep "^best" ;;
+    profile)
+      timeout 150 python benchmarks/profile_kernels.py --out "$OUT/profile_qwen.json" 2>&1 | grep -v Warn | tee "$OUT/profile.log" ;;
+    bench)
+      timeout "${BENCH_TIMEOUT:-330}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
+        ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"
+      sed -n '/^GPU:/,$p' "$OUT/bench.log" ;;
+    search_step)
+      timeout 240 python benchmarks/bench_search.py --profile --out "$OUT/search_step.json" 2>&1 | tail -40 ;;
+    smollm2)
+      timeout 540 python benchmarks/smollm2_search.py --model "${MODEL:?set MODEL to the SmolLM2 GGUF}" \
+        --output "$HOME/runs/smollm2_search" --out "$OUT/smollm2_search.json" 2>&1 | tr '\r' '\n' \
+        | grep -v Warn | tail -40 > "$OUT/smollm2_search.log"; tail -25 "$OUT/smollm2_search.log" ;;
+    *) echo "unknown part: $part" >&2 ;;
+  esac
+done

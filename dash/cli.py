@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import fields
 
 import torch
@@ -134,12 +135,16 @@ def run_search(settings: dict, progress: bool = True) -> dict:
     os.makedirs(settings["output"], exist_ok=True)
     with open(os.path.join(settings["output"], "config.yaml"), "w") as f:
         yaml.safe_dump(settings, f, sort_keys=True)
+    started = time.perf_counter()
     model, tokenizer = load_model(settings["model"], device=settings["device"], dtype=DTYPES[settings["dtype"]])
+    load_s = time.perf_counter() - started
     seq_len, tokens, seed = settings["seq_len"], settings["tokens"], settings["seed"]
+    started = time.perf_counter()
     if settings.get("data"):
         data = pack(read_documents(settings["data"]), tokenizer, seq_len, seed=seed)
     else:
         data = default_data(tokenizer, seq_len, min(tokens, 2_000_000), seed=seed)
+    data_s = time.perf_counter() - started
     net = build_supernet(model, settings.get("candidates"), per_kv_group=bool(settings.get("per_kv_group")))
     _load_bank_if_needed(net, settings)
     same_as_full = [c.name for c in net.candidates if c.window is not None and c.window >= seq_len]
@@ -150,6 +155,7 @@ def run_search(settings: dict, progress: bool = True) -> dict:
     config = SearchConfig(**{k: v for k, v in settings.items() if k in search_fields})
     summary = Search(net, data, config, settings["output"]).run(progress=progress)
     summary["candidates"] = [c.name for c in net.candidates]
+    summary["timing"] = {"load_s": load_s, "data_s": data_s, **summary["timing"]}
     with open(os.path.join(settings["output"], "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -271,8 +277,11 @@ def main(argv=None) -> int:
         settings = resolve_search_settings(args)
         summary = run_search(settings, progress=not args.no_progress)
         full = sum(c == "full" for c in summary["choice"])
+        timing = summary["timing"]
         print(f"search finished: {summary['steps']} steps, {summary['tokens']} tokens; "
-              f"{full}/{len(summary['choice'])} layers choose full attention")
+              f"{full}/{len(summary['choice'])} layers choose full attention "
+              f"(load {timing['load_s']:.0f} s, data {timing['data_s']:.0f} s, search {timing['search_s']:.0f} s "
+              f"at {timing['tokens_per_s']:.0f} tokens/s)")
         print("per-layer choice:", " ".join(summary["choice"]))
         print(f"written to {settings['output']}/ (summary.json, history.json, search_state.pt, config.yaml)")
         if not args.no_export:  # end to end: the hybrid under the search's budget, with its report

@@ -232,8 +232,11 @@ class Search:
                 self.save()
         bar.close()
         self.net.set_temperature(self.temperature(max(0, self.step - 1)))  # as at the last step, resumed or not
+        loop_s = time.time() - started
         summary = {"steps": self.step, "total_steps": self.steps, "tokens": self.step * tokens_per_step,
-                   "choice": self.net.discrete_choice(), "probabilities": self.net.probabilities().tolist()}
+                   "choice": self.net.discrete_choice(), "probabilities": self.net.probabilities().tolist(),
+                   "timing": {"search_s": loop_s, "steps_this_run": self.step - first,
+                              "tokens_per_s": (self.step - first) * tokens_per_step / max(loop_s, 1e-9)}}
         with open(os.path.join(self.output_dir, "history.json"), "w") as f:
             json.dump({"summary": summary, "history": self.history}, f)
         return summary
