@@ -44,5 +44,6 @@ class LinearAttention(nn.Module):
         gate = (hidden.float() @ self.gate_down) @ self.gate_up + self.gate_bias
         g = F.logsigmoid(gate).view(*q.shape[:2], self.heads_q, self.head_dim) / GATE_NORMALIZER
         ones = torch.ones(*v.shape[:3], 1, device=v.device, dtype=torch.float32)
-        out, _ = gated_linear_attention(q_feat, k_feat, torch.cat([v.float(), ones], -1), g, scale=1.0)
+        out, _ = gated_linear_attention(q_feat, k_feat, torch.cat([v.float(), ones], -1), g, scale=1.0,
+                                        check_decay=False)  # logsigmoid: <= 0 by construction
         return (out[..., :-1] / out[..., -1:].clamp_min(1e-6)).to(dtype)

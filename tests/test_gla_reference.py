@@ -40,4 +40,12 @@ def test_public_op_dtype_and_errors():
     with pytest.raises(ValueError, match="k and g must match"):
         gated_linear_attention(q, k, v, g[..., :4])
     with pytest.raises(ValueError, match="backend must be"):
-        gated_linear_attention(q, k, v, g, backend="triton")
+        gated_linear_attention(q, k, v, g, backend="cuda")
+    with pytest.raises(ValueError, match="log-decay"):
+        gated_linear_attention(q, k, v, g.detach().abs() + 0.1)
+    with pytest.raises(ValueError, match="initial_state must be"):
+        gated_linear_attention(q, k, v, g, initial_state=torch.zeros(1, 2, 8, 7))
+    with pytest.raises(TypeError, match="g must be float16"):
+        gated_linear_attention(q, k, v, g.long())
+    with pytest.raises(ValueError, match="v must be"):
+        gated_linear_attention(q, k, v[:, :5], g)

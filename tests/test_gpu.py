@@ -80,3 +80,32 @@ def test_auto_picks_triton_on_cuda_and_matches():
         a = mixed_attention(q, k, v, w, [None, 50])
         b = mixed_attention(q, k, v, w, [None, 50], backend="triton")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seq,heads,kd,vd", [(16384, 4, 128, 129), (4096, 9, 64, 64)])
+def test_gla_triton_long_sequences(seq, heads, kd, vd):
+    """Gated linear attention (Triton) in bf16 against the fp32 chunked reference on the GPU itself."""
+    import torch.nn.functional as F
+
+    from dash_kernels import gated_linear_attention
+    from dash_kernels.ops.gla import gla_chunked
+
+    gen = torch.Generator(device="cuda").manual_seed(seq)
+    q, k = (torch.randn(1, seq, heads, kd, device="cuda", generator=gen) * 0.3 for _ in range(2))
+    v = torch.randn(1, seq, heads, vd, device="cuda", generator=gen)
+    g = F.logsigmoid(torch.randn(1, seq, heads, kd, device="cuda", generator=gen) + 3.0)
+    s0 = torch.randn(1, heads, kd, vd, device="cuda", generator=gen)
+    low = [t.bfloat16().requires_grad_(True) for t in (q, k, v, g)] + [s0.clone().requires_grad_(True)]
+    full = [t.detach().float().requires_grad_(True) for t in low]
+    o, final = gated_linear_attention(*low[:4], initial_state=low[4], output_final_state=True, backend="triton")
+    o_ref, final_ref = gla_chunked(*full[:4], initial_state=full[4], output_final_state=True)
+    do = torch.randn(o.shape, device="cuda", generator=gen)
+    grads = torch.autograd.grad((o.float() * do).sum() + final.sum(), low)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + final_ref.sum(), full)
+    report = [f"o {rel_err(o, o_ref):.2e}", f"final {rel_err(final, final_ref):.2e}"]
+    report += [f"{n} {rel_err(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_ref)]
+    print(f"gla T{seq} H{heads} K{kd} V{vd}:", "; ".join(report), flush=True)
+    # bf16 inputs and outputs, fp32 state: errors at the level of bf16 rounding
+    assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 2e-2

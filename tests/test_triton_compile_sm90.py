@@ -31,7 +31,7 @@ def _compile(fn, constexprs, num_warps, num_stages):
     for param in fn.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-        elif param.name.isupper() and param.name not in ("T", "HQ", "GROUP"):
+        elif param.name.isupper() and param.name not in ("T", "H", "HQ", "GROUP"):
             signature[param.name] = POINTER_TYPES.get(param.name, "*fp32")
         elif param.name in ("qk_scale", "sm_scale"):
             signature[param.name] = "fp32"
@@ -40,7 +40,7 @@ def _compile(fn, constexprs, num_warps, num_stages):
     # what a real launch specializes on: 16-byte aligned pointers, strides and lengths divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
              if not p.is_constexpr and signature[p.name] != "fp32"
-             and not p.name.endswith("_d") and p.name not in ("HQ", "GROUP")}
+             and not p.name.endswith("_d") and p.name not in ("H", "HQ", "GROUP")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -66,6 +66,13 @@ def compile_all(head_dim):
         assert "wgmma.mma_async" in compiled.asm["ptx"], f"{name}: matrix products did not become wgmma"
     prep = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), NUM_C=4, NUM_R=6, BLOCK_M=64)
     _compile(kern._mixed_attn_bwd_prep, prep, 4, 1)
+    # gated linear attention (fused recurrent), at the search's linear candidate shape (V = D + 1)
+    from dash_kernels.ops.gla import triton_recurrent as gla
+
+    dims = dict(KD=head_dim, VD=head_dim + 1, BK=gla._block(head_dim), BV=gla._value_tile(head_dim, head_dim + 1))
+    _compile(gla._gla_fwd_kernel, dict(dims, HAS_H0=True, STORE_HT=True), 4, 2)
+    _compile(gla._gla_bwd_dq_kernel, dict(dims, HAS_H0=True), 4, 2)
+    _compile(gla._gla_bwd_dkdv_kernel, dict(dims, HAS_DHT=True, STORE_DH0=True), 4, 2)
 
 
 @pytest.mark.skipif(GPUTarget is None, reason="triton without GPUTarget")
