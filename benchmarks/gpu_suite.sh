@@ -7,6 +7,8 @@
 #     profile      CUDA time per kernel, fused vs one Flex attention   ~2 min
 #     bench        kernel benchmark vs the baselines (issue table)     ~5 min
 #     search_step  Qwen2.5-3B-shaped search step vs its floor          ~3 min
+#     linear       gated linear attention / gated delta rule vs fla 0.6.0 and cuDNN (fla from carried
+#                  wheels in .whl/, see the device README)                                     ~4 min
 #     smollm2      the default SmolLM2 search end to end (needs MODEL=path to the GGUF, see
 #                  ../shared/hooks/stage-smollm2-for-device.sh)        ~8 min
 #   TEST_ARGS="-k qwen"   extra pytest arguments (note: -k fp32 matches every case id; use case ids)
@@ -14,6 +16,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (fla, einops) for the comparisons
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -m dash_kernels | tee -a "$OUT/gpu.txt"
 for part in ${PARTS:-tests bench}; do
@@ -30,6 +35,9 @@ for part in ${PARTS:-tests bench}; do
       timeout "${BENCH_TIMEOUT:-330}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
         ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"
       sed -n '/^GPU:/,$p' "$OUT/bench.log" ;;
+    linear)
+      timeout 300 python benchmarks/bench_linear_attention.py --out "$OUT/linear_attention.json" 2>&1 \
+        | grep -v Warn | tail -14 ;;
     search_step)
       timeout 240 python benchmarks/bench_search.py --profile --out "$OUT/search_step.json" 2>&1 | tail -40 ;;
     smollm2)

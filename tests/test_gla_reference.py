@@ -49,3 +49,21 @@ def test_public_op_dtype_and_errors():
         gated_linear_attention(q, k, v, g.long())
     with pytest.raises(ValueError, match="v must be"):
         gated_linear_attention(q, k, v[:, :5], g)
+
+
+def test_same_semantics_as_flash_linear_attention():
+    """Where flash-linear-attention is installed: its step-by-step GLA and gated delta rule agree with ours."""
+    naive = pytest.importorskip("fla.ops.gla.naive")
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    from dash_kernels.ops.gated_delta import gated_delta_recurrent
+
+    q, k, v, g, s0 = (t.detach().float() for t in _inputs(1, 24, 2, 8, 8))
+    ours, _ = gla_recurrent(q, k, v, g, initial_state=s0)
+    theirs, _ = naive.naive_recurrent_gla(q, k, v, g, initial_state=s0)
+    assert rel_err(ours, theirs) < 1e-5
+    k = F.normalize(k, dim=-1)
+    g_head, beta = g[..., 0], torch.sigmoid(q[..., 0])
+    ours, _ = gated_delta_recurrent(q, k, v, g_head, beta, initial_state=s0)
+    theirs, _ = naive_recurrent_gated_delta_rule(q, k, v, beta, g_head, initial_state=s0)
+    assert rel_err(ours, theirs) < 1e-5

@@ -1,0 +1,128 @@
+"""Benchmark the linear-attention ops against flash-linear-attention and cuDNN attention, in one run.
+
+For each shape, forward and forward+backward, bf16 (median of triton.testing.do_bench after warm-up):
+  dash_gla        dash_kernels.gated_linear_attention (backend "auto": Triton on a GPU)
+  dash_gdn        dash_kernels.gated_delta_rule (backend "auto")
+  fla_gla         fla.ops.gla.chunk_gla                       (when flash-linear-attention is installed)
+  fla_gdn         fla.ops.gated_delta_rule.chunk_gated_delta_rule
+  sdpa_cudnn      cuDNN SDPA, one causal softmax attention over the same q/k/v
+A method that cannot run (not installed, refused on this Triton) is reported with its error, not fatal.
+
+  python benchmarks/bench_linear_attention.py --out benchmarks/results/linear_attention_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from bench_mixed_attention import environment, time_method
+
+SHAPES = {
+    # name: (B, T, H, D)
+    "h16_d128_T4096": (4, 4096, 16, 128),
+    "h16_d128_T16384": (4, 16384, 16, 128),
+    "smollm2_h9_d64_T4096": (4, 4096, 9, 64),
+}
+
+
+def make_inputs(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+
+    q = rnd(batch, seq, heads, dim).to(dtype)
+    k = F.normalize(rnd(batch, seq, heads, dim), dim=-1).to(dtype)
+    v = rnd(batch, seq, heads, dim).to(dtype)
+    g_gla = F.logsigmoid(rnd(batch, seq, heads, dim) + 4.0).div(16).to(dtype)  # as the dash candidate's gate
+    g_gdn = F.logsigmoid(rnd(batch, seq, heads) + 4.0).to(dtype)
+    beta = torch.sigmoid(rnd(batch, seq, heads)).to(dtype)
+    return q, k, v, g_gla, g_gdn, beta
+
+
+def build_methods(q, k, v, g_gla, g_gdn, beta):
+    import dash_kernels
+
+    methods = {
+        "dash_gla": (lambda: dash_kernels.gated_linear_attention(q, k, v, g_gla, check_decay=False)[0],
+                     (q, k, v, g_gla)),
+        "dash_gdn": (lambda: dash_kernels.gated_delta_rule(q, k, v, g_gdn, beta, check_decay=False)[0],
+                     (q, k, v, g_gdn, beta)),
+    }
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.gla import chunk_gla
+
+        methods["fla_gla"] = (lambda: chunk_gla(q, k, v, g_gla)[0], (q, k, v, g_gla))
+        methods["fla_gdn"] = (lambda: chunk_gated_delta_rule(q, k, v, g_gdn, beta)[0], (q, k, v, g_gdn, beta))
+    except Exception as exc:  # not installed here
+        methods["fla"] = exc
+    qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+
+    def cudnn():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+
+    methods["sdpa_cudnn"] = (cudnn, (qh, kh, vh))
+    return methods
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows = []
+    report = {"environment": environment(), "dtype": "bfloat16", "rows": rows}
+    try:
+        import fla
+
+        report["environment"]["fla"] = getattr(fla, "__version__", "installed")
+    except ImportError:
+        report["environment"]["fla"] = "not installed"
+    for shape in args.shapes:
+        tensors = make_inputs(*SHAPES[shape])
+        methods = build_methods(*tensors)
+        for mode in args.modes:
+            row = {"shape": shape, "B_T_H_D": SHAPES[shape], "mode": mode, "ms": {}, "errors": {}}
+            for name, entry in methods.items():
+                if args.methods and name not in args.methods:
+                    continue
+                if isinstance(entry, Exception):
+                    row["errors"][name] = f"{type(entry).__name__}: {entry}"
+                    continue
+                fn, inputs = entry
+                try:
+                    row["ms"][name] = time_method(fn, inputs, mode)
+                except Exception as exc:  # e.g. fla refusing a backward on this Triton
+                    row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    torch.cuda.synchronize()
+            ms = row["ms"]
+            for op in ("gla", "gdn"):
+                if f"dash_{op}" in ms and f"fla_{op}" in ms:
+                    row[f"{op}_dash_over_fla"] = ms[f"dash_{op}"] / ms[f"fla_{op}"]
+                if f"dash_{op}" in ms and "sdpa_cudnn" in ms:
+                    row[f"{op}_dash_over_cudnn"] = ms[f"dash_{op}"] / ms["sdpa_cudnn"]
+            rows.append(row)
+            print(shape, mode, " ".join(f"{k}={v:.3f}" for k, v in ms.items()),
+                  "| errors:", ", ".join(row["errors"]) or "none", flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(report, f, indent=1)
+    names = sorted({n for r in rows for n in r["ms"]})
+    print("\n| shape | mode | " + " | ".join(names) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['mode']} | " + " | ".join(f"{r['ms'][n]:.3f}" if n in r["ms"] else "-"
+                                                          for n in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
