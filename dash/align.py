@@ -34,10 +34,26 @@ class AlignConfig:
     seed: int = 0
 
 
+BANK_FORMAT = "dash-linear-bank/2"  # tensors named layers.<i>.<kind>.<parameter>
+
+
 def _bank_tensors(net: Supernet) -> dict:
-    return {f"layers.{i}.{name}": t.detach().cpu().contiguous()
-            for i, s in enumerate(net.states) if s.linear is not None
-            for name, t in s.linear.state_dict().items()}
+    return {f"layers.{i}.{kind}.{name}": t.detach().cpu().contiguous()
+            for i, s in enumerate(net.states) for kind, module in s.linear.items()
+            for name, t in module.state_dict().items()}
+
+
+def _load_linear(net: Supernet, tensors: dict, source: str) -> None:
+    """Copy bank tensors into every layer's linear modules; a kind missing from the bank is an error."""
+    for i, state in enumerate(net.states):
+        for kind, module in state.linear.items():
+            prefix = f"layers.{i}.{kind}."
+            part = {k[len(prefix):]: v.to(state.alpha.device) for k, v in tensors.items() if k.startswith(prefix)}
+            if not part:
+                have = sorted({k.split(".")[2] for k in tensors if k.count(".") >= 3})
+                raise ValueError(f"{source} has no aligned '{kind}' candidate for layer {i} (it holds {have}); "
+                                 f"run `dash align` with the same linear candidates")
+            module.load_state_dict(part)
 
 
 def save_bank(net: Supernet, output_dir: str, meta: dict) -> None:
@@ -64,21 +80,21 @@ def load_bank(net: Supernet, bank_dir: str, model_name: Optional[str] = None) ->
         raise ValueError(f"bank {bank_dir} is unreadable ({type(exc).__name__}: {exc})") from exc
     if model_name is not None and meta.get("model") != model_name:
         raise ValueError(f"bank {bank_dir} was aligned on {meta.get('model')!r}, not {model_name!r}")
+    if meta.get("format") != BANK_FORMAT:
+        raise ValueError(f"bank {bank_dir} has format {meta.get('format')!r}, this version reads {BANK_FORMAT!r}; "
+                         "re-run `dash align`")
     if meta.get("num_layers") != len(net.states):
         raise ValueError(f"bank {bank_dir} has {meta.get('num_layers')} layers, the model {len(net.states)}")
-    for i, state in enumerate(net.states):
-        if state.linear is None:
-            raise ValueError("the supernet has no linear candidate to load the bank into (add 'gla')")
-        prefix = f"layers.{i}."
-        state.linear.load_state_dict({k[len(prefix):]: v.to(state.alpha.device)
-                                      for k, v in tensors.items() if k.startswith(prefix)})
+    if not net.linear_parameters():
+        raise ValueError("the supernet has no linear candidate to load the bank into (add 'gla' or 'gdn')")
+    _load_linear(net, tensors, f"bank {bank_dir}")
     return meta
 
 
 class Align:
     def __init__(self, net: Supernet, data: PackedData, config: AlignConfig, output_dir: str, model_name: str = ""):
         if not net.linear_parameters():
-            raise ValueError("nothing to align: build the supernet with a linear candidate ('gla')")
+            raise ValueError("nothing to align: build the supernet with a linear candidate ('gla' or 'gdn')")
         self.net, self.data, self.config, self.output_dir, self.model_name = net, data, config, output_dir, model_name
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
         self.optimizer = torch.optim.Adam(net.linear_parameters(), lr=config.lr)
@@ -89,20 +105,28 @@ class Align:
     def state_path(self) -> str:
         return os.path.join(self.output_dir, "align_state.pt")
 
+    @property
+    def kinds(self) -> list:
+        return list(self.net.states[0].linear.keys())
+
     def _layer_losses(self, batch: torch.Tensor) -> list:
+        """Per layer, the mean over its linear candidates of their relative errors (the training loss)."""
         with self.net.aligning():
             self.net.model.base_model(batch, use_cache=False)
-        return [s.align_loss for s in self.net.states]
+        return [torch.stack(list(s.align_losses.values())).mean() for s in self.net.states]
 
-    def evaluate(self, rows: Optional[torch.Tensor] = None) -> list:
-        """Per-layer relative error ||lin - teacher||^2 / ||teacher||^2 on held-out rows."""
+    def evaluate(self, rows: Optional[torch.Tensor] = None) -> dict:
+        """kind -> per-layer relative error ||lin - teacher||^2 / ||teacher||^2 on held-out rows."""
         rows = self.data.heldout if rows is None else rows
         device = next(self.net.model.parameters()).device
-        totals = torch.zeros(len(self.net.states))
+        totals = {kind: torch.zeros(len(self.net.states)) for kind in self.kinds}
         with torch.no_grad():
             for row in rows:
-                totals += torch.stack([loss.float().cpu() for loss in self._layer_losses(row[None].to(device))])
-        return (totals / max(1, len(rows))).tolist()
+                with self.net.aligning():
+                    self.net.model.base_model(row[None].to(device), use_cache=False)
+                for kind in self.kinds:
+                    totals[kind] += torch.stack([s.align_losses[kind].float().cpu() for s in self.net.states])
+        return {kind: (t / max(1, len(rows))).tolist() for kind, t in totals.items()}
 
     def save(self) -> None:
         state = {"step": self.step, "linear": _bank_tensors(self.net), "optimizer": self.optimizer.state_dict(),
@@ -115,10 +139,7 @@ class Align:
         if not os.path.exists(self.state_path):
             return False
         state = load_checkpoint(self.state_path, ("step", "linear", "optimizer", "history"))
-        for i, s in enumerate(self.net.states):
-            prefix = f"layers.{i}."
-            s.linear.load_state_dict({k[len(prefix):]: v.to(s.alpha.device)
-                                      for k, v in state["linear"].items() if k.startswith(prefix)})
+        _load_linear(self.net, state["linear"], self.state_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
         return True
@@ -149,7 +170,7 @@ class Align:
                 self.save()
         bar.close()
         errors = self.evaluate()
-        meta = {"format": "dash-linear-bank/1", "model": self.model_name, "kind": "gla",
+        meta = {"format": BANK_FORMAT, "model": self.model_name, "kinds": self.kinds,
                 "num_layers": len(self.net.states), "steps": self.step,
                 "tokens": self.step * self.config.batch_size * self.data.seq_len,
                 "heldout_relative_error": errors}

@@ -5,12 +5,17 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 
+LINEAR_KINDS = ("gla", "gdn")
+KINDS = ("softmax",) + LINEAR_KINDS
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One attention operator of a layer.
 
     ``kind="softmax"``: full causal (window None), sliding window, or sinks + window.
-    ``kind="gla"``: teacher-aligned gated linear attention (dash/linear.py); no window or sink.
+    ``kind="gla"`` / ``"gdn"``: teacher-aligned gated linear attention / gated delta rule (dash/linear.py);
+    no window or sink.
     """
 
     window: Optional[int] = None
@@ -18,10 +23,10 @@ class Candidate:
     kind: str = "softmax"
 
     def __post_init__(self):
-        if self.kind not in ("softmax", "gla"):
-            raise ValueError(f"Candidate.kind must be 'softmax' or 'gla', got {self.kind!r}")
-        if self.kind == "gla" and (self.window is not None or self.sink):
-            raise ValueError("a linear (gla) candidate has no window or sink")
+        if self.kind not in KINDS:
+            raise ValueError(f"Candidate.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind != "softmax" and (self.window is not None or self.sink):
+            raise ValueError(f"a linear ({self.kind}) candidate has no window or sink")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"Candidate.window must be None or an int >= 1, got {self.window!r}")
         if not isinstance(self.sink, int) or self.sink < 0:
@@ -59,15 +64,15 @@ class Candidate:
             text = spec.strip().lower()
             if text == "full":
                 return cls()
-            if text == "gla":
-                return cls(kind="gla")
+            if text in LINEAR_KINDS:
+                return cls(kind=text)
             sink = 0
             if text.startswith("sink"):
                 head, _, text = text.partition("_")
                 sink = _parse_int(head[4:], spec)
             if text.startswith("swa"):
                 return cls(window=_parse_int(text[3:], spec), sink=sink)
-        raise ValueError(f"cannot parse candidate {spec!r}: use 'full', 'swa<W>', 'sink<S>_swa<W>', 'gla' or a dict")
+        raise ValueError(f"cannot parse candidate {spec!r}: use 'full', 'swa<W>', 'sink<S>_swa<W>', 'gla', 'gdn' or a dict")
 
     def to_dict(self) -> dict:
         return asdict(self)

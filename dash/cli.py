@@ -40,7 +40,7 @@ def _search_parser(sub):
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--bank", help="linear-candidate bank from `dash align` (needed with the 'gla' candidate)")
+    p.add_argument("--bank", help="linear-candidate bank from `dash align` (needed with 'gla' or 'gdn' candidates)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -51,6 +51,8 @@ def _align_parser(sub):
     p.add_argument("--model", help="as for `dash search`")
     p.add_argument("--data", nargs="+", help="text/jsonl files or folders (default: offline corpus)")
     p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--kinds", nargs="+", default=["gla", "gdn"], choices=["gla", "gdn"],
+                   help="linear candidates to align (default: both, gated linear attention and gated delta rule)")
     p.add_argument("--tokens", type=int, default=None, help="alignment tokens (default 2M on GPU, 16K on CPU)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -77,7 +79,7 @@ def run_align(args) -> dict:
         data = pack(read_documents(args.data), tokenizer, seq_len, seed=args.seed)
     else:
         data = default_data(tokenizer, seq_len, min(tokens, 2_000_000), seed=args.seed)
-    net = build_supernet(model, ["full", "gla"])
+    net = build_supernet(model, ["full", *args.kinds])
     config = AlignConfig(tokens=tokens, batch_size=args.batch_size or (4 if on_gpu else 1), lr=args.lr,
                          seed=args.seed)
     return Align(net, data, config, args.output, model_name=model_name).run(progress=not args.no_progress)
@@ -121,7 +123,8 @@ def _load_bank_if_needed(net, settings: dict) -> None:
     if settings.get("bank"):
         load_bank(net, settings["bank"], model_name=settings["model"])
     elif net.linear_parameters():
-        raise SystemExit("the 'gla' candidate needs an aligned bank: run `dash align`, then pass --bank <dir>")
+        raise SystemExit("linear candidates ('gla', 'gdn') need an aligned bank: run `dash align`, then pass "
+                         "--bank <dir>")
 
 
 def run_search(settings: dict, progress: bool = True) -> dict:
@@ -269,9 +272,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "align":
         meta = run_align(args)
-        errors = meta["heldout_relative_error"]
-        print(f"aligned {meta['num_layers']} linear candidates on {meta['tokens']} tokens; held-out relative error "
-              f"per layer: " + " ".join(f"{e:.3f}" for e in errors))
+        print(f"aligned the linear candidates {meta['kinds']} of {meta['num_layers']} layers on {meta['tokens']} "
+              "tokens; held-out relative error per layer:")
+        for kind, errors in meta["heldout_relative_error"].items():
+            print(f"  {kind}: " + " ".join(f"{e:.3f}" for e in errors))
         print(f"bank written to {args.output}/ (linear_bank.safetensors, linear_bank.json)")
     elif args.command == "search":
         settings = resolve_search_settings(args)

@@ -119,7 +119,7 @@ def export_hybrid(model, choices: Sequence[Candidate], output_dir: str, tokenize
                   report: Optional[dict] = None, linear_modules: Optional[Sequence] = None) -> dict:
     """Write the hybrid to ``output_dir``; returns the ``dash_hybrid.json`` content.
 
-    ``linear_modules``: per layer, the aligned ``LinearAttention`` (needed where a layer chose it)."""
+    ``linear_modules``: per layer, a mapping kind -> aligned linear module (needed where a layer chose one)."""
     import transformers
     from safetensors.torch import save_file
 
@@ -130,7 +130,8 @@ def export_hybrid(model, choices: Sequence[Candidate], output_dir: str, tokenize
     linear_tensors = {}
     for index, choice in enumerate(choices):
         if choice.is_linear:
-            module = linear_modules[index] if linear_modules is not None else None
+            modules = linear_modules[index] if linear_modules is not None else {}
+            module = modules[choice.kind] if choice.kind in modules else None
             if module is None:
                 raise ValueError(f"layer {index} chose {choice.name} but no aligned linear module was given")
             for name, tensor in module.state_dict().items():
@@ -185,10 +186,9 @@ def load_hybrid(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
 
         tensors = load_file(os.path.join(path, LINEAR_FILE))
         for index, layer in enumerate(layers):
-            if layer.dash.linear is not None:
+            for module in layer.dash.linear.values():  # at most one: the layer's chosen kind
                 prefix = f"layers.{index}."
-                layer.dash.linear.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                                   if k.startswith(prefix)})
+                module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     for layer in layers:
         layer.dash.backend = backend
         layer.dash.requires_grad_(False)

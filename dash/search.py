@@ -59,10 +59,10 @@ class SearchConfig:
 
 
 def candidate_cache_bytes(candidate: Candidate, context: int, heads_kv: int, heads_q: int, head_dim: int) -> int:
-    """Inference cache a layer with this candidate keeps at ``context``: 16-bit K/V rows, or a fp32
-    [Hq, D, D + 1] recurrent state for the linear candidate."""
+    """Inference cache a layer with this candidate keeps at ``context``: 16-bit K/V rows, or the fp32
+    recurrent state of a linear candidate ([Hq, D, D + 1] for gla with its normaliser column, [Hq, D, D] gdn)."""
     if candidate.is_linear:
-        return heads_q * head_dim * (head_dim + 1) * 4
+        return heads_q * head_dim * (head_dim + (1 if candidate.kind == "gla" else 0)) * 4
     tokens = context if candidate.window is None else min(context, candidate.window + candidate.sink)
     return tokens * 2 * heads_kv * head_dim * 2
 

@@ -19,7 +19,7 @@ from torch import nn
 from dash_kernels import mixed_attention
 
 from .candidates import Candidate, default_candidates, parse_candidates
-from .linear import LinearAttention
+from .linear import make_linear
 
 ATTN_IMPLEMENTATION = "dash_mixed"
 
@@ -49,17 +49,19 @@ class DashLayerState(nn.Module):
         shape = (heads_kv, len(self.candidates)) if per_kv_group else (len(self.candidates),)
         self.alpha = nn.Parameter(torch.zeros(shape))
         self.teacher_window = teacher_window
-        self.linear = None
-        if self.linear_index:
+        # one teacher-aligned module per linear candidate kind ("gla", "gdn"), in candidate order
+        self.linear = nn.ModuleDict()
+        for i in self.linear_index:
             if hidden_size is None or head_dim is None:
                 raise ValueError("a linear candidate needs the layer's hidden size and head dim")
-            self.linear = LinearAttention(hidden_size, heads_q, heads_kv, head_dim)
+            self.linear[self.candidates[i].kind] = make_linear(self.candidates[i].kind, hidden_size, heads_q,
+                                                              heads_kv, head_dim)
         self.hidden = None  # the layer input, stashed by a pre-hook for the linear candidate's gate
         self.tau = 1.0
         self.backend = "auto"
         self.teacher_mode = False  # True: attend like the unmodified layer (used for distillation targets)
-        self.align_mode = False  # with teacher_mode: also score the linear candidate against the teacher
-        self.align_loss = None
+        self.align_mode = False  # with teacher_mode: also score the linear candidates against the teacher
+        self.align_losses = {}  # kind -> relative error of this batch
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.alpha.float() / self.tau, dim=-1)
@@ -101,10 +103,11 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
     if state.teacher_mode:
         one = torch.ones(1, device=q.device)
         out = mixed_attention(q, k, v, one, [state.teacher_window], scale=scaling, backend=state.backend)
-        if state.align_mode and state.linear is not None:
+        if state.align_mode and len(state.linear):
             target = out.detach().float()
-            error = (state.linear(q, k, v, hidden).float() - target).pow(2).mean()
-            state.align_loss = error / target.pow(2).mean().clamp_min(1e-12)
+            norm = target.pow(2).mean().clamp_min(1e-12)
+            state.align_losses = {kind: (module(q, k, v, hidden).float() - target).pow(2).mean() / norm
+                                  for kind, module in state.linear.items()}
         return out, None
     weights = state.mixture_weights()
     out = 0
@@ -112,10 +115,11 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
         softmax_weights = weights.index_select(-1, state.softmax_positions.to(weights.device))
         out = mixed_attention(q, k, v, softmax_weights, state.windows, state.sinks,
                               scale=scaling, backend=state.backend)
-    if state.linear is not None:
-        w_lin = weights[..., state.linear_index[0]]  # [] or [Hq]
+    for index in state.linear_index:
+        w_lin = weights[..., index]  # [] or [Hq]
         w_lin = w_lin.view(1, 1, -1, 1) if w_lin.dim() == 1 else w_lin
-        out = out + (w_lin * state.linear(q, k, v, hidden).float()).to(q.dtype)
+        module = state.linear[state.candidates[index].kind]
+        out = out + (w_lin * module(q, k, v, hidden).float()).to(q.dtype)
     return out, None
 
 
@@ -189,7 +193,7 @@ class Supernet:
         return [s.alpha for s in self.states]
 
     def linear_parameters(self) -> list:
-        return [p for s in self.states if s.linear is not None for p in s.linear.parameters()]
+        return [p for s in self.states for p in s.linear.parameters()]
 
     @contextlib.contextmanager
     def aligning(self):

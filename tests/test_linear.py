@@ -15,12 +15,12 @@ from test_supernet import tiny_model  # noqa: E402
 CANDS = ["full", "swa4", "gla"]
 
 
-def test_linear_candidate_in_the_mixture_gets_gradients():
-    net = build_supernet(tiny_model("llama"), CANDS)
+def test_linear_candidates_in_the_mixture_get_gradients():
+    net = build_supernet(tiny_model("llama"), ["full", "swa4", "gla", "gdn"])
     ids = torch.randint(0, 97, (2, 25), generator=torch.Generator().manual_seed(0))
     net(ids).logits.float().pow(2).mean().backward()
     for alpha in net.arch_parameters():
-        assert torch.isfinite(alpha.grad).all() and alpha.grad[2].abs() > 0  # the gla logit learns too
+        assert torch.isfinite(alpha.grad).all() and (alpha.grad[2:].abs() > 0).all()  # gla and gdn logits learn
 
 
 def test_full_one_hot_still_reproduces_the_teacher_with_a_linear_candidate():
@@ -37,7 +37,7 @@ def test_full_one_hot_still_reproduces_the_teacher_with_a_linear_candidate():
 
 
 def _align(tmp_path, steps, stop_after=None):
-    net = build_supernet(tiny_model("llama"), ["full", "gla"])
+    net = build_supernet(tiny_model("llama"), ["full", "gla", "gdn"])
     data = random_data(rows=10, seq_len=32)
     cfg = AlignConfig(tokens=steps * 2 * 32, batch_size=2, lr=3e-2, checkpoint_every=2)
     align = Align(net, data, cfg, str(tmp_path), model_name="tiny")
@@ -48,13 +48,14 @@ def test_alignment_lowers_the_error_and_resumes(tmp_path):
     net, align, meta = _align(tmp_path / "a", steps=8)
     losses = [h["loss"] for h in align.history]
     assert losses[-1] < losses[0]
-    assert len(meta["heldout_relative_error"]) == 3 and meta["steps"] == 8
+    assert meta["kinds"] == ["gla", "gdn"] and meta["steps"] == 8
+    assert all(len(meta["heldout_relative_error"][kind]) == 3 for kind in ("gla", "gdn"))
     _align(tmp_path / "b", steps=8, stop_after=5)
     net_b, _, _ = _align(tmp_path / "b", steps=8)
     for pa, pb in zip(net.linear_parameters(), net_b.linear_parameters()):
         assert torch.equal(pa, pb)
     # the bank loads into a fresh supernet and the search keeps it frozen
-    fresh = build_supernet(tiny_model("llama"), CANDS)
+    fresh = build_supernet(tiny_model("llama"), ["full", "swa4", "gla", "gdn"])
     load_bank(fresh, str(tmp_path / "a"), model_name="tiny")
     for pa, pb in zip(net.linear_parameters(), fresh.linear_parameters()):
         assert torch.equal(pa, pb)
@@ -64,11 +65,21 @@ def test_alignment_lowers_the_error_and_resumes(tmp_path):
         assert torch.equal(pa, pb)
     with pytest.raises(ValueError, match="aligned on 'tiny'"):
         load_bank(fresh, str(tmp_path / "a"), model_name="other")
+    # a bank without the kind the supernet asks for is refused by name
+    from safetensors.torch import load_file, save_file
+
+    from dash.align import BANK_WEIGHTS
+
+    weights = str(tmp_path / "a" / BANK_WEIGHTS)
+    save_file({k: v for k, v in load_file(weights).items() if ".gdn." not in k}, weights)
+    with pytest.raises(ValueError, match="has no aligned 'gdn' candidate"):
+        load_bank(build_supernet(tiny_model("llama"), ["full", "gdn"]), str(tmp_path / "a"), model_name="tiny")
 
 
-def test_hybrid_with_a_linear_layer_exports_and_reloads(tmp_path):
+@pytest.mark.parametrize("kind", ["gla", "gdn"])
+def test_hybrid_with_a_linear_layer_exports_and_reloads(tmp_path, kind):
     model = tiny_model("llama")
-    net = build_supernet(model, CANDS)
+    net = build_supernet(model, ["full", "swa4", kind])
     with torch.no_grad():
         for p in net.linear_parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -78,12 +89,12 @@ def test_hybrid_with_a_linear_layer_exports_and_reloads(tmp_path):
     ids = torch.randint(0, 97, (1, 22), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = net(ids).logits
-    linear = [s.linear for s in net.states]
+    linear = [s.linear for s in net.states]  # per layer: kind -> module
     model.set_attn_implementation("sdpa")
-    choices = [Candidate(), Candidate(kind="gla"), Candidate(window=4)]
+    choices = [Candidate(), Candidate(kind=kind), Candidate(window=4)]
     info = export_hybrid(model, choices, str(tmp_path), linear_modules=linear)
     assert not info["loads_with_transformers"]
-    assert json.load(open(tmp_path / "dash_hybrid.json"))["layers"][1] == {"type": "linear_attention", "kind": "gla"}
+    assert json.load(open(tmp_path / "dash_hybrid.json"))["layers"][1] == {"type": "linear_attention", "kind": kind}
     hybrid = load_hybrid(str(tmp_path))
     with torch.no_grad():
         got = hybrid(ids, use_cache=False).logits

@@ -115,13 +115,14 @@ def test_cli_align_then_search_with_the_linear_candidate(tmp_path):
     bank = tmp_path / "bank"
     assert main(["align", "--tokens", "128", "--seq-len", "64", "--output", str(bank), "--no-progress"]) == 0
     meta = json.load(open(bank / "linear_bank.json"))
-    assert meta["num_layers"] == 30 and len(meta["heldout_relative_error"]) == 30
+    assert meta["num_layers"] == 30 and meta["kinds"] == ["gla", "gdn"]
+    assert all(len(meta["heldout_relative_error"][kind]) == 30 for kind in ("gla", "gdn"))
     out = tmp_path / "search"
-    assert main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "swa16", "gla",
+    assert main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "swa16", "gla", "gdn",
                  "--bank", str(bank), "--budget", "5", "--output", str(out), "--no-progress"]) == 0
-    assert json.load(open(out / "summary.json"))["candidates"] == ["full", "swa16", "gla"]
+    assert json.load(open(out / "summary.json"))["candidates"] == ["full", "swa16", "gla", "gdn"]
     hybrid = json.load(open(out / "hybrid" / "dash_hybrid.json"))  # align -> search -> export, linear layers incl.
     assert len(hybrid["layers"]) == 30
-    with pytest.raises(SystemExit, match="needs an aligned bank"):
+    with pytest.raises(SystemExit, match="need an aligned bank"):
         main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "gla",
               "--output", str(tmp_path / "nobank"), "--no-progress"])
