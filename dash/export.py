@@ -193,5 +193,6 @@ def load_hybrid(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.fl
         layer.dash.backend = backend
         layer.dash.requires_grad_(False)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    model.generation_config.use_cache = False  # the fused op runs whole sequences (no KV cache yet)
+    # softmax-family layers decode against a KV cache; linear layers have no recurrent-state cache yet
+    model.generation_config.use_cache = not any(len(layer.dash.linear) for layer in layers)
     return model

@@ -87,10 +87,13 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
     if state is None:
         raise RuntimeError(f"{type(module).__name__} has no DASH state: build the model with dash.build_supernet")
     if query.shape[2] != key.shape[2]:
-        raise NotImplementedError(
-            "the DASH supernet runs whole sequences (no KV cache): got "
-            f"{query.shape[2]} queries against {key.shape[2]} keys; call the model with use_cache=False"
-        )
+        if state.teacher_mode or len(state.linear):
+            raise NotImplementedError(
+                "the DASH supernet and linear candidates run whole sequences (no KV cache): got "
+                f"{query.shape[2]} queries against {key.shape[2]} keys; call the model with use_cache=False"
+            )
+        state.hidden = None
+        return _cached_decode(state, query, key, value, scaling), None
     if dropout:
         raise ValueError(f"attention dropout is not supported in the supernet, got dropout={dropout}")
     if kwargs.get("sliding_window") != state.teacher_window and kwargs.get("sliding_window") is not None:
@@ -121,6 +124,26 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
         module = state.linear[state.candidates[index].kind]
         out = out + (w_lin * module(q, k, v, hidden).float()).to(q.dtype)
     return out, None
+
+
+def _cached_decode(state, query, key, value, scaling):
+    """The last queries of a sequence against all its cached keys (generation with a KV cache): each
+    softmax candidate's mask at the queries' true positions, through SDPA; the mixture as in the op."""
+    import torch.nn.functional as F
+
+    from dash_kernels.ops.mixed_attention.spec import candidate_mask
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    positions = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    keys = torch.arange(kv_len, device=query.device)[None, :]
+    weights = state.mixture_weights().index_select(-1, state.softmax_positions.to(query.device))  # [C] or [Hq, C]
+    out = 0
+    for c, (window, sink) in enumerate(zip(state.windows, state.sinks)):
+        mask = candidate_mask(positions, keys, window, sink)
+        o_c = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        w_c = weights[..., c]
+        out = out + (w_c.view(1, -1, 1, 1) if w_c.dim() == 1 else w_c) * o_c.float()
+    return out.to(query.dtype).transpose(1, 2)  # [B, q_len, Hq, D], as the whole-sequence path returns
 
 
 def _stash_hidden(module, args, kwargs):
