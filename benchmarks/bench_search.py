@@ -26,6 +26,9 @@ from dash.search import Search, SearchConfig
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
                  rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}, tie_word_embeddings=True)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, tie_word_embeddings=True)
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024)
 
@@ -49,6 +52,8 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--shape", choices=["qwen2.5-3b", "smollm2-135m"], default="qwen2.5-3b",
+                        help="smollm2-135m: the default search's model shape (Llama), 8192 tokens a step")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--candidates", nargs="+", default=["full", "swa512", "swa2048", "sink64_swa512"])
@@ -57,13 +62,18 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="also: CUDA time per kernel of one search step")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    shape = TINY if args.tiny else QWEN25_3B
+    shape = TINY if args.tiny else (SMOLLM2_135M if args.shape == "smollm2-135m" else QWEN25_3B)
+    if args.shape == "smollm2-135m" and args.tokens_per_step == 16384:
+        args.tokens_per_step = 8192  # dash search's GPU default: 2 x 4096
     seq = min(args.seq, 128) if args.tiny else args.seq
     batch = max(1, (256 if args.tiny else args.tokens_per_step) // seq)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(**shape)
-    model = transformers.Qwen2ForCausalLM(config).to(device=args.device, dtype=dtype).eval()
+    if shape is SMOLLM2_135M:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
+    model = model.to(device=args.device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=args.device)
@@ -92,7 +102,7 @@ def main(argv=None):
     result = {
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "model": "tiny" if args.tiny else "qwen2.5-3b-shaped (random weights)", "layers": shape["num_hidden_layers"],
+        "model": "tiny" if args.tiny else f"{args.shape}-shaped (random weights)", "layers": shape["num_hidden_layers"],
         "seq": seq, "batch": batch, "dtype": str(dtype), "candidates": args.candidates,
         "floor_step_s": floor_s, "search_step_s": search_s,
         "floor_tokens_per_s": tokens / floor_s, "search_tokens_per_s": tokens / search_s,

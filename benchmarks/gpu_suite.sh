@@ -39,7 +39,8 @@ for part in ${PARTS:-tests bench}; do
       timeout 300 python benchmarks/bench_linear_attention.py --out "$OUT/linear_attention.json" 2>&1 \
         | grep -v Warn | tail -14 ;;
     search_step)
-      timeout 240 python benchmarks/bench_search.py --profile --out "$OUT/search_step.json" 2>&1 | tail -40 ;;
+      timeout 240 python benchmarks/bench_search.py --profile --out "$OUT/search_step.json" 2>&1 | tail -40
+      timeout 150 python benchmarks/bench_search.py --shape smollm2-135m --profile --out "$OUT/search_step_smol.json" 2>&1 | tail -40 ;;
     smollm2)
       timeout 540 python benchmarks/smollm2_search.py --model "${MODEL:?set MODEL to the SmolLM2 GGUF}" \
         --output "$HOME/runs/smollm2_search" --out "$OUT/smollm2_search.json" 2>&1 | tr '\r' '\n' \
