@@ -1,7 +1,8 @@
 """Benchmark the linear-attention ops against flash-linear-attention and cuDNN attention, in one run.
 
 For each shape, forward and forward+backward, bf16 (median of triton.testing.do_bench after warm-up):
-  dash_gla        dash_kernels.gated_linear_attention (backend "auto": Triton on a GPU)
+  dash_gla        dash_kernels.gated_linear_attention (backend "auto": Triton on a GPU, chunked kernels)
+  dash_gla_recurrent   the same op with its single-walk Triton kernels
   dash_gdn        dash_kernels.gated_delta_rule (backend "auto")
   fla_gla         fla.ops.gla.chunk_gla                       (when flash-linear-attention is installed)
   fla_gdn         fla.ops.gated_delta_rule.chunk_gated_delta_rule
@@ -45,10 +46,20 @@ def make_inputs(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, see
 
 def build_methods(q, k, v, g_gla, g_gdn, beta):
     import dash_kernels
+    from dash_kernels.ops.gla import interface as gla_interface
+
+    def gla(algorithm):
+        def run():
+            gla_interface.TRITON_ALGORITHM = algorithm
+            try:
+                return dash_kernels.gated_linear_attention(q, k, v, g_gla, check_decay=False)[0]
+            finally:
+                gla_interface.TRITON_ALGORITHM = "chunk"
+        return run
 
     methods = {
-        "dash_gla": (lambda: dash_kernels.gated_linear_attention(q, k, v, g_gla, check_decay=False)[0],
-                     (q, k, v, g_gla)),
+        "dash_gla": (gla("chunk"), (q, k, v, g_gla)),
+        "dash_gla_recurrent": (gla("recurrent"), (q, k, v, g_gla)),
         "dash_gdn": (lambda: dash_kernels.gated_delta_rule(q, k, v, g_gdn, beta, check_decay=False)[0],
                      (q, k, v, g_gdn, beta)),
     }

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dash_kernels import gated_linear_attention
 from dash_kernels.ops.gla import gla_recurrent
+from dash_kernels.ops.gla import interface as gla_interface
 from helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,17 +57,31 @@ def _check(q, k, v, g, s0, with_state, tol):
         assert rel_err(a, b) < limit, (name, rel_err(a, b))
 
 
+@pytest.fixture(params=["chunk", "recurrent"])
+def algorithm(request, monkeypatch):
+    monkeypatch.setattr(gla_interface, "TRITON_ALGORITHM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_triton_matches_recurrent_definition(name, with_state):
+def test_triton_matches_recurrent_definition(name, with_state, algorithm):
     _check(*_inputs(*SHAPES[name], strong_decay=name == "k_ne_v_odd_t"), with_state, tol=1e-5)
 
 
-def test_non_contiguous_inputs():
+def test_chunked_kernels_survive_extreme_decay(monkeypatch):
+    """log-decays down to -30 a step: every exponent the chunked kernels form stays <= 0."""
+    monkeypatch.setattr(gla_interface, "TRITON_ALGORITHM", "chunk")
+    q, k, v, g, s0 = _inputs(1, 35, 2, 16, 16)
+    g = (g.detach() * 20 - 10 * torch.rand(g.shape, generator=torch.Generator().manual_seed(5))).requires_grad_(True)
+    _check(q, k, v, g, s0, True, tol=1e-5)
+
+
+def test_non_contiguous_inputs(algorithm):
     _check(*_inputs(2, 23, 2, 16, 32, non_contiguous=True), True, tol=1e-5)
 
 
-def test_bf16_inputs_fp32_state():
+def test_bf16_inputs_fp32_state(algorithm):
     # bf16 inputs: error of the order of bf16 rounding of the inputs and outputs, state kept in fp32
     _check(*_inputs(1, 40, 2, 32, 32, dtype=torch.bfloat16), True, tol=2e-2)
 

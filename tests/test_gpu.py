@@ -82,14 +82,17 @@ def test_auto_picks_triton_on_cuda_and_matches():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("algorithm", ["chunk", "recurrent"])
 @pytest.mark.parametrize("seq,heads,kd,vd", [(16384, 4, 128, 129), (4096, 9, 64, 64)])
-def test_gla_triton_long_sequences(seq, heads, kd, vd):
+def test_gla_triton_long_sequences(seq, heads, kd, vd, algorithm, monkeypatch):
     """Gated linear attention (Triton) in bf16 against the fp32 chunked reference on the GPU itself."""
     import torch.nn.functional as F
 
     from dash_kernels import gated_linear_attention
     from dash_kernels.ops.gla import gla_chunked
+    from dash_kernels.ops.gla import interface as gla_interface
 
+    monkeypatch.setattr(gla_interface, "TRITON_ALGORITHM", algorithm)
     gen = torch.Generator(device="cuda").manual_seed(seq)
     q, k = (torch.randn(1, seq, heads, kd, device="cuda", generator=gen) * 0.3 for _ in range(2))
     v = torch.randn(1, seq, heads, vd, device="cuda", generator=gen)
@@ -104,7 +107,7 @@ def test_gla_triton_long_sequences(seq, heads, kd, vd):
     grads_ref = torch.autograd.grad((o_ref * do).sum() + final_ref.sum(), full)
     report = [f"o {rel_err(o, o_ref):.2e}", f"final {rel_err(final, final_ref):.2e}"]
     report += [f"{n} {rel_err(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_ref)]
-    print(f"gla T{seq} H{heads} K{kd} V{vd}:", "; ".join(report), flush=True)
+    print(f"gla {algorithm} T{seq} H{heads} K{kd} V{vd}:", "; ".join(report), flush=True)
     # bf16 inputs and outputs, fp32 state: errors at the level of bf16 rounding
     assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
     for a, b in zip(grads, grads_ref):

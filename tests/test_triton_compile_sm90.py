@@ -31,16 +31,16 @@ def _compile(fn, constexprs, num_warps, num_stages):
     for param in fn.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-        elif param.name.isupper() and param.name not in ("T", "H", "HQ", "GROUP"):
+        elif param.name.isupper() and param.name not in ("T", "H", "NT", "HQ", "GROUP"):
             signature[param.name] = POINTER_TYPES.get(param.name, "*fp32")
-        elif param.name in ("qk_scale", "sm_scale"):
+        elif param.name in ("qk_scale", "sm_scale", "scale"):
             signature[param.name] = "fp32"
         else:
             signature[param.name] = "i32"
     # what a real launch specializes on: 16-byte aligned pointers, strides and lengths divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
              if not p.is_constexpr and signature[p.name] != "fp32"
-             and not p.name.endswith("_d") and p.name not in ("H", "HQ", "GROUP")}
+             and not p.name.endswith("_d") and p.name not in ("H", "NT", "HQ", "GROUP")}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -73,6 +73,24 @@ def compile_all(head_dim):
     _compile(gla._gla_fwd_kernel, dict(dims, HAS_H0=True, STORE_HT=True), 4, 2)
     _compile(gla._gla_bwd_dq_kernel, dict(dims, HAS_H0=True), 4, 2)
     _compile(gla._gla_bwd_dkdv_kernel, dict(dims, HAS_DHT=True, STORE_DH0=True), 4, 2)
+    from dash_kernels.ops.gla import triton_chunk as chunk
+
+    bt, bc = chunk.chunk_sizes(False)
+    dims = dict(KD=head_dim, VD=head_dim + 1, BK=chunk._block(head_dim), BV=min(chunk._block(head_dim + 1), 64),
+                BT=bt, DOT_PRECISION="tf32")
+    intra = dict(KD=head_dim, BK=chunk._block(head_dim), BT=bt, BC=bc, DOT_PRECISION="tf32")
+    for name, fn, constexprs in [
+        ("intra", chunk._gla_intra_kernel, intra),
+        ("states", chunk._gla_states_kernel, dict(dims, HAS_H0=True, STORE_HT=True)),
+        ("output", chunk._gla_output_kernel, dims),
+        ("dstates", chunk._gla_dstates_kernel, dict(dims, HAS_DHT=True, STORE_DH0=True)),
+        ("bwd", chunk._gla_chunk_bwd_kernel, dict(dims, BC=bc)),
+    ]:
+        launch = chunk.LAUNCH[name]
+        compiled = _compile(fn, constexprs, launch["num_warps"], launch["num_stages"])
+        # what the launch would need: more than Hopper's 227 KB of shared memory fails at run time
+        assert compiled.metadata.shared <= 232448, f"{name}: {compiled.metadata.shared} B of shared memory"
+        assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core products"
 
 
 @pytest.mark.skipif(GPUTarget is None, reason="triton without GPUTarget")

@@ -10,7 +10,10 @@ from ... import backends
 from .chunk import gla_chunked
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KEY_DIM = 256  # the Triton kernel keeps a [K, BV] fp32 state tile in registers
+MAX_KEY_DIM = 256  # the Triton kernels keep [K, BV] fp32 state tiles in registers
+# The Triton backend's algorithm: "chunk" (chunked, tensor-core products; the default) or "recurrent"
+# (one walk over the tokens); benchmarks and tests switch it.
+TRITON_ALGORITHM = "chunk"
 
 
 def _validate(q, k, v, g, scale, initial_state):
@@ -66,6 +69,8 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     scale defaults to ``K ** -0.5``. fp32 state and accumulation; o in q's dtype, final_state fp32 (None
     unless asked). Differentiable in every tensor input, initial_state included.
     backend: "auto" (Triton on a CUDA device, else the chunked PyTorch reference), "triton", "reference".
+    The Triton backend runs chunked kernels (states per chunk of 64 tokens, intra-chunk products on tensor
+    cores); ``interface.TRITON_ALGORITHM = "recurrent"`` selects the single-walk kernels instead.
     check_decay: reject positive log-decays (one device reduction; the search turns it off in its loop).
     """
     _validate(q, k, v, g, scale, initial_state)
@@ -75,6 +80,11 @@ def gated_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     if _pick_backend(backend, q) == "reference":
         return gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state)
-    from .triton_recurrent import GLARecurrentFunction
+    if TRITON_ALGORITHM == "recurrent":
+        from .triton_recurrent import GLARecurrentFunction
 
-    return GLARecurrentFunction.apply(q, k, v, g, scale, initial_state, bool(output_final_state))
+        return GLARecurrentFunction.apply(q, k, v, g, scale, initial_state, bool(output_final_state))
+    from .triton_chunk import GLAChunkFunction
+
+    return GLAChunkFunction.apply(q, k, v, g, scale, initial_state, bool(output_final_state),
+                                  backends.interpreting())

@@ -1,0 +1,322 @@
+"""Gated linear attention in Triton, chunked form (forward and backward).
+
+Per (batch, head), the sequence splits into chunks of BT tokens; gc = cumulative log-decay inside a chunk,
+gl = its last row, h_n = the state entering chunk n:
+  intra     A_ij = sum_k q_ik k_jk exp(gc_ik - gc_jk) (j <= i), one [BT, BT] matrix per chunk, computed once
+  states    h_{n+1} = exp(gl) * h_n + (k * exp(gl - gc))^T v       (sequential over chunks, matmuls inside)
+  output    o = scale * ((q * exp(gc)) h_n + A v)
+  backward  dh_n = exp(gl) * dh_{n+1} + scale * (q * exp(gc))^T do  (reverse over chunks), then per chunk
+            dv = scale * A^T do + (k * exp(gl - gc)) dh_{n+1},  dA = scale * do v^T (lower),
+            dq = scale * (do h_n^T) * exp(gc) + intra(dA, k),  dk = (v dh_{n+1}^T) * exp(gl - gc) + intra(dA^T, q),
+            dg from the prefix-sum identity (see triton_recurrent.py).
+Exponentials never see a positive exponent: A and its gradients are built from sub-chunks of BC rows,
+factored through the decay at the last row of the key sub-chunk (both factors <= 1); the diagonal
+sub-blocks are formed element by element.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row(tile, idx, r):
+    """Row r of a [BT, X] register tile (a masked reduction: tiles cannot be indexed by a runtime row)."""
+    return tl.sum(tl.where(idx[:, None] == r, tile, 0.0), 0)
+
+
+@triton.jit
+def _load_rows(ptr, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
+    """Rows [t0, t0 + BT) of one head's [T, D] slab of a contiguous [B, T, H, D] tensor, as fp32."""
+    rows = t0 + tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BD)
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    return tl.load(ptr + rows[:, None] * H * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, value, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
+    rows = t0 + tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BD)
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    tl.store(ptr + rows[:, None] * H * D + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """A [B, H, N, BT, BT] (fp32, unscaled) for one chunk."""
+    i_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t0 = i_n * BT
+    head = b * T * H * KD + h * KD
+    q = _load_rows(Q + head, t0, T, H, KD, BT, BK)
+    k = _load_rows(K + head, t0, T, H, KD, BT, BK)
+    gc = tl.cumsum(_load_rows(G + head, t0, T, H, KD, BT, BK), 0)
+    idx = tl.arange(0, BT)
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    for s in tl.static_range(BT // BC):
+        gref = _row(gc, idx, s * BC + BC - 1)
+        later = idx >= (s + 1) * BC  # query rows after key sub-chunk s
+        inside = (idx >= s * BC) & (idx < (s + 1) * BC)
+        qs = q * tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
+        ks = k * tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
+        a += tl.dot(qs, tl.trans(ks), input_precision=DOT_PRECISION)
+    offs_k = tl.arange(0, BK)
+    for j in range(0, BT):  # diagonal sub-blocks: i >= j inside one sub-chunk
+        kj = tl.load(K + head + (t0 + j) * H * KD + offs_k, mask=(offs_k < KD) & (t0 + j + offs_k * 0 < T), other=0.0)
+        gcj = _row(gc, idx, j)
+        same = (idx // BC == j // BC) & (idx >= j)
+        col = tl.sum(q * kj.to(tl.float32)[None, :] * tl.exp(tl.where(same[:, None], gc - gcj[None, :],
+                                                                    float("-inf"))), 1)
+        a += tl.where(idx[None, :] == j, col[:, None], 0.0)
+    tl.store(A + (bh * tl.num_programs(0) + i_n) * BT * BT + idx[:, None] * BT + idx[None, :], a)
+
+
+@triton.jit
+def _gla_states_kernel(K, V, G, H0, HS, HT, T, H, NT,
+                       KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                       HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """HS [B, H, N, K, V] fp32: the state entering each chunk; HT the final state."""
+    i_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    state_offs = offs_k[:, None] * VD + offs_v[None, :]
+    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(H0 + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
+    head_k = b * T * H * KD + h * KD
+    head_v = b * T * H * VD + h * VD
+    idx = tl.arange(0, BT)
+    for n in range(NT):
+        tl.store(HS + (bh * NT + n) * KD * VD + state_offs, state, mask=state_ok)
+        k = _load_rows(K + head_k, n * BT, T, H, KD, BT, BK)
+        gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK), 0)
+        v = _load_rows(V + head_v, n * BT, T, H, VD, BT, BV, i_v * BV)
+        gl = _row(gc, idx, BT - 1)
+        k_to_end = k * tl.exp(gl[None, :] - gc)
+        state = state * tl.exp(gl)[:, None] + tl.dot(tl.trans(k_to_end), v, input_precision=DOT_PRECISION)
+    if STORE_HT:
+        tl.store(HT + bh * KD * VD + state_offs, state, mask=state_ok)
+
+
+@triton.jit
+def _gla_output_kernel(Q, V, G, A, HS, O, T, H, NT, scale,
+                       KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    head_k = b * T * H * KD + h * KD
+    head_v = b * T * H * VD + h * VD
+    q = _load_rows(Q + head_k, i_n * BT, T, H, KD, BT, BK)
+    gc = tl.cumsum(_load_rows(G + head_k, i_n * BT, T, H, KD, BT, BK), 0)
+    v = _load_rows(V + head_v, i_n * BT, T, H, VD, BT, BV, i_v * BV)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + offs_k[:, None] * VD + offs_v[None, :],
+                  mask=(offs_k[:, None] < KD) & (offs_v[None, :] < VD), other=0.0)
+    idx = tl.arange(0, BT)
+    a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
+    o = tl.dot(q * tl.exp(gc), h_n, input_precision=DOT_PRECISION) + tl.dot(a, v, input_precision=DOT_PRECISION)
+    _store_rows(O + head_v, o * scale, i_n * BT, T, H, VD, BT, BV, i_v * BV)
+
+
+@triton.jit
+def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
+                        KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                        HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """DHS [B, H, N, K, V] fp32: the gradient of the state leaving each chunk; DH0 that of the initial state."""
+    i_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    state_offs = offs_k[:, None] * VD + offs_v[None, :]
+    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dh += tl.load(DHT + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
+    head_k = b * T * H * KD + h * KD
+    head_v = b * T * H * VD + h * VD
+    idx = tl.arange(0, BT)
+    for i in range(NT):
+        n = NT - 1 - i
+        tl.store(DHS + (bh * NT + n) * KD * VD + state_offs, dh, mask=state_ok)
+        q = _load_rows(Q + head_k, n * BT, T, H, KD, BT, BK)
+        gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK), 0)
+        do = _load_rows(DO + head_v, n * BT, T, H, VD, BT, BV, i_v * BV)
+        gl = _row(gc, idx, BT - 1)
+        dh = dh * tl.exp(gl)[:, None] + tl.dot(tl.trans(q * tl.exp(gc) * scale), do, input_precision=DOT_PRECISION)
+    if STORE_DH0:
+        tl.store(DH0 + bh * KD * VD + state_offs, dh, mask=state_ok)
+
+
+@triton.jit
+def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scale,
+                          KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq, dk (fp32, before dg) and dv (fp32) of one chunk; loops over the value tiles."""
+    i_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t0 = i_n * BT
+    head_k = b * T * H * KD + h * KD
+    head_v = b * T * H * VD + h * VD
+    q = _load_rows(Q + head_k, t0, T, H, KD, BT, BK)
+    k = _load_rows(K + head_k, t0, T, H, KD, BT, BK)
+    gc = tl.cumsum(_load_rows(G + head_k, t0, T, H, KD, BT, BK), 0)
+    idx = tl.arange(0, BT)
+    gl = _row(gc, idx, BT - 1)
+    a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
+    offs_k = tl.arange(0, BK)
+    k_to_end = k * tl.exp(gl[None, :] - gc)
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dk = tl.zeros([BT, BK], dtype=tl.float32)
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    for v0 in range(0, VD, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        state_offs = offs_k[:, None] * VD + offs_v[None, :]
+        state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+        v = _load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)
+        do = _load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0)
+        h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0)
+        dh = tl.load(DHS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0)
+        da += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dq += tl.dot(do, tl.trans(h_n), input_precision=DOT_PRECISION)
+        dk += tl.dot(v, tl.trans(dh), input_precision=DOT_PRECISION)
+        dv = tl.dot(tl.trans(a), do, input_precision=DOT_PRECISION) * scale + \
+            tl.dot(k_to_end, dh, input_precision=DOT_PRECISION)
+        _store_rows(DV + head_v, dv, t0, T, H, VD, BT, BV, v0)
+    dq = dq * tl.exp(gc) * scale
+    dk = dk * tl.exp(gl[None, :] - gc)
+    da = tl.where(idx[:, None] >= idx[None, :], da * scale, 0.0)
+    # intra-chunk: dq_i += sum_j dA_ij k_j exp(gc_i - gc_j), dk_j += sum_i dA_ij q_i exp(gc_i - gc_j)
+    for s in tl.static_range(BT // BC):
+        gref = _row(gc, idx, s * BC + BC - 1)
+        later = idx >= (s + 1) * BC
+        inside = (idx >= s * BC) & (idx < (s + 1) * BC)
+        e_q = tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
+        e_k = tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
+        dq += tl.dot(tl.where(inside[None, :], da, 0.0), k * e_k, input_precision=DOT_PRECISION) * e_q
+        dk += tl.dot(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, input_precision=DOT_PRECISION) * e_k
+    for j in range(0, BT):  # diagonal sub-blocks, element by element
+        kj = tl.load(K + head_k + (t0 + j) * H * KD + offs_k, mask=(offs_k < KD) & (t0 + j + offs_k * 0 < T),
+                     other=0.0).to(tl.float32)
+        gcj = _row(gc, idx, j)
+        same = (idx // BC == j // BC) & (idx >= j)
+        e = tl.exp(tl.where(same[:, None], gc - gcj[None, :], float("-inf")))
+        da_j = tl.sum(tl.where(idx[None, :] == j, da, 0.0), 1)  # column j of dA
+        dq += da_j[:, None] * kj[None, :] * e
+        dk += tl.where(idx[:, None] == j, tl.sum(da_j[:, None] * q * e, 0)[None, :], 0.0)
+    _store_rows(DQ + head_k, dq, t0, T, H, KD, BT, BK)
+    _store_rows(DK + head_k, dk, t0, T, H, KD, BT, BK)
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+# warps / pipeline stages per kernel (the backward keeps dq, dk [BT, K] and dA [BT, BT] in fp32: 8 warps;
+# one stage keeps its shared memory within Hopper's 227 KB at K = 128). Compiled for sm_90 by the tests;
+# not yet tuned on a GPU.
+LAUNCH = {
+    "intra": dict(num_warps=4, num_stages=2),
+    "states": dict(num_warps=4, num_stages=2),
+    "output": dict(num_warps=4, num_stages=2),
+    "dstates": dict(num_warps=4, num_stages=2),
+    "bwd": dict(num_warps=8, num_stages=1),
+}
+
+
+def chunk_sizes(interpreting: bool) -> tuple:
+    return (16, 8) if interpreting else (64, 16)  # (BT, BC)
+
+
+def _precision(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
+    """q, k, g [B, T, H, K] and v [B, T, H, V], contiguous. Returns o, final state, and what backward needs."""
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    nt = triton.cdiv(seq, bt)
+    bk, bv = _block(key_dim), min(_block(value_dim), 64)
+    dev = q.device
+    a = torch.empty(batch, heads, nt, bt, bt, device=dev, dtype=torch.float32)
+    hs = torch.empty(batch, heads, nt, key_dim, value_dim, device=dev, dtype=torch.float32)
+    final = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
+        if output_final_state else hs
+    o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
+    prec = _precision(q.dtype)
+    _gla_intra_kernel[(nt, batch * heads)](q, k, g, a, seq, heads, KD=key_dim, BK=bk, BT=bt, BC=bc,
+                                           DOT_PRECISION=prec, **LAUNCH["intra"])
+    h0 = initial_state.contiguous() if initial_state is not None else hs
+    nv = triton.cdiv(value_dim, bv)
+    _gla_states_kernel[(nv, batch * heads)](
+        k, v, g, h0, hs, final, seq, heads, nt, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+        HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec, **LAUNCH["states"])
+    _gla_output_kernel[(nv, nt, batch * heads)](
+        q, v, g, a, hs, o, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+        DOT_PRECISION=prec, **LAUNCH["output"])
+    return o, (final if output_final_state else None), a, hs
+
+
+def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_final, bt, bc):
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    nt = triton.cdiv(seq, bt)
+    bk, bv = _block(key_dim), min(_block(value_dim), 64)
+    dev = q.device
+    prec = _precision(q.dtype)
+    do = do.contiguous()
+    dhs = torch.empty_like(hs)
+    dh0 = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
+        if initial_state is not None else dhs
+    dht = d_final.contiguous() if d_final is not None else dhs
+    _gla_dstates_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
+        q, g, do, dht, dhs, dh0, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+        HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec, **LAUNCH["dstates"])
+    dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
+    dk = torch.empty_like(dq)
+    dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
+    _gla_chunk_bwd_kernel[(nt, batch * heads)](
+        q, k, v, g, a, hs, dhs, do, dq, dk, dv, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
+        BV=bv, BT=bt, BC=bc, DOT_PRECISION=prec, **LAUNCH["bwd"])
+    dg = (q.float() * dq - k.float() * dk).flip(1).cumsum(1).flip(1)
+    if d_final is not None:
+        dg = dg + (d_final.float() * final_state).sum(-1)[:, None]
+    return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
+
+
+class GLAChunkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, interpreting):
+        bt, bc = chunk_sizes(interpreting)
+        q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+        o, final, a, hs = gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc)
+        ctx.save_for_backward(q, k, v, g, a, hs, initial_state, final)
+        ctx.scale, ctx.sizes = scale, (bt, bc)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, g, a, hs, initial_state, final = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+        dq, dk, dv, dg, dh0 = gla_chunk_bwd(q, k, v, g, do, a, hs, ctx.scale, initial_state, final, d_final,
+                                            *ctx.sizes)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), None,
+                None if dh0 is None else dh0.to(initial_state.dtype), None, None)
