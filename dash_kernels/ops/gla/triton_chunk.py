@@ -96,7 +96,7 @@ def _gla_states_kernel(K, V, G, H0, HS, HT, T, H, NT,
     head_v = b * T * H * VD + h * VD
     idx = tl.arange(0, BT)
     for n in range(NT):
-        tl.store(HS + (bh * NT + n) * KD * VD + state_offs, state, mask=state_ok)
+        tl.store(HS + (bh * NT + n) * KD * VD + state_offs, state.to(HS.dtype.element_ty), mask=state_ok)
         k = _load_rows(K + head_k, n * BT, T, H, KD, BT, BK)
         gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK), 0)
         v = _load_rows(V + head_v, n * BT, T, H, VD, BT, BV, i_v * BV)
@@ -124,7 +124,7 @@ def _gla_output_kernel(Q, V, G, A, HS, O, T, H, NT, scale,
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + offs_k[:, None] * VD + offs_v[None, :],
-                  mask=(offs_k[:, None] < KD) & (offs_v[None, :] < VD), other=0.0)
+                  mask=(offs_k[:, None] < KD) & (offs_v[None, :] < VD), other=0.0).to(tl.float32)
     idx = tl.arange(0, BT)
     a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
     o = tl.dot(q * tl.exp(gc), h_n, input_precision=DOT_PRECISION) + tl.dot(a, v, input_precision=DOT_PRECISION)
@@ -152,7 +152,7 @@ def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
     idx = tl.arange(0, BT)
     for i in range(NT):
         n = NT - 1 - i
-        tl.store(DHS + (bh * NT + n) * KD * VD + state_offs, dh, mask=state_ok)
+        tl.store(DHS + (bh * NT + n) * KD * VD + state_offs, dh.to(DHS.dtype.element_ty), mask=state_ok)
         q = _load_rows(Q + head_k, n * BT, T, H, KD, BT, BK)
         gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK), 0)
         do = _load_rows(DO + head_v, n * BT, T, H, VD, BT, BV, i_v * BV)
@@ -191,8 +191,8 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
         state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
         v = _load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)
         do = _load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0)
-        h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0)
-        dh = tl.load(DHS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0)
+        h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
+        dh = tl.load(DHS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
         da += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         dq += tl.dot(do, tl.trans(h_n), input_precision=DOT_PRECISION)
         dk += tl.dot(v, tl.trans(dh), input_precision=DOT_PRECISION)
@@ -256,9 +256,12 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
     bk, bv = _block(key_dim), min(_block(value_dim), 64)
     dev = q.device
     a = torch.empty(batch, heads, nt, bt, bt, device=dev, dtype=torch.float32)
-    hs = torch.empty(batch, heads, nt, key_dim, value_dim, device=dev, dtype=torch.float32)
+    # per-chunk state snapshots in the inputs' 16-bit dtype where they are 16-bit (as fla does): they are
+    # [B, H, N, K, V], the largest tensors of the op; the running state itself stays fp32
+    hs = torch.empty(batch, heads, nt, key_dim, value_dim, device=dev,
+                     dtype=q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32)
     final = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
-        if output_final_state else hs
+        if output_final_state else a  # never written
     o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
     prec = _precision(q.dtype)
     _gla_intra_kernel[(nt, batch * heads)](q, k, g, a, seq, heads, KD=key_dim, BK=bk, BT=bt, BC=bc,
