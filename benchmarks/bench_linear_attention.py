@@ -3,7 +3,7 @@
 For each shape, forward and forward+backward, bf16 (median of triton.testing.do_bench after warm-up):
   dash_gla        dash_kernels.gated_linear_attention (backend "auto": Triton on a GPU, chunked kernels)
   dash_gla_recurrent   the same op with its single-walk Triton kernels
-  dash_gdn        dash_kernels.gated_delta_rule (backend "auto")
+  dash_gdn        dash_kernels.gated_delta_rule (backend "auto": Triton on a GPU, chunked WY kernels)
   fla_gla         fla.ops.gla.chunk_gla                       (when flash-linear-attention is installed)
   fla_gdn         fla.ops.gated_delta_rule.chunk_gated_delta_rule
   sdpa_cudnn      cuDNN SDPA, one causal softmax attention over the same q/k/v

@@ -59,4 +59,4 @@ def test_public_op_dtype_and_errors():
     with pytest.raises(TypeError, match="beta must be float16"):
         gated_delta_rule(q, k, v, g, beta.long())
     with pytest.raises(ValueError, match="backend must be"):
-        gated_delta_rule(q, k, v, g, beta, backend="triton")
+        gated_delta_rule(q, k, v, g, beta, backend="cuda")

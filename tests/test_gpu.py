@@ -112,3 +112,34 @@ def test_gla_triton_long_sequences(seq, heads, kd, vd, algorithm, monkeypatch):
     assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
     for a, b in zip(grads, grads_ref):
         assert rel_err(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("seq,heads,kd,vd", [(16384, 4, 128, 128), (4096, 9, 64, 64)])
+def test_gated_delta_triton_long_sequences(seq, heads, kd, vd):
+    """Gated delta rule (Triton, chunked WY) in bf16 against the fp32 chunked reference on the GPU itself."""
+    import torch.nn.functional as F
+
+    from dash_kernels import gated_delta_rule
+    from dash_kernels.ops.gated_delta import gated_delta_chunked
+
+    gen = torch.Generator(device="cuda").manual_seed(seq + 1)
+    q = torch.randn(1, seq, heads, kd, device="cuda", generator=gen)
+    k = F.normalize(torch.randn(1, seq, heads, kd, device="cuda", generator=gen), dim=-1)
+    v = torch.randn(1, seq, heads, vd, device="cuda", generator=gen)
+    g = F.logsigmoid(torch.randn(1, seq, heads, device="cuda", generator=gen) + 3.0)
+    beta = torch.sigmoid(torch.randn(1, seq, heads, device="cuda", generator=gen))
+    s0 = torch.randn(1, heads, kd, vd, device="cuda", generator=gen)
+    low = [t.bfloat16().requires_grad_(True) for t in (q, k, v, g, beta)] + [s0.clone().requires_grad_(True)]
+    full = [t.detach().float().requires_grad_(True) for t in low]
+    o, final = gated_delta_rule(*low[:5], initial_state=low[5], output_final_state=True, backend="triton")
+    o_ref, final_ref = gated_delta_chunked(*full[:5], initial_state=full[5], output_final_state=True)
+    do = torch.randn(o.shape, device="cuda", generator=gen)
+    grads = torch.autograd.grad((o.float() * do).sum() + final.sum(), low)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + final_ref.sum(), full)
+    report = [f"o {rel_err(o, o_ref):.2e}", f"final {rel_err(final, final_ref):.2e}"]
+    names = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+    report += [f"{n} {rel_err(a, b):.2e}" for n, a, b in zip(names, grads, grads_ref)]
+    print(f"gdn T{seq} H{heads} K{kd} V{vd}:", "; ".join(report), flush=True)
+    assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 2e-2

@@ -90,6 +90,22 @@ def compile_all(head_dim):
         compiled = _compile(fn, constexprs, launch["num_warps"], launch["num_stages"])
         # what the launch would need: more than Hopper's 227 KB of shared memory fails at run time
         assert compiled.metadata.shared <= 232448, f"{name}: {compiled.metadata.shared} B of shared memory"
+    # gated delta rule (chunked WY), at the launch settings of triton_chunk.py (4 warps, 1 stage)
+    from dash_kernels.ops.gated_delta import triton_chunk as gdn
+
+    bt = gdn.chunk_size(False)
+    common = dict(KD=head_dim, BK=gdn._block(head_dim), BT=bt, DOT_PRECISION="tf32")
+    values = dict(common, VD=head_dim, BV=min(gdn._block(head_dim), 64))
+    bwd_values = dict(values, BV=gdn.backward_value_tile(head_dim, head_dim))
+    for name, fn, constexprs in [
+        ("prep", gdn._gdn_prep_kernel, common),
+        ("fwd", gdn._gdn_fwd_kernel, dict(values, HAS_H0=True, STORE_HT=True)),
+        ("bwd_state", gdn._gdn_bwd_state_kernel, dict(bwd_values, HAS_DHT=True, STORE_DH0=True)),
+        ("bwd_chunk", gdn._gdn_bwd_chunk_kernel, dict(common, NV=2)),
+    ]:
+        compiled = _compile(fn, constexprs, 4, 1)
+        assert "mma" in compiled.asm["ptx"], f"gdn {name}: no tensor-core products"
+        assert compiled.metadata.shared <= 232448, f"gdn {name}: {compiled.metadata.shared} B of shared memory"
         assert "mma" in compiled.asm["ptx"], f"{fn.__name__}: no tensor-core products"
 
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..gla.interface import _FLOAT, _validate
+from ..gla.interface import _FLOAT, _pick_backend, _validate
 from .chunk import gated_delta_chunked
 
 
@@ -18,8 +18,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     beta: [B, T, H], usually in [0, 1] (values outside are computed as given: the state may then grow);
     initial_state: [B, H, K, V]. scale defaults to ``K ** -0.5``. fp32 state and accumulation; returns
     ``(o, final_state)`` with o in q's dtype and final_state fp32 (None unless asked). Differentiable in
-    every tensor input. backend: "auto" or "reference" (the chunked PyTorch form; the Triton kernels are
-    not built yet). check_decay: reject positive log-decays (one device reduction).
+    every tensor input. backend: "auto" (Triton on a CUDA device, else the reference), "triton" (chunked WY
+    kernels), "reference" (the chunked PyTorch form). check_decay: reject positive log-decays (one device
+    reduction).
     """
     _validate(q, k, v, q, scale, initial_state)
     for name, t in (("g", g), ("beta", beta)):
@@ -33,9 +34,12 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
             raise ValueError(f"{name} is on {t.device}, q on {q.device}: one device expected")
     if check_decay and bool((g.detach() > 0).any()):
         raise ValueError("g must be a log-decay (every entry <= 0); got positive entries")
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend must be 'auto' or 'reference' for gated_delta_rule (its Triton kernels are not "
-                         f"built yet), got {backend!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return gated_delta_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state)
+    if _pick_backend(backend, q) == "reference":
+        return gated_delta_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state)
+    from ... import backends
+    from .triton_chunk import GDNChunkFunction
+
+    return GDNChunkFunction.apply(q, k, v, g, beta, scale, initial_state, bool(output_final_state),
+                                  backends.interpreting())

@@ -1,0 +1,360 @@
+"""Gated delta rule in Triton, chunked WY form (forward and backward); the math is chunk.py's.
+
+Per (batch, head) and chunk of BT tokens, with gc = cumulative log-decay in the chunk, gamma = exp(gc), gC its
+last row, R_ij = exp(gc_i - gc_j) (j <= i, else 0), L = I + A with A_ij = beta_i R_ij k_i.k_j (j < i):
+  prep      Tinv = L^-1 (forward substitution), W = Tinv ((beta gamma) * K)             once per chunk
+  forward   U = Tinv (beta * V) - W S,  O = scale ((Q * gamma) S + (Q K^T * R) U),
+            S <- gC S + (K * gC / gamma)^T U                          sequential over chunks, per value tile
+  backward  reverse over chunks per value tile, carrying dS:
+            dU = scale (Q K^T * R)^T dO + (K * gC / gamma) dS',  dS = scale (Q * gamma)^T dO + gC dS' - W^T dU,
+            dV = beta * Tinv^T dU; partial sums over the value tile of dM = scale dO U^T, scale dO S^T, U dS'^T,
+            dW = -dU S^T, (Tinv^T dU) . V, -(Tinv^T dU) U0^T, <dS', S>; then per chunk the rest through Tinv,
+            A, R and gamma, and dg as the in-chunk reverse cumulative sum of d(gc).
+Every exponent is a difference gc_i - gc_j with j <= i: never positive.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row(tile, idx, r):
+    return tl.sum(tl.where(idx[:, None] == r, tile, 0.0), 0)
+
+
+@triton.jit
+def _rows(ptr, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
+    """Rows [t0, t0 + BT) of one head of a contiguous [B, T, H, D] tensor (fp32, zeros outside)."""
+    rows = t0 + tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BD)
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    return tl.load(ptr + rows[:, None] * H * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _put_rows(ptr, value, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
+    rows = t0 + tl.arange(0, BT)
+    cols = col0 + tl.arange(0, BD)
+    mask = (rows[:, None] < T) & (cols[None, :] < D)
+    tl.store(ptr + rows[:, None] * H * D + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _vec(ptr, t0, T, H, BT: tl.constexpr):
+    """Entries [t0, t0 + BT) of one head of a contiguous [B, T, H] tensor (fp32, zeros outside)."""
+    rows = t0 + tl.arange(0, BT)
+    return tl.load(ptr + rows * H, mask=rows < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decays(G, t0, T, H, BT: tl.constexpr):
+    """gc (in-chunk cumulative log-decay), gamma, R (lower, exp(gc_i - gc_j)) and the last row's gc."""
+    idx = tl.arange(0, BT)
+    gc = tl.cumsum(_vec(G, t0, T, H, BT), 0)
+    lower = idx[:, None] >= idx[None, :]
+    r = tl.exp(tl.where(lower, gc[:, None] - gc[None, :], float("-inf")))
+    g_last = tl.sum(tl.where(idx == BT - 1, gc, 0.0), 0)
+    return gc, tl.exp(gc), r, g_last
+
+
+@triton.jit
+def _gdn_prep_kernel(K, G, BETA, TINV, W, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    i_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t0 = i_n * BT
+    k = _rows(K + b * T * H * KD + h * KD, t0, T, H, KD, BT, BK)
+    beta = _vec(BETA + b * T * H + h, t0, T, H, BT)
+    gc, gamma, r, g_last = _decays(G + b * T * H + h, t0, T, H, BT)
+    idx = tl.arange(0, BT)
+    kk = tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
+    a = tl.where(idx[:, None] > idx[None, :], beta[:, None] * r * kk, 0.0)
+    # (I + A)^-1 by forward substitution: row i = e_i - sum_{j<i} A_ij row j
+    tinv = tl.zeros([BT, BT], dtype=tl.float32)
+    for i in range(0, BT):
+        a_i = _row(a, idx, i)
+        x_i = tl.where(idx == i, 1.0, 0.0) - tl.sum(a_i[:, None] * tinv, 0)
+        tinv = tl.where(idx[:, None] == i, x_i[None, :], tinv)
+    w = tl.dot(tinv, k * (beta * gamma)[:, None], input_precision=DOT_PRECISION)
+    chunk = bh * tl.num_programs(0) + i_n
+    tl.store(TINV + chunk * BT * BT + idx[:, None] * BT + idx[None, :], tinv)
+    offs_k = tl.arange(0, BK)
+    tl.store(W + chunk * BT * KD + idx[:, None] * KD + offs_k[None, :], w, mask=offs_k[None, :] < KD)
+
+
+@triton.jit
+def _load_chunk_mats(TINV, W, chunk, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    idx = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    tinv = tl.load(TINV + chunk * BT * BT + idx[:, None] * BT + idx[None, :])
+    w = tl.load(W + chunk * BT * KD + idx[:, None] * KD + offs_k[None, :], mask=offs_k[None, :] < KD, other=0.0)
+    return tinv, w
+
+
+@triton.jit
+def _gdn_fwd_kernel(Q, K, V, G, BETA, TINV, W, H0, HS, O, HT, T, H, NT, scale,
+                    KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    i_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    state_offs = offs_k[:, None] * VD + offs_v[None, :]
+    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    s = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        s += tl.load(H0 + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
+    head_k = b * T * H * KD + h * KD
+    head_v = b * T * H * VD + h * VD
+    head = b * T * H + h
+    idx = tl.arange(0, BT)
+    for n in range(NT):
+        t0 = n * BT
+        tl.store(HS + (bh * NT + n) * KD * VD + state_offs, s, mask=state_ok)
+        q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+        k = _rows(K + head_k, t0, T, H, KD, BT, BK)
+        v = _rows(V + head_v, t0, T, H, VD, BT, BV, i_v * BV)
+        beta = _vec(BETA + head, t0, T, H, BT)
+        gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
+        tinv, w = _load_chunk_mats(TINV, W, bh * NT + n, KD, BK, BT)
+        u = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION) - \
+            tl.dot(w, s, input_precision=DOT_PRECISION)
+        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+        o = tl.dot(q * gamma[:, None], s, input_precision=DOT_PRECISION) + tl.dot(m, u, input_precision=DOT_PRECISION)
+        _put_rows(O + head_v, o * scale, t0, T, H, VD, BT, BV, i_v * BV)
+        to_end = tl.exp(g_last - gc)
+        s = s * tl.exp(g_last) + tl.dot(tl.trans(k * to_end[:, None]), u, input_precision=DOT_PRECISION)
+    if STORE_HT:
+        tl.store(HT + bh * KD * VD + state_offs, s, mask=state_ok)
+
+
+@triton.jit
+def _gdn_bwd_state_kernel(Q, K, V, G, BETA, TINV, W, HS, DO, DHT, DV, DH0,
+                          P_DM, P_DQ, P_DK, P_DW, P_DB, P_DL, P_DGC,
+                          T, H, NT, scale,
+                          KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Reverse pass for one value tile: dV, dh0, and this tile's partial sums (P_*, [NV, B*H, NT, ...])."""
+    i_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    state_offs = offs_k[:, None] * VD + offs_v[None, :]
+    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    ds = tl.zeros([BK, BV], dtype=tl.float32)  # gradient of the state leaving the chunk
+    if HAS_DHT:
+        ds += tl.load(DHT + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
+    head_k = b * T * H * KD + h * KD
+    head_v = b * T * H * VD + h * VD
+    head = b * T * H + h
+    idx = tl.arange(0, BT)
+    mat_bt = idx[:, None] * BT + idx[None, :]
+    mat_k = idx[:, None] * KD + offs_k[None, :]
+    k_ok = offs_k[None, :] < KD
+    for i in range(NT):
+        n = NT - 1 - i
+        t0 = n * BT
+        chunk = bh * NT + n
+        part = i_v * tl.num_programs(1) * NT + chunk  # this tile's slot in the partial-sum buffers
+        s = tl.load(HS + chunk * KD * VD + state_offs, mask=state_ok, other=0.0)
+        q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+        k = _rows(K + head_k, t0, T, H, KD, BT, BK)
+        v = _rows(V + head_v, t0, T, H, VD, BT, BV, i_v * BV)
+        do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
+        beta = _vec(BETA + head, t0, T, H, BT)
+        gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
+        tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
+        u0 = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION)
+        u = u0 - tl.dot(w, s, input_precision=DOT_PRECISION)
+        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+        k_to_end = k * tl.exp(g_last - gc)[:, None]
+        du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
+            tl.dot(k_to_end, ds, input_precision=DOT_PRECISION)
+        dbv = tl.dot(tl.trans(tinv), du, input_precision=DOT_PRECISION)  # d(beta * V)
+        _put_rows(DV + head_v, dbv * beta[:, None], t0, T, H, VD, BT, BV, i_v * BV)
+        tl.store(P_DM + part * BT * BT + mat_bt, tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION) * scale)
+        tl.store(P_DQ + part * BT * KD + mat_k, tl.dot(do, tl.trans(s), input_precision=DOT_PRECISION) * scale,
+                 mask=k_ok)
+        tl.store(P_DK + part * BT * KD + mat_k, tl.dot(u, tl.trans(ds), input_precision=DOT_PRECISION), mask=k_ok)
+        tl.store(P_DW + part * BT * KD + mat_k, -tl.dot(du, tl.trans(s), input_precision=DOT_PRECISION), mask=k_ok)
+        tl.store(P_DB + part * BT + idx, tl.sum(dbv * v, 1))
+        tl.store(P_DL + part * BT * BT + mat_bt, -tl.dot(dbv, tl.trans(u0), input_precision=DOT_PRECISION))
+        tl.store(P_DGC + part, tl.sum(tl.sum(ds * s, 1), 0) * tl.exp(g_last))  # d(gc_last) via gC S
+        ds = ds * tl.exp(g_last) + tl.dot(tl.trans(q * gamma[:, None]), do, input_precision=DOT_PRECISION) * scale \
+            - tl.dot(tl.trans(w), du, input_precision=DOT_PRECISION)
+    if STORE_DH0:
+        tl.store(DH0 + bh * KD * VD + state_offs, ds, mask=state_ok)
+
+
+@triton.jit
+def _gdn_bwd_chunk_kernel(Q, K, G, BETA, TINV, W, P_DM, P_DQ, P_DK, P_DW, P_DB, P_DL, P_DGC,
+                          DQ, DK, DBETA, DGC, T, H, NT,
+                          KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, NV: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """Per chunk: sum the value tiles' partials, then dq, dk, dbeta and d(gc) through Tinv, A, R, gamma."""
+    i_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t0 = i_n * BT
+    chunk = bh * NT + i_n
+    head_k = b * T * H * KD + h * KD
+    head = b * T * H + h
+    idx = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    mat_bt = idx[:, None] * BT + idx[None, :]
+    mat_k = idx[:, None] * KD + offs_k[None, :]
+    k_ok = offs_k[None, :] < KD
+    dm = tl.zeros([BT, BT], dtype=tl.float32)
+    dl = tl.zeros([BT, BT], dtype=tl.float32)
+    dq_s = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_s = tl.zeros([BT, BK], dtype=tl.float32)
+    dw = tl.zeros([BT, BK], dtype=tl.float32)
+    dbeta = tl.zeros([BT], dtype=tl.float32)
+    dgc_last = 0.0
+    for i_v in tl.static_range(NV):
+        part = i_v * tl.num_programs(1) * NT + chunk
+        dm += tl.load(P_DM + part * BT * BT + mat_bt)
+        dl += tl.load(P_DL + part * BT * BT + mat_bt)
+        dq_s += tl.load(P_DQ + part * BT * KD + mat_k, mask=k_ok, other=0.0)
+        dk_s += tl.load(P_DK + part * BT * KD + mat_k, mask=k_ok, other=0.0)
+        dw += tl.load(P_DW + part * BT * KD + mat_k, mask=k_ok, other=0.0)
+        dbeta += tl.load(P_DB + part * BT + idx)
+        dgc_last += tl.load(P_DGC + part)
+    q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+    k = _rows(K + head_k, t0, T, H, KD, BT, BK)
+    beta = _vec(BETA + head, t0, T, H, BT)
+    gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
+    tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    kk = tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
+    to_end = tl.exp(g_last - gc)
+    # output terms: M = QK^T * R, (Q * gamma) S, and the state update's K * gC / gamma
+    dmr = dm * r
+    dq = tl.dot(dmr, k, input_precision=DOT_PRECISION) + dq_s * gamma[:, None]
+    dk = tl.dot(tl.trans(dmr), q, input_precision=DOT_PRECISION) + dk_s * to_end[:, None]
+    dr = dm * qk
+    dgamma = tl.sum(q * dq_s, 1)
+    d_to_end = tl.sum(k * dk_s, 1)
+    # W = Tinv ((beta gamma) K) and U0 = Tinv (beta V): through Tinv = (I + A)^-1
+    dbk = tl.dot(tl.trans(tinv), dw, input_precision=DOT_PRECISION)
+    dl += -tl.dot(dbk, tl.trans(w), input_precision=DOT_PRECISION)
+    da = tl.where(idx[:, None] > idx[None, :], dl, 0.0)
+    dk += dbk * (beta * gamma)[:, None]
+    dbk_k = tl.sum(dbk * k, 1)
+    dbeta += dbk_k * gamma
+    dgamma += dbk_k * beta
+    # A = beta_i R_ij kk_ij (strictly lower)
+    dbeta += tl.sum(da * r * kk, 1)
+    dr += da * beta[:, None] * kk
+    dkk = da * beta[:, None] * r
+    dk += tl.dot(dkk, k, input_precision=DOT_PRECISION) + tl.dot(tl.trans(dkk), k, input_precision=DOT_PRECISION)
+    # d(gc): gamma = exp(gc), R_ij = exp(gc_i - gc_j), to_end_j = exp(gc_last - gc_j), and gC = exp(gc_last)
+    rr = dr * r
+    dgc = gamma * dgamma + tl.sum(rr, 1) - tl.sum(rr, 0) - to_end * d_to_end
+    dgc += tl.where(idx == BT - 1, dgc_last + tl.sum(to_end * d_to_end, 0), 0.0)
+    _put_rows(DQ + head_k, dq, t0, T, H, KD, BT, BK)
+    _put_rows(DK + head_k, dk, t0, T, H, KD, BT, BK)
+    rows = t0 + idx
+    tl.store(DBETA + head + rows * H, dbeta, mask=rows < T)
+    tl.store(DGC + chunk * BT + idx, dgc)
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def chunk_size(interpreting: bool) -> int:
+    return 16 if interpreting else 64
+
+
+def _precision(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def backward_value_tile(key_dim: int, value_dim: int) -> int:
+    # the reverse pass stages [BT, BT], [BT, K] and [BT, BV] operands in shared memory: at K = 128 a 64-wide
+    # value tile needs 272 KB (over Hopper's 227 KB), a 32-wide one 200 KB
+    return min(_block(value_dim), 32 if key_dim > 64 else 64)
+
+
+def gdn_chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, bt):
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    nt = triton.cdiv(seq, bt)
+    bk, bv = _block(key_dim), min(_block(value_dim), 64)
+    dev, prec = q.device, _precision(q.dtype)
+    tinv = torch.empty(batch * heads, nt, bt, bt, device=dev, dtype=torch.float32)
+    w = torch.empty(batch * heads, nt, bt, key_dim, device=dev, dtype=torch.float32)
+    _gdn_prep_kernel[(nt, batch * heads)](k, g, beta, tinv, w, seq, heads, KD=key_dim, BK=bk, BT=bt,
+                                          DOT_PRECISION=prec, num_warps=4, num_stages=1)
+    hs = torch.empty(batch * heads, nt, key_dim, value_dim, device=dev, dtype=torch.float32)
+    o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
+    final = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
+        if output_final_state else hs  # never written
+    h0 = initial_state.contiguous() if initial_state is not None else hs
+    _gdn_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
+        q, k, v, g, beta, tinv, w, h0, hs, o, final, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
+        BV=bv, BT=bt, HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec,
+        num_warps=4, num_stages=1)
+    return o, (final if output_final_state else None), tinv, w, hs
+
+
+def gdn_chunk_bwd(q, k, v, g, beta, do, tinv, w, hs, scale, initial_state, d_final, bt):
+    batch, seq, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    nt = triton.cdiv(seq, bt)
+    bk, bv = _block(key_dim), backward_value_tile(key_dim, value_dim)
+    nv = triton.cdiv(value_dim, bv)
+    dev, prec = q.device, _precision(q.dtype)
+    do = do.contiguous()
+    f32 = dict(device=dev, dtype=torch.float32)
+    bh = batch * heads
+    p_dm, p_dl = torch.empty(nv, bh, nt, bt, bt, **f32), torch.empty(nv, bh, nt, bt, bt, **f32)
+    p_dq, p_dk, p_dw = (torch.empty(nv, bh, nt, bt, key_dim, **f32) for _ in range(3))
+    p_db, p_dgc = torch.empty(nv, bh, nt, bt, **f32), torch.empty(nv, bh, nt, **f32)
+    dv = torch.empty(v.shape, **f32)
+    dh0 = torch.empty(batch, heads, key_dim, value_dim, **f32) if initial_state is not None else dv
+    dht = d_final.contiguous() if d_final is not None else dv
+    _gdn_bwd_state_kernel[(nv, bh)](
+        q, k, v, g, beta, tinv, w, hs, do, dht, dv, dh0, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc,
+        seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt, HAS_DHT=d_final is not None,
+        STORE_DH0=initial_state is not None, DOT_PRECISION=prec, num_warps=4, num_stages=1)
+    dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
+    dbeta = torch.empty(beta.shape, **f32)
+    dgc = torch.empty(bh, nt, bt, **f32)
+    _gdn_bwd_chunk_kernel[(nt, bh)](
+        q, k, g, beta, tinv, w, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc, dq, dk, dbeta, dgc, seq, heads, nt,
+        KD=key_dim, BK=bk, BT=bt, NV=nv, DOT_PRECISION=prec, num_warps=4, num_stages=1)
+    # gc_i = sum of g over the chunk's rows <= i: dg = reverse cumulative sum of d(gc) inside each chunk
+    dg = dgc.flip(-1).cumsum(-1).flip(-1).view(batch, heads, nt * bt)[:, :, :seq].transpose(1, 2)
+    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None)
+
+
+class GDNChunkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, interpreting):
+        bt = chunk_size(interpreting)
+        q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+        o, final, tinv, w, hs = gdn_chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, bt)
+        ctx.save_for_backward(q, k, v, g, beta, tinv, w, hs, initial_state)
+        ctx.scale, ctx.bt = scale, bt
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, g, beta, tinv, w, hs, initial_state = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+        dq, dk, dv, dg, dbeta, dh0 = gdn_chunk_bwd(q, k, v, g, beta, do, tinv, w, hs, ctx.scale, initial_state,
+                                                   d_final, ctx.bt)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), None,
+                None if dh0 is None else dh0.to(initial_state.dtype), None, None)
