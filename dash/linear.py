@@ -44,9 +44,11 @@ class LinearAttention(nn.Module):
         k_feat = F.elu(torch.einsum("bthd,hde->bthe", k.float(), self.k_map)) + 1
         gate = (hidden.float() @ self.gate_down) @ self.gate_up + self.gate_bias
         g = F.logsigmoid(gate).view(*q.shape[:2], self.heads_q, self.head_dim) / GATE_NORMALIZER
-        ones = torch.ones(*v.shape[:3], 1, device=v.device, dtype=torch.float32)
-        out, _ = gated_linear_attention(q_feat, k_feat, torch.cat([v.float(), ones], -1), g, scale=1.0,
+        ones = torch.ones(*v.shape[:3], 1, device=v.device, dtype=dtype)
+        # q/k/v in the model's dtype (16-bit operands for the kernels' products), gates and state in fp32
+        out, _ = gated_linear_attention(q_feat.to(dtype), k_feat.to(dtype), torch.cat([v, ones], -1), g, scale=1.0,
                                         check_decay=False)  # logsigmoid: <= 0 by construction
+        out = out.float()
         return (out[..., :-1] / out[..., -1:].clamp_min(1e-6)).to(dtype)
 
 
@@ -84,8 +86,8 @@ class GatedDeltaAttention(nn.Module):
         x = hidden.float()
         g = F.logsigmoid(x @ self.gate + self.gate_bias) / GATE_NORMALIZER  # [B, T, Hq]
         beta = torch.sigmoid(x @ self.write + self.write_bias)
-        out, _ = gated_delta_rule(q_feat, k_feat, v.float(), g, beta, scale=1.0, check_decay=False)
-        return (out * self.gain[:, None]).to(dtype)
+        out, _ = gated_delta_rule(q_feat.to(dtype), k_feat.to(dtype), v, g, beta, scale=1.0, check_decay=False)
+        return (out.float() * self.gain[:, None]).to(dtype)
 
 
 LINEAR_MODULES = {"gla": LinearAttention, "gdn": GatedDeltaAttention}
