@@ -174,11 +174,18 @@ def _export_parser(sub):
 
 
 def _eval_parser(sub):
-    p = sub.add_parser("eval", help="perplexity of a model or exported hybrid on held-out text")
+    p = sub.add_parser("eval", help="perplexity and RULER-style long-context scores of a model or exported hybrid")
     p.add_argument("--model", help="an exported hybrid directory, or any model `dash search --model` accepts")
     p.add_argument("--data", nargs="+", help="text/jsonl files or folders (default: offline synthetic corpus)")
+    p.add_argument("--suite", choices=["perplexity", "ruler", "all"], default="perplexity",
+                   help="perplexity on held-out text, RULER-style long-context tasks (offline), or both")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=32768, help="held-out tokens to score")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                   help="RULER prompt lengths in tokens (each must fit the model's context)")
+    p.add_argument("--tasks", nargs="+", default=None, help="RULER tasks (default: all)")
+    p.add_argument("--samples", type=int, default=10, help="RULER samples per task and length")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSON file for the result")
@@ -243,22 +250,34 @@ def run_eval(args) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer = load_model(args.model, device=args.device)
-    if args.data:
-        data = pack(read_documents(args.data), tokenizer, args.seq_len, seed=args.seed, heldout_fraction=0.2)
-    else:
-        data = default_data(tokenizer, args.seq_len, 5 * args.tokens, seed=args.seed + 1, heldout_fraction=0.2)
-    rows = data.heldout[: max(1, args.tokens // args.seq_len)].to(args.device)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            logits = model(row[None], use_cache=False).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
-            count += row.numel() - 1
-    result = {"model": args.model or "smollm2-135m-instruct", "tokens": count, "nll": nll / count,
-              "perplexity": math.exp(nll / count), "seq_len": args.seq_len}
+    suite = getattr(args, "suite", "perplexity")
+    result = {"model": args.model or "smollm2-135m-instruct"}
+    if suite in ("perplexity", "all"):
+        if args.data:
+            data = pack(read_documents(args.data), tokenizer, args.seq_len, seed=args.seed, heldout_fraction=0.2)
+        else:
+            data = default_data(tokenizer, args.seq_len, 5 * args.tokens, seed=args.seed + 1, heldout_fraction=0.2)
+        rows = data.heldout[: max(1, args.tokens // args.seq_len)].to(args.device)
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for row in rows:
+                logits = model(row[None], use_cache=False).logits[0, :-1].float()
+                nll += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+                count += row.numel() - 1
+        result.update(tokens=count, nll=nll / count, perplexity=math.exp(nll / count), seq_len=args.seq_len)
+    if suite in ("ruler", "all"):
+        from .ruler import TASKS, evaluate, markdown_table
+
+        ruler = evaluate(model, tokenizer, args.lengths, args.tasks or TASKS, args.samples, seed=args.seed,
+                         progress=not getattr(args, "no_progress", False))
+        result["ruler"] = ruler
+        result["ruler_table"] = markdown_table(ruler)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1)
+        if "ruler_table" in result:
+            with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
+                f.write(f"# RULER-style scores: {result['model']}\n\n{result['ruler_table']}\n")
     return result
 
 
@@ -300,7 +319,11 @@ def main(argv=None) -> int:
               "always with dash.load_hybrid)")
     elif args.command == "eval":
         result = run_eval(args)
-        print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} held-out tokens")
+        if "perplexity" in result:
+            print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} held-out tokens")
+        if "ruler" in result:
+            print(result["ruler_table"])
+            print(f"RULER-style average: {100 * result['ruler']['average']:.1f}")
     return 0
 
 

@@ -126,3 +126,16 @@ def test_cli_align_then_search_with_the_linear_candidate(tmp_path):
     with pytest.raises(SystemExit, match="need an aligned bank"):
         main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "gla",
               "--output", str(tmp_path / "nobank"), "--no-progress"])
+
+
+def test_cli_eval_ruler_suite(tmp_path):
+    import json
+
+    from dash.cli import main
+
+    out = tmp_path / "ruler.json"
+    assert main(["eval", "--suite", "ruler", "--lengths", "256", "--tasks", "passkey", "niah_single_1",
+                 "--samples", "1", "--output", str(out), "--no-progress"]) == 0
+    result = json.load(open(out))
+    assert set(result["ruler"]["scores"]) == {"passkey", "niah_single_1"}
+    assert (tmp_path / "ruler.md").read_text().startswith("# RULER-style scores")

