@@ -62,6 +62,8 @@ class DashLayerState(nn.Module):
         self.teacher_mode = False  # True: attend like the unmodified layer (used for distillation targets)
         self.align_mode = False  # with teacher_mode: also score the linear candidates against the teacher
         self.align_losses = {}  # kind -> relative error of this batch
+        self.score_candidate = None  # with teacher_mode: also score this candidate index against the teacher
+        self.candidate_error = None  # ... its relative output error (selector baselines)
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.alpha.float() / self.tau, dim=-1)
@@ -106,6 +108,16 @@ def dash_attention_forward(module, query, key, value, attention_mask, dropout: f
     if state.teacher_mode:
         one = torch.ones(1, device=q.device)
         out = mixed_attention(q, k, v, one, [state.teacher_window], scale=scaling, backend=state.backend)
+        if state.score_candidate is not None:
+            cand = state.candidates[state.score_candidate]
+            if cand.is_linear:
+                other = state.linear[cand.kind](q, k, v, hidden)
+            else:
+                pos = state.softmax_index.index(state.score_candidate)
+                other = mixed_attention(q, k, v, one, [state.windows[pos]], [state.sinks[pos]], scale=scaling,
+                                        backend=state.backend)
+            target = out.float()
+            state.candidate_error = float((other.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12))
         if state.align_mode and len(state.linear):
             target = out.detach().float()
             norm = target.pow(2).mean().clamp_min(1e-12)
