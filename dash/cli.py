@@ -236,6 +236,60 @@ def run_export(args) -> dict:
     return {**report, "output": output, "loads_with_transformers": info["loads_with_transformers"]}
 
 
+def _compare_parser(sub):
+    p = sub.add_parser("compare", help="DASH against the selector baselines at several budgets (RULER + perplexity)")
+    p.add_argument("--model", help="as for `dash search` (default: the embedded SmolLM2)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[3, 6, 9], help="full-attention layers")
+    p.add_argument("--methods", nargs="+", default=None, help="selectors (default: all of dash.baselines)")
+    p.add_argument("--candidates", nargs="+", default=None, help="as for `dash search` (softmax family)")
+    p.add_argument("--efficient", default=None, help="the efficient operator of the baselines (default: the "
+                   "sink + window candidate if any, else the first non-full one)")
+    p.add_argument("--search-tokens", type=int, default=None, help="per search (default 12.3M GPU, 16K CPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="search and calibration length (default 4096 GPU)")
+    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--output", default=os.path.join("runs", "compare"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_compare(args) -> dict:
+    from .baselines import METHODS
+    from .candidates import Candidate
+    from .compare import compare
+    from .data import default_data
+    from .models import load_model
+    from .supernet import build_supernet
+
+    on_gpu = args.device.startswith("cuda")
+    seq_len = args.seq_len or (4096 if on_gpu else 1024)
+    model, tokenizer = load_model(args.model, device=args.device,
+                                  dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
+    search_tokens = args.search_tokens or (12_300_000 if on_gpu else CPU_DEFAULT_TOKENS)
+    data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=args.seed, heldout_fraction=0.1)
+    net = build_supernet(model, args.candidates)
+    if net.linear_parameters():
+        raise SystemExit("dash compare runs softmax-family candidates (linear ones need a bank per method)")
+    names = [c.name for c in net.candidates]
+    if args.efficient:
+        efficient = Candidate.parse(args.efficient)
+    else:
+        sinks = [c for c in net.candidates if c.sink]
+        efficient = sinks[0] if sinks else next(c for c in net.candidates if not c.is_full)
+    if efficient.name not in names:
+        raise SystemExit(f"--efficient {efficient.name} is not among the candidates {names}")
+    calibration = data.train[: max(1, args.calibration_tokens // seq_len)].to(args.device)
+    heldout = data.heldout[: max(1, 32768 // seq_len)].to(args.device)
+    return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
+                   methods=args.methods or METHODS, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
+                   lengths=args.lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
+                   output_dir=args.output, progress=not args.no_progress)
+
+
 def run_eval(args) -> dict:
     import math
 
@@ -288,6 +342,7 @@ def main(argv=None) -> int:
     _search_parser(sub)
     _export_parser(sub)
     _eval_parser(sub)
+    _compare_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "align":
         meta = run_align(args)
@@ -324,6 +379,11 @@ def main(argv=None) -> int:
         if "ruler" in result:
             print(result["ruler_table"])
             print(f"RULER-style average: {100 * result['ruler']['average']:.1f}")
+    elif args.command == "compare":
+        run_compare(args)
+        with open(os.path.join(args.output, "compare.md")) as f:
+            print(f.read())
+        print(f"written to {args.output}/ (compare.json, compare.md, compare.png)")
     return 0
 
 

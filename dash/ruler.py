@@ -292,7 +292,9 @@ def evaluate(model, tokenizer, lengths: Sequence[int], tasks: Sequence[str] = TA
             for sample in generate_samples(tokenizer, task, length, num_samples, seed):
                 ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
                 with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS.get(task, 32), do_sample=False,
+                    # an explicit all-ones mask: generate would otherwise mask prompt tokens equal to the pad id
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=MAX_NEW_TOKENS.get(task, 32), do_sample=False,
                                          pad_token_id=tokenizer.eos_token_id)
                 prediction = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                 s = score(prediction, sample.answers)

@@ -79,3 +79,44 @@ def test_baseline_hybrid_goes_through_the_export_path(tmp_path):
     export_hybrid(model, out["choices"], str(tmp_path))
     hybrid = load_hybrid(str(tmp_path))
     assert hybrid.generate(_rows()[:1, :8], max_new_tokens=2, do_sample=False).shape == (1, 10)
+
+
+def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    import dash.ruler as ruler
+    from dash.compare import compare
+    from test_search import random_data
+
+    class CharTokenizer:  # ids fit the tiny model's 97-token vocabulary
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False, return_tensors=None):
+            ids = [ord(c) % 97 for c in text]
+            return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(int(i) + 32) for i in ids)
+
+    words = [f"{a}{b}" for a in "abcdefgh" for b in "ijklmnop"]
+    original = ruler.generate_samples
+    monkeypatch.setattr(ruler, "generate_samples",
+                        lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=words))
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096
+    net = build_supernet(model, ["full", "swa4", "sink1_swa4"])
+    rows = _rows()
+    kwargs = dict(methods=["first", "random", "kl_restore", "teacher"], random_seeds=(0, 1), search_tokens=96,
+                  search_batch=2, lengths=[700], tasks=["passkey"], samples=1, output_dir=str(tmp_path),
+                  progress=False)
+    out = compare(net, CharTokenizer(), random_data(), rows, rows, [1, 2], EFFICIENT, **kwargs)
+    measured = {(r["method"], r["budget"], r["seed"]) for r in out["rows"]}
+    assert ("dash", 1, None) in measured and ("random", 2, 1) in measured and ("teacher", 1, None) in measured
+    assert ("teacher", 2, None) not in measured  # the bounds do not depend on the budget
+    table = (tmp_path / "compare.md").read_text()
+    assert "| dash |" in table and "± " in table and (tmp_path / "compare.png").exists()
+    # a second run finds every row measured and recomputes none of them
+    saved = json.load(open(tmp_path / "compare.json"))
+    monkeypatch.setattr("dash.compare.select", lambda *a, **k: pytest.fail("should have resumed"))
+    again = compare(net, CharTokenizer(), random_data(), rows, rows, [1, 2], EFFICIENT, **kwargs)
+    assert len(again["rows"]) == len(saved["rows"])

@@ -1,0 +1,157 @@
+"""DASH against the selector baselines at several budgets: one command, one table.
+
+For every budget K (full-attention layers): a DASH search (its own budget regulariser, the same search-token
+budget for all K), then every selector of ``dash.baselines`` (random over several seeds), each hybrid scored by
+RULER-style tasks and held-out perplexity on the same samples. Every hybrid is evaluated in place through the
+supernet with one-hot logits, which computes exactly what its exported model computes (the export path turns
+the same choices into the model directory). Writes ``compare.json``, ``compare.md`` and ``compare.png``.
+
+  dash compare --budgets 3 6 9 --output runs/compare          (a GPU: the full comparison)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from statistics import mean, pstdev
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .baselines import METHODS, select, set_choices
+from .candidates import Candidate
+
+
+def _perplexity(net, rows: torch.Tensor) -> float:
+    import torch.nn.functional as F
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            logits = net.model(row[None], use_cache=False).logits[0, :-1].float()
+            nll += F.cross_entropy(logits, row[1:], reduction="sum").item()
+            count += row.numel() - 1
+    return math.exp(nll / max(1, count))
+
+
+def _ruler(net, tokenizer, lengths, tasks, samples, seed) -> Dict:
+    from .ruler import evaluate
+
+    # softmax-family mixtures decode against a KV cache; linear candidates recompute the sequence
+    config = net.model.generation_config
+    use_cache, config.use_cache = config.use_cache, not net.linear_parameters()
+    try:
+        return evaluate(net.model, tokenizer, lengths, tasks, samples, seed=seed, progress=False)
+    finally:
+        config.use_cache = use_cache
+
+
+def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: torch.Tensor, budgets: Sequence[int],
+            efficient: Candidate, *, methods: Sequence[str] = METHODS, random_seeds: Sequence[int] = (0, 1, 2),
+            search_tokens: int = 12_300_000, search_batch: int = 2, lengths: Sequence[int] = (1024, 2048, 4096),
+            tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
+            progress: bool = True) -> Dict:
+    from .ruler import TASKS
+    from .search import Search, SearchConfig
+
+    tasks = list(tasks or TASKS)
+    os.makedirs(output_dir, exist_ok=True)
+    names = [c.name for c in net.candidates]
+    rows: List[Dict] = []
+    path = os.path.join(output_dir, "compare.json")
+    if os.path.exists(path):  # resume: rows already measured (same settings) are kept, not recomputed
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("lengths") == list(lengths) and saved.get("tasks") == tasks:
+            rows = saved["rows"]
+    done = {(r["method"], r["budget"], r["seed"]) for r in rows}
+
+    def score(method, budget, run_seed, choices, cost):
+        set_choices(net, [names.index(c.name) for c in choices])
+        ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed)
+        row = {"method": method, "budget": budget, "seed": run_seed, "choice": [c.name for c in choices],
+               "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": _perplexity(net, heldout),
+               "cost": cost}
+        rows.append(row)
+        with open(os.path.join(output_dir, "compare.json"), "w") as f:  # after every row: a long run keeps results
+            json.dump({"rows": rows, "lengths": list(lengths), "tasks": tasks}, f, indent=1)
+        if progress:
+            print(f"[compare] K={budget} {method}{'' if run_seed is None else f' seed {run_seed}'}: "
+                  f"RULER {100 * row['ruler_average']:.1f}, ppl {row['perplexity']:.2f}", flush=True)
+
+    for budget in budgets:
+        started = time.time()
+        for state in net.states:  # every search starts from uniform logits
+            with torch.no_grad():
+                state.alpha.zero_()
+        if ("dash", budget, None) not in done:
+            config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed)
+            search = Search(net, search_data, config, os.path.join(output_dir, f"search_K{budget}"))
+            summary = search.run(progress=progress)  # resumes from its own checkpoint
+            from .export import discretise
+
+            choices = discretise(net.probabilities(), net.candidates, budget)
+            score("dash", budget, None, choices, {"search_tokens": summary["tokens"],
+                                                   "seconds": time.time() - started})
+        for method in methods:
+            for run_seed in (random_seeds if method == "random" else (None,)):
+                if method in ("teacher", "all_efficient") and budget != budgets[0]:
+                    continue  # the bounds do not depend on the budget
+                if (method, budget, run_seed) in done:
+                    continue
+                out = select(net, method, budget, efficient, rows=calibration, seed=run_seed or 0)
+                score(method, budget, run_seed, out["choices"], out["cost"])
+    result = summarize(rows, budgets)
+    with open(os.path.join(output_dir, "compare.json"), "w") as f:
+        json.dump({"rows": rows, "summary": result, "lengths": list(lengths), "tasks": tasks}, f, indent=1)
+    with open(os.path.join(output_dir, "compare.md"), "w") as f:
+        f.write(markdown(result, budgets))
+    plot(result, budgets, os.path.join(output_dir, "compare.png"))
+    return {"rows": rows, "summary": result}
+
+
+def summarize(rows: Sequence[Dict], budgets: Sequence[int]) -> Dict:
+    """method -> budget -> {"ruler": mean, "ruler_std": spread over seeds, "perplexity": mean}."""
+    out: Dict[str, Dict] = {}
+    for row in rows:
+        out.setdefault(row["method"], {}).setdefault(row["budget"], []).append(row)
+    summary = {}
+    for method, by_budget in out.items():
+        summary[method] = {}
+        for budget, group in by_budget.items():
+            scores = [r["ruler_average"] for r in group]
+            summary[method][budget] = {"ruler": mean(scores), "ruler_std": pstdev(scores) if len(scores) > 1 else 0.0,
+                                       "perplexity": mean(r["perplexity"] for r in group), "runs": len(group)}
+    return summary
+
+
+def markdown(summary: Dict, budgets: Sequence[int]) -> str:
+    lines = ["| method | " + " | ".join(f"K={k} RULER | K={k} ppl" for k in budgets) + " |",
+             "| --- |" + " --- | --- |" * len(budgets)]
+    for method, by_budget in summary.items():
+        cells = []
+        for k in budgets:
+            entry = by_budget.get(k) or next(iter(by_budget.values()))  # bounds: one entry for all budgets
+            spread = f" ± {100 * entry['ruler_std']:.1f}" if entry["runs"] > 1 else ""
+            cells.append(f"{100 * entry['ruler']:.1f}{spread} | {entry['perplexity']:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Dict, budgets: Sequence[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, by_budget in summary.items():
+        ys = [(by_budget.get(k) or next(iter(by_budget.values())))["ruler"] * 100 for k in budgets]
+        ax.plot(budgets, ys, marker="o", label=method, linewidth=2.5 if method == "dash" else 1.2)
+    ax.set_xlabel("full-attention layers (K)")
+    ax.set_ylabel("RULER-style average")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
