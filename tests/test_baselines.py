@@ -28,8 +28,11 @@ def test_every_selector_meets_the_budget(method):
     assert len(out["full_layers"]) == want
     assert [c.name for c in out["choices"]].count("full") == want
     assert all(c == EFFICIENT for i, c in enumerate(out["choices"]) if i not in out["full_layers"])
-    if method in ("ppl_drop", "attn_mse", "kl_restore"):
+    if method in ("ppl_drop", "attn_mse", "kl_restore", "duo_gate"):
         assert len(out["scores"]) == layers and out["cost"]["forward_tokens"] > 0
+    if method == "duo_gate":  # gates are probabilities, and the logits are left as they were
+        assert all(0.0 < g < 1.0 for g in out["scores"])
+        assert all(float(s.alpha.abs().max()) == 0.0 for s in net.states)
 
 
 def test_selectors_are_deterministic_and_scores_make_sense():
