@@ -277,8 +277,8 @@ def evaluate(model, tokenizer, lengths: Sequence[int], tasks: Sequence[str] = TA
 
     limit = getattr(model.config, "max_position_embeddings", None)
     for length in lengths:
-        if limit is not None and length + max(MAX_NEW_TOKENS.values()) > limit:
-            raise ValueError(f"length {length} (plus the answer) exceeds the model's context of {limit} tokens")
+        if limit is not None and length > limit:
+            raise ValueError(f"length {length} exceeds the model's context of {limit} tokens")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
@@ -289,7 +289,8 @@ def evaluate(model, tokenizer, lengths: Sequence[int], tasks: Sequence[str] = TA
     for task in tasks:
         for length in lengths:
             total = 0.0
-            for sample in generate_samples(tokenizer, task, length, num_samples, seed):
+            # prompt + answer fit the length (RULER counts the answer budget inside the sequence length)
+            for sample in generate_samples(tokenizer, task, length - MAX_NEW_TOKENS.get(task, 32), num_samples, seed):
                 ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
                 with torch.no_grad():
                     # an explicit all-ones mask: generate would otherwise mask prompt tokens equal to the pad id
