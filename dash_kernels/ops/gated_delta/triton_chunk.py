@@ -113,7 +113,6 @@ def _gdn_fwd_kernel(Q, K, V, G, BETA, TINV, W, H0, HS, O, HT, T, H, NT, scale,
     head_k = b * T * H * KD + h * KD
     head_v = b * T * H * VD + h * VD
     head = b * T * H + h
-    idx = tl.arange(0, BT)
     for n in range(NT):
         t0 = n * BT
         tl.store(HS + (bh * NT + n) * KD * VD + state_offs, s, mask=state_ok)
