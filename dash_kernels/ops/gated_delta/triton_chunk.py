@@ -18,27 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _row(tile, idx, r):
-    return tl.sum(tl.where(idx[:, None] == r, tile, 0.0), 0)
-
-
-@triton.jit
-def _rows(ptr, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
-    """Rows [t0, t0 + BT) of one head of a contiguous [B, T, H, D] tensor (fp32, zeros outside)."""
-    rows = t0 + tl.arange(0, BT)
-    cols = col0 + tl.arange(0, BD)
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    return tl.load(ptr + rows[:, None] * H * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _put_rows(ptr, value, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
-    rows = t0 + tl.arange(0, BT)
-    cols = col0 + tl.arange(0, BD)
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    tl.store(ptr + rows[:, None] * H * D + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+from ..linear_tiles import block as _block
+from ..linear_tiles import dot_precision as _precision
+from ..linear_tiles import load_rows as _rows
+from ..linear_tiles import row as _row
+from ..linear_tiles import state_tile
+from ..linear_tiles import store_rows as _put_rows
 
 
 @triton.jit
@@ -103,10 +88,7 @@ def _gdn_fwd_kernel(Q, K, V, G, BETA, TINV, W, H0, HS, O, HT, T, H, NT, scale,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    state_offs = offs_k[:, None] * VD + offs_v[None, :]
-    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
     s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         s += tl.load(H0 + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -144,10 +126,7 @@ def _gdn_bwd_state_kernel(Q, K, V, G, BETA, TINV, W, HS, DO, DHT, DV, DH0,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    state_offs = offs_k[:, None] * VD + offs_v[None, :]
-    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
     ds = tl.zeros([BK, BV], dtype=tl.float32)  # gradient of the state leaving the chunk
     if HAS_DHT:
         ds += tl.load(DHT + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -155,6 +134,7 @@ def _gdn_bwd_state_kernel(Q, K, V, G, BETA, TINV, W, HS, DO, DHT, DV, DH0,
     head_v = b * T * H * VD + h * VD
     head = b * T * H + h
     idx = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
     mat_bt = idx[:, None] * BT + idx[None, :]
     mat_k = idx[:, None] * KD + offs_k[None, :]
     k_ok = offs_k[None, :] < KD
@@ -267,16 +247,8 @@ def _gdn_bwd_chunk_kernel(Q, K, G, BETA, TINV, W, P_DM, P_DQ, P_DK, P_DW, P_DB, 
     tl.store(DGC + chunk * BT + idx, dgc)
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def chunk_size(interpreting: bool) -> int:
     return 16 if interpreting else 64
-
-
-def _precision(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def backward_value_tile(key_dim: int, value_dim: int) -> int:

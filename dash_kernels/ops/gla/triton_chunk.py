@@ -19,28 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _row(tile, idx, r):
-    """Row r of a [BT, X] register tile (a masked reduction: tiles cannot be indexed by a runtime row)."""
-    return tl.sum(tl.where(idx[:, None] == r, tile, 0.0), 0)
-
-
-@triton.jit
-def _load_rows(ptr, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
-    """Rows [t0, t0 + BT) of one head's [T, D] slab of a contiguous [B, T, H, D] tensor, as fp32."""
-    rows = t0 + tl.arange(0, BT)
-    cols = col0 + tl.arange(0, BD)
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    return tl.load(ptr + rows[:, None] * H * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_rows(ptr, value, t0, T, H, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, col0=0):
-    rows = t0 + tl.arange(0, BT)
-    cols = col0 + tl.arange(0, BD)
-    mask = (rows[:, None] < T) & (cols[None, :] < D)
-    tl.store(ptr + rows[:, None] * H * D + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+from ..linear_tiles import block as _block
+from ..linear_tiles import dot_precision as _precision
+from ..linear_tiles import load_rows as _load_rows
+from ..linear_tiles import row as _row
+from ..linear_tiles import state_tile
+from ..linear_tiles import store_rows as _store_rows
 
 
 @triton.jit
@@ -85,10 +69,7 @@ def _gla_states_kernel(K, V, G, H0, HS, HT, T, H, NT,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    state_offs = offs_k[:, None] * VD + offs_v[None, :]
-    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(H0 + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -121,10 +102,8 @@ def _gla_output_kernel(Q, V, G, A, HS, O, T, H, NT, scale,
     q = _load_rows(Q + head_k, i_n * BT, T, H, KD, BT, BK)
     gc = tl.cumsum(_load_rows(G + head_k, i_n * BT, T, H, KD, BT, BK), 0)
     v = _load_rows(V + head_v, i_n * BT, T, H, VD, BT, BV, i_v * BV)
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + offs_k[:, None] * VD + offs_v[None, :],
-                  mask=(offs_k[:, None] < KD) & (offs_v[None, :] < VD), other=0.0).to(tl.float32)
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+    h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
     idx = tl.arange(0, BT)
     a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
     o = tl.dot(q * tl.exp(gc), h_n, input_precision=DOT_PRECISION) + tl.dot(a, v, input_precision=DOT_PRECISION)
@@ -140,10 +119,7 @@ def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    state_offs = offs_k[:, None] * VD + offs_v[None, :]
-    state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         dh += tl.load(DHT + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -186,9 +162,7 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
     dk = tl.zeros([BT, BK], dtype=tl.float32)
     da = tl.zeros([BT, BT], dtype=tl.float32)
     for v0 in range(0, VD, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        state_offs = offs_k[:, None] * VD + offs_v[None, :]
-        state_ok = (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+        state_offs, state_ok = state_tile(v0, KD, VD, BK, BV)
         v = _load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)
         do = _load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0)
         h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -224,10 +198,6 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
     _store_rows(DK + head_k, dk, t0, T, H, KD, BT, BK)
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 # warps / pipeline stages per kernel (the backward keeps dq, dk [BT, K] and dA [BT, BT] in fp32: 8 warps;
 # one stage keeps its shared memory within Hopper's 227 KB at K = 128). Compiled for sm_90 by the tests;
 # not yet tuned on a GPU.
@@ -242,10 +212,6 @@ LAUNCH = {
 
 def chunk_sizes(interpreting: bool) -> tuple:
     return (16, 8) if interpreting else (64, 16)  # (BT, BC)
-
-
-def _precision(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):

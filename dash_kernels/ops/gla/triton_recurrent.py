@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..linear_tiles import block as _block
+from ..linear_tiles import state_tile
+
 
 @triton.jit
 def _gla_fwd_kernel(
@@ -34,8 +37,8 @@ def _gla_fwd_kernel(
     offs_v = i_v * BV + tl.arange(0, BV)
     k_ok = offs_k < KD
     v_ok = offs_v < VD
-    state_offs = bh * KD * VD + offs_k[:, None] * VD + offs_v[None, :]
-    state_ok = k_ok[:, None] & v_ok[None, :]
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+    state_offs += bh * KD * VD
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(H0 + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -72,8 +75,8 @@ def _gla_bwd_dq_kernel(
     v_ok = offs_v < VD
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        state += tl.load(H0 + bh * KD * VD + offs_k[:, None] * VD + offs_v[None, :],
-                         mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+        state += tl.load(H0 + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
     qk_row = b * stride_b + h * stride_h + offs_k
     v_row = b * stride_vb + h * stride_vh + offs_v
     do_row = b * stride_ob + h * stride_oh + offs_v
@@ -105,8 +108,8 @@ def _gla_bwd_dkdv_kernel(
     offs_v = i_v * BV + tl.arange(0, BV)
     k_ok = offs_k < KD
     v_ok = offs_v < VD
-    state_offs = bh * KD * VD + offs_k[:, None] * VD + offs_v[None, :]
-    state_ok = k_ok[:, None] & v_ok[None, :]
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+    state_offs += bh * KD * VD
     # carried: exp(g_{t+1}) * dS_{t+1}, starting from the final state's gradient
     carried = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
@@ -129,10 +132,6 @@ def _gla_bwd_dkdv_kernel(
         carried = ds * tl.exp(g)[:, None]
     if STORE_DH0:
         tl.store(DH0 + state_offs, carried, mask=state_ok)
-
-
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def _value_tile(key_dim: int, value_dim: int) -> int:
