@@ -19,20 +19,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .baselines import METHODS, select, set_choices
+from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate
 
 
 def _perplexity(net, rows: torch.Tensor) -> float:
-    import torch.nn.functional as F
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            logits = net.model(row[None], use_cache=False).logits[0, :-1].float()
-            nll += F.cross_entropy(logits, row[1:], reduction="sum").item()
-            count += row.numel() - 1
-    return math.exp(nll / max(1, count))
+    return math.exp(_loss(net, rows, None, "nll"))
 
 
 def _ruler(net, tokenizer, lengths, tasks, samples, seed) -> Dict:
