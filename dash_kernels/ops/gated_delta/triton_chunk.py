@@ -2,9 +2,10 @@
 
 Per (batch, head) and chunk of BT tokens, with gc = cumulative log-decay in the chunk, gamma = exp(gc), gC its
 last row, R_ij = exp(gc_i - gc_j) (j <= i, else 0), L = I + A with A_ij = beta_i R_ij k_i.k_j (j < i):
-  prep      Tinv = L^-1 (forward substitution), W = Tinv ((beta gamma) * K)             once per chunk
-  forward   U = Tinv (beta * V) - W S,  O = scale ((Q * gamma) S + (Q K^T * R) U),
-            S <- gC S + (K * gC / gamma)^T U                          sequential over chunks, per value tile
+  prep      Tinv = L^-1 (blockwise, see _unit_lower_inverse), W = Tinv ((beta gamma) * K),
+            U0 = Tinv (beta * V)                                                       once per chunk
+  forward   U = U0 - W S,  S <- gC S + (K * gC / gamma)^T U            sequential over chunks, per value tile
+  output    O = scale ((Q * gamma) S + (Q K^T * R) U)                              per chunk, in parallel
   backward  reverse over chunks per value tile, carrying dS:
             dU = scale (Q K^T * R)^T dO + (K * gC / gamma) dS',  dS = scale (Q * gamma)^T dO + gC dS' - W^T dU,
             dV = beta * Tinv^T dU; partial sums over the value tile of dM = scale dO U^T, scale dO S^T, U dS'^T,
@@ -45,8 +46,9 @@ def _decays(G, t0, T, H, BT: tl.constexpr):
 
 
 @triton.jit
-def _gdn_prep_kernel(K, G, BETA, TINV, W, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+def _gdn_prep_kernel(K, V, G, BETA, TINV, W, U, T, H, KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, BT: tl.constexpr, DOT_PRECISION: tl.constexpr, INV_PRECISION: tl.constexpr):
+    """Per chunk: Tinv = (I + A)^-1, W = Tinv ((beta gamma) K) and U0 = Tinv (beta V) (all value columns)."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -58,17 +60,39 @@ def _gdn_prep_kernel(K, G, BETA, TINV, W, T, H, KD: tl.constexpr, BK: tl.constex
     idx = tl.arange(0, BT)
     kk = tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
     a = tl.where(idx[:, None] > idx[None, :], beta[:, None] * r * kk, 0.0)
-    # (I + A)^-1 by forward substitution: row i = e_i - sum_{j<i} A_ij row j
-    tinv = tl.zeros([BT, BT], dtype=tl.float32)
-    for i in range(0, BT):
-        a_i = _row(a, idx, i)
-        x_i = tl.where(idx == i, 1.0, 0.0) - tl.sum(a_i[:, None] * tinv, 0)
-        tinv = tl.where(idx[:, None] == i, x_i[None, :], tinv)
+    tinv = _unit_lower_inverse(a, BT, INV_PRECISION)
     w = tl.dot(tinv, k * (beta * gamma)[:, None], input_precision=DOT_PRECISION)
     chunk = bh * tl.num_programs(0) + i_n
     tl.store(TINV + chunk * BT * BT + idx[:, None] * BT + idx[None, :], tinv)
     offs_k = tl.arange(0, BK)
     tl.store(W + chunk * BT * KD + idx[:, None] * KD + offs_k[None, :], w, mask=offs_k[None, :] < KD)
+    head_v = b * T * H * VD + h * VD
+    for v0 in range(0, VD, BV):  # U0 does not depend on the state: off the sequential walk
+        v = _rows(V + head_v, t0, T, H, VD, BT, BV, v0)
+        u0 = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION)
+        offs_v = v0 + tl.arange(0, BV)
+        tl.store(U + chunk * BT * VD + idx[:, None] * VD + offs_v[None, :], u0, mask=offs_v[None, :] < VD)
+
+
+@triton.jit
+def _unit_lower_inverse(a, BT: tl.constexpr, PRECISION: tl.constexpr):
+    """(I + A)^-1 for strictly lower A [BT, BT], in four diagonal blocks of SUB = BT / 4 rows: forward
+    substitution inside every block at once (SUB - 1 steps, one product each: rows of in-block index i only
+    read rows already final), then D^-1 with D = I + (A's block diagonal) and M = D^-1 (A's off-block part):
+    (I + A)^-1 = (I + M)^-1 D^-1 = (I - M + M^2 - M^3) D^-1, M being strictly block-lower (M^4 = 0)."""
+    SUB: tl.constexpr = BT // 4
+    idx = tl.arange(0, BT)
+    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    same = (idx[:, None] // SUB) == (idx[None, :] // SUB)
+    a_diag = tl.where(same, a, 0.0)
+    dinv = eye
+    for i in range(1, SUB):
+        step = eye - tl.dot(a_diag, dinv, input_precision=PRECISION)
+        dinv = tl.where(((idx % SUB) == i)[:, None], step, dinv)
+    m = tl.dot(dinv, tl.where(same, 0.0, a), input_precision=PRECISION)
+    m2 = tl.dot(m, m, input_precision=PRECISION)
+    series = eye - m + m2 - tl.dot(m2, m, input_precision=PRECISION)
+    return tl.dot(series, dinv, input_precision=PRECISION)
 
 
 @triton.jit
@@ -81,9 +105,11 @@ def _load_chunk_mats(TINV, W, chunk, KD: tl.constexpr, BK: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _gdn_fwd_kernel(Q, K, V, G, BETA, TINV, W, H0, HS, O, HT, T, H, NT, scale,
+def _gdn_fwd_kernel(K, G, W, U, H0, HS, HT, T, H, NT,
                     KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The sequential walk for one value tile, as little as it can be: U = U0 - W S (in place over U0), the
+    state entering each chunk (HS), S <- gC S + (K * gC / gamma)^T U. The outputs come after, in parallel."""
     i_v = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -93,26 +119,52 @@ def _gdn_fwd_kernel(Q, K, V, G, BETA, TINV, W, H0, HS, O, HT, T, H, NT, scale,
     if HAS_H0:
         s += tl.load(H0 + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
     head_k = b * T * H * KD + h * KD
-    head_v = b * T * H * VD + h * VD
     head = b * T * H + h
+    idx = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    v_ok = offs_v[None, :] < VD
     for n in range(NT):
         t0 = n * BT
-        tl.store(HS + (bh * NT + n) * KD * VD + state_offs, s, mask=state_ok)
-        q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+        chunk = bh * NT + n
+        tl.store(HS + chunk * KD * VD + state_offs, s, mask=state_ok)
         k = _rows(K + head_k, t0, T, H, KD, BT, BK)
-        v = _rows(V + head_v, t0, T, H, VD, BT, BV, i_v * BV)
-        beta = _vec(BETA + head, t0, T, H, BT)
-        gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
-        tinv, w = _load_chunk_mats(TINV, W, bh * NT + n, KD, BK, BT)
-        u = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION) - \
-            tl.dot(w, s, input_precision=DOT_PRECISION)
-        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
-        o = tl.dot(q * gamma[:, None], s, input_precision=DOT_PRECISION) + tl.dot(m, u, input_precision=DOT_PRECISION)
-        _put_rows(O + head_v, o * scale, t0, T, H, VD, BT, BV, i_v * BV)
-        to_end = tl.exp(g_last - gc)
-        s = s * tl.exp(g_last) + tl.dot(tl.trans(k * to_end[:, None]), u, input_precision=DOT_PRECISION)
+        gc = tl.cumsum(_vec(G + head, t0, T, H, BT), 0)
+        g_last = tl.sum(tl.where(idx == BT - 1, gc, 0.0), 0)
+        w = tl.load(W + chunk * BT * KD + idx[:, None] * KD + offs_k[None, :], mask=offs_k[None, :] < KD, other=0.0)
+        u_ptrs = U + chunk * BT * VD + idx[:, None] * VD + offs_v[None, :]
+        u = tl.load(u_ptrs, mask=v_ok, other=0.0) - tl.dot(w, s, input_precision=DOT_PRECISION)
+        tl.store(u_ptrs, u, mask=v_ok)
+        s = s * tl.exp(g_last) + tl.dot(tl.trans(k * tl.exp(g_last - gc)[:, None]), u,
+                                        input_precision=DOT_PRECISION)
     if STORE_HT:
         tl.store(HT + bh * KD * VD + state_offs, s, mask=state_ok)
+
+
+@triton.jit
+def _gdn_output_kernel(Q, K, G, U, HS, O, T, H, NT, scale,
+                       KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """O = scale ((Q * gamma) S + (Q K^T * R) U) for one (value tile, chunk)."""
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    t0 = i_n * BT
+    chunk = bh * NT + i_n
+    head_k = b * T * H * KD + h * KD
+    q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+    k = _rows(K + head_k, t0, T, H, KD, BT, BK)
+    gc, gamma, r, g_last = _decays(G + b * T * H + h, t0, T, H, BT)
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+    s = tl.load(HS + chunk * KD * VD + state_offs, mask=state_ok, other=0.0)
+    idx = tl.arange(0, BT)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    u = tl.load(U + chunk * BT * VD + idx[:, None] * VD + offs_v[None, :], mask=offs_v[None, :] < VD, other=0.0)
+    m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+    o = tl.dot(q * gamma[:, None], s, input_precision=DOT_PRECISION) + tl.dot(m, u, input_precision=DOT_PRECISION)
+    _put_rows(O + b * T * H * VD + h * VD, o * scale, t0, T, H, VD, BT, BV, i_v * BV)
 
 
 @triton.jit
@@ -262,20 +314,28 @@ def gdn_chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, bt
     value_dim = v.shape[-1]
     nt = triton.cdiv(seq, bt)
     bk, bv = _block(key_dim), min(_block(value_dim), 64)
+    nv = triton.cdiv(value_dim, bv)
     dev, prec = q.device, _precision(q.dtype)
-    tinv = torch.empty(batch * heads, nt, bt, bt, device=dev, dtype=torch.float32)
-    w = torch.empty(batch * heads, nt, bt, key_dim, device=dev, dtype=torch.float32)
-    _gdn_prep_kernel[(nt, batch * heads)](k, g, beta, tinv, w, seq, heads, KD=key_dim, BK=bk, BT=bt,
-                                          DOT_PRECISION=prec, num_warps=4, num_stages=1)
-    hs = torch.empty(batch * heads, nt, key_dim, value_dim, device=dev, dtype=torch.float32)
-    o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
-    final = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
-        if output_final_state else hs  # never written
+    # the inverse's products carry fp32 accuracy (three tf32 products each) wherever the rest runs tf32
+    inv_prec = "ieee" if prec == "ieee" else "tf32x3"
+    f32 = dict(device=dev, dtype=torch.float32)
+    tinv = torch.empty(batch * heads, nt, bt, bt, **f32)
+    w = torch.empty(batch * heads, nt, bt, key_dim, **f32)
+    u = torch.empty(batch * heads, nt, bt, value_dim, **f32)
+    _gdn_prep_kernel[(nt, batch * heads)](k, v, g, beta, tinv, w, u, seq, heads, KD=key_dim, VD=value_dim, BK=bk,
+                                          BV=bv, BT=bt, DOT_PRECISION=prec, INV_PRECISION=inv_prec,
+                                          num_warps=4, num_stages=1)
+    hs = torch.empty(batch * heads, nt, key_dim, value_dim, **f32)
+    final = torch.empty(batch, heads, key_dim, value_dim, **f32) if output_final_state else hs  # never written
     h0 = initial_state.contiguous() if initial_state is not None else hs
-    _gdn_fwd_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
-        q, k, v, g, beta, tinv, w, h0, hs, o, final, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
-        BV=bv, BT=bt, HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec,
-        num_warps=4, num_stages=1)
+    _gdn_fwd_kernel[(nv, batch * heads)](
+        k, g, w, u, h0, hs, final, seq, heads, nt, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+        HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec, num_warps=4,
+        num_stages=1)
+    o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
+    _gdn_output_kernel[(nv, nt, batch * heads)](
+        q, k, g, u, hs, o, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+        DOT_PRECISION=prec, num_warps=4, num_stages=1)
     return o, (final if output_final_state else None), tinv, w, hs
 
 

@@ -29,7 +29,7 @@ from ..linear_tiles import store_rows as _store_rows
 
 @triton.jit
 def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
+                      BKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """A [B, H, N, BT, BT] (fp32, unscaled) for one chunk."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -49,15 +49,41 @@ def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: 
         qs = q * tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
         ks = k * tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
         a += tl.dot(qs, tl.trans(ks), input_precision=DOT_PRECISION)
-    offs_k = tl.arange(0, BK)
-    for j in range(0, BT):  # diagonal sub-blocks: i >= j inside one sub-chunk
-        kj = tl.load(K + head + (t0 + j) * H * KD + offs_k, mask=(offs_k < KD) & (t0 + j + offs_k * 0 < T), other=0.0)
-        gcj = _row(gc, idx, j)
-        same = (idx // BC == j // BC) & (idx >= j)
-        col = tl.sum(q * kj.to(tl.float32)[None, :] * tl.exp(tl.where(same[:, None], gc - gcj[None, :],
-                                                                    float("-inf"))), 1)
-        a += tl.where(idx[None, :] == j, col[:, None], 0.0)
-    tl.store(A + (bh * tl.num_programs(0) + i_n) * BT * BT + idx[:, None] * BT + idx[None, :], a)
+    base = A + (bh * tl.num_programs(0) + i_n) * BT * BT
+    off_diag = (idx[:, None] // BC) != (idx[None, :] // BC)
+    tl.store(base + idx[:, None] * BT + idx[None, :], a, mask=off_diag)
+    sub = tl.arange(0, BC)
+    for s in tl.static_range(BT // BC):  # diagonal sub-blocks: element by element, straight to memory
+        block = _diag_block(Q + head, K + head, G + head, t0 + s * BC, T, H, KD, BK, BC, BKS)
+        tl.store(base + (s * BC + sub)[:, None] * BT + (s * BC + sub)[None, :], block)
+
+
+@triton.jit
+def _diag_terms(ptr_a, ptr_b, G, r0, k0, T, H, KD: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr):
+    """Rows [r0, r0 + BC), key columns [k0, k0 + BKS) of two [B, T, H, KD] tensors (fp32, zeros outside) and
+    E[i, j, k] = exp(gc_i - gc_j) for j <= i (else 0), gc the cumulative log-decay inside these rows."""
+    rows = r0 + tl.arange(0, BC)
+    cols = k0 + tl.arange(0, BKS)
+    offs = rows[:, None] * H * KD + cols[None, :]
+    mask = (rows[:, None] < T) & (cols[None, :] < KD)
+    a = tl.load(ptr_a + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(ptr_b + offs, mask=mask, other=0.0).to(tl.float32)
+    gc = tl.cumsum(tl.load(G + offs, mask=mask, other=0.0).to(tl.float32), 0)
+    sub = tl.arange(0, BC)
+    lower = (sub[:, None] >= sub[None, :])[:, :, None]
+    e = tl.exp(tl.where(lower, gc[:, None, :] - gc[None, :, :], float("-inf")))  # exponents <= 0 only
+    return a, b, e
+
+
+@triton.jit
+def _diag_block(Q, K, G, r0, T, H, KD: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr):
+    """A_ij = sum_k q_ik k_jk exp(gc_ik - gc_jk), i >= j, for the BC rows from r0: a [BC, BC, BKS] product
+    per slice of BKS key columns (the exponentials of a whole sub-chunk at once, no row-by-row loop)."""
+    block = tl.zeros([BC, BC], dtype=tl.float32)
+    for k0 in tl.static_range(0, BK, BKS):
+        q, k, e = _diag_terms(Q, K, G, r0, k0, T, H, KD, BC, BKS)
+        block += tl.sum(q[:, None, :] * k[None, :, :] * e, 2)
+    return block
 
 
 @triton.jit
@@ -141,7 +167,7 @@ def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
 @triton.jit
 def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scale,
                           KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          BT: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq, dk (fp32, before dg) and dv (fp32) of one chunk; loops over the value tiles."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -185,17 +211,29 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
         e_k = tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
         dq += tl.dot(tl.where(inside[None, :], da, 0.0), k * e_k, input_precision=DOT_PRECISION) * e_q
         dk += tl.dot(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, input_precision=DOT_PRECISION) * e_k
-    for j in range(0, BT):  # diagonal sub-blocks, element by element
-        kj = tl.load(K + head_k + (t0 + j) * H * KD + offs_k, mask=(offs_k < KD) & (t0 + j + offs_k * 0 < T),
-                     other=0.0).to(tl.float32)
-        gcj = _row(gc, idx, j)
-        same = (idx // BC == j // BC) & (idx >= j)
-        e = tl.exp(tl.where(same[:, None], gc - gcj[None, :], float("-inf")))
-        da_j = tl.sum(tl.where(idx[None, :] == j, da, 0.0), 1)  # column j of dA
-        dq += da_j[:, None] * kj[None, :] * e
-        dk += tl.where(idx[:, None] == j, tl.sum(da_j[:, None] * q * e, 0)[None, :], 0.0)
     _store_rows(DQ + head_k, dq, t0, T, H, KD, BT, BK)
     _store_rows(DK + head_k, dk, t0, T, H, KD, BT, BK)
+    tl.debug_barrier()  # the diagonal sub-blocks below add to rows other threads just stored
+    sub = tl.arange(0, BC)
+    for s in tl.static_range(BT // BC):
+        # dA of this diagonal sub-block again (a register tile cannot be sliced), then the [BC, BC, BKS]
+        # products per slice of key columns, added to the stored dq, dk rows
+        r0 = t0 + s * BC
+        da_s = tl.zeros([BC, BC], dtype=tl.float32)
+        for v0 in range(0, VD, BV):
+            da_s += tl.dot(_load_rows(DO + head_v, r0, T, H, VD, BC, BV, v0),
+                           tl.trans(_load_rows(V + head_v, r0, T, H, VD, BC, BV, v0)), input_precision=DOT_PRECISION)
+        da_s = tl.where(sub[:, None] >= sub[None, :], da_s * scale, 0.0)[:, :, None]
+        for k0 in tl.static_range(0, BK, BKS):
+            q_s, k_s, e = _diag_terms(Q + head_k, K + head_k, G + head_k, r0, k0, T, H, KD, BC, BKS)
+            rows = r0 + sub
+            cols = k0 + tl.arange(0, BKS)
+            offs = rows[:, None] * H * KD + cols[None, :]
+            mask = (rows[:, None] < T) & (cols[None, :] < KD)
+            dq_s = tl.load(DQ + head_k + offs, mask=mask, other=0.0) + tl.sum(da_s * k_s[None, :, :] * e, 1)
+            dk_s = tl.load(DK + head_k + offs, mask=mask, other=0.0) + tl.sum(da_s * q_s[:, None, :] * e, 0)
+            tl.store(DQ + head_k + offs, dq_s, mask=mask)
+            tl.store(DK + head_k + offs, dk_s, mask=mask)
 
 
 # warps / pipeline stages per kernel (the backward keeps dq, dk [BT, K] and dA [BT, BT] in fp32: 8 warps;
@@ -208,6 +246,11 @@ LAUNCH = {
     "dstates": dict(num_warps=4, num_stages=2),
     "bwd": dict(num_warps=8, num_stages=1),
 }
+
+
+# key columns per [BC, BC, BKS] product of a diagonal sub-block (16 x 16 x 16 fp32: 32 registers a thread at
+# 4 warps, for each of the few live 3-D tiles)
+DIAG_KEY_SLICE = 16
 
 
 def chunk_sizes(interpreting: bool) -> tuple:
@@ -231,7 +274,7 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
     o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
     prec = _precision(q.dtype)
     _gla_intra_kernel[(nt, batch * heads)](q, k, g, a, seq, heads, KD=key_dim, BK=bk, BT=bt, BC=bc,
-                                           DOT_PRECISION=prec, **LAUNCH["intra"])
+                                           BKS=DIAG_KEY_SLICE, DOT_PRECISION=prec, **LAUNCH["intra"])
     h0 = initial_state.contiguous() if initial_state is not None else hs
     nv = triton.cdiv(value_dim, bv)
     _gla_states_kernel[(nv, batch * heads)](
@@ -263,7 +306,7 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
     dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
     _gla_chunk_bwd_kernel[(nt, batch * heads)](
         q, k, v, g, a, hs, dhs, do, dq, dk, dv, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
-        BV=bv, BT=bt, BC=bc, DOT_PRECISION=prec, **LAUNCH["bwd"])
+        BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, DOT_PRECISION=prec, **LAUNCH["bwd"])
     dg = (q.float() * dq - k.float() * dk).flip(1).cumsum(1).flip(1)
     if d_final is not None:
         dg = dg + (d_final.float() * final_state).sum(-1)[:, None]
