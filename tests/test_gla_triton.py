@@ -19,6 +19,7 @@ SHAPES = {
     "k_ne_v_odd_t": (2, 37, 3, 16, 24),
     "v_wider_than_a_tile": (1, 21, 2, 32, 80),  # several value tiles: dq/dk summed across programs
     "dash_linear_candidate": (1, 19, 2, 64, 65),  # values carry the normaliser column
+    "keys_wider_than_a_walk_tile": (1, 21, 2, 128, 24),  # the state walks split K into tiles of 64
 }
 
 

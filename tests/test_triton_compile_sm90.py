@@ -78,12 +78,13 @@ def compile_all(head_dim):
     bt, bc = chunk.chunk_sizes(False)
     dims = dict(KD=head_dim, VD=head_dim + 1, BK=chunk._block(head_dim), BV=min(chunk._block(head_dim + 1), 64),
                 BT=bt, DOT_PRECISION="tf32")
+    walk = dict(dims, **dict(zip(("BK", "BV"), chunk.walk_tiles(head_dim, head_dim + 1))))
     intra = dict(KD=head_dim, BK=chunk._block(head_dim), BT=bt, BC=bc, BKS=chunk.DIAG_KEY_SLICE, DOT_PRECISION="tf32")
     for name, fn, constexprs in [
         ("intra", chunk._gla_intra_kernel, intra),
-        ("states", chunk._gla_states_kernel, dict(dims, HAS_H0=True, STORE_HT=True)),
+        ("states", chunk._gla_states_kernel, dict(walk, HAS_H0=True, STORE_HT=True)),
         ("output", chunk._gla_output_kernel, dims),
-        ("dstates", chunk._gla_dstates_kernel, dict(dims, HAS_DHT=True, STORE_DH0=True)),
+        ("dstates", chunk._gla_dstates_kernel, dict(walk, HAS_DHT=True, STORE_DH0=True)),
         ("bwd", chunk._gla_chunk_bwd_kernel, dict(dims, BC=bc, BKS=chunk.DIAG_KEY_SLICE)),
     ]:
         launch = chunk.LAUNCH[name]
@@ -99,7 +100,7 @@ def compile_all(head_dim):
     bwd_values = dict(values, BV=gdn.backward_value_tile(head_dim, head_dim))
     for name, fn, constexprs in [
         ("prep", gdn._gdn_prep_kernel, dict(values, INV_PRECISION="tf32x3")),
-        ("fwd", gdn._gdn_fwd_kernel, dict(values, HAS_H0=True, STORE_HT=True)),
+        ("fwd", gdn._gdn_fwd_kernel, dict(values, BV=gdn.walk_value_tile(head_dim), HAS_H0=True, STORE_HT=True)),
         ("output", gdn._gdn_output_kernel, values),
         ("bwd_state", gdn._gdn_bwd_state_kernel, dict(bwd_values, HAS_DHT=True, STORE_DH0=True)),
         ("bwd_chunk", gdn._gdn_bwd_chunk_kernel, dict(common, NV=2)),

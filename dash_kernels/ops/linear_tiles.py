@@ -40,6 +40,14 @@ def state_tile(v0, KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.
     return offs_k[:, None] * VD + offs_v[None, :], (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
 
 
+@triton.jit
+def state_block(k0, v0, KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets and mask of the [BK, BV] tile at (key row k0, value column v0) of a row-major [K, V] state."""
+    offs_k = k0 + tl.arange(0, BK)
+    offs_v = v0 + tl.arange(0, BV)
+    return offs_k[:, None] * VD + offs_v[None, :], (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+
+
 def block(n: int) -> int:
     """The power-of-two tile (at least 16) that covers n."""
     return max(16, triton.next_power_of_2(n))

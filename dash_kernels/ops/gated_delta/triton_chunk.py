@@ -303,6 +303,12 @@ def chunk_size(interpreting: bool) -> int:
     return 16 if interpreting else 64
 
 
+def walk_value_tile(value_dim: int) -> int:
+    """Value columns per program of the forward walk: narrow, so that B * H * V / BV programs fill the GPU (the
+    walk is a chain of dependent steps; the key rows cannot split: U = U0 - W S contracts over them)."""
+    return min(_block(value_dim), 32)
+
+
 def backward_value_tile(key_dim: int, value_dim: int) -> int:
     # the reverse pass stages [BT, BT], [BT, K] and [BT, BV] operands in shared memory: at K = 128 a 64-wide
     # value tile needs 272 KB (over Hopper's 227 KB), a 32-wide one 200 KB
@@ -328,8 +334,9 @@ def gdn_chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, bt
     hs = torch.empty(batch * heads, nt, key_dim, value_dim, **f32)
     final = torch.empty(batch, heads, key_dim, value_dim, **f32) if output_final_state else hs  # never written
     h0 = initial_state.contiguous() if initial_state is not None else hs
-    _gdn_fwd_kernel[(nv, batch * heads)](
-        k, g, w, u, h0, hs, final, seq, heads, nt, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+    bvw = walk_value_tile(value_dim)
+    _gdn_fwd_kernel[(triton.cdiv(value_dim, bvw), batch * heads)](
+        k, g, w, u, h0, hs, final, seq, heads, nt, KD=key_dim, VD=value_dim, BK=bk, BV=bvw, BT=bt,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec, num_warps=4,
         num_stages=1)
     o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)

@@ -23,7 +23,7 @@ from ..linear_tiles import block as _block
 from ..linear_tiles import dot_precision as _precision
 from ..linear_tiles import load_rows as _load_rows
 from ..linear_tiles import row as _row
-from ..linear_tiles import state_tile
+from ..linear_tiles import state_block, state_tile
 from ..linear_tiles import store_rows as _store_rows
 
 
@@ -90,12 +90,15 @@ def _diag_block(Q, K, G, r0, T, H, KD: tl.constexpr, BK: tl.constexpr, BC: tl.co
 def _gla_states_kernel(K, V, G, H0, HS, HT, T, H, NT,
                        KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                        HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """HS [B, H, N, K, V] fp32: the state entering each chunk; HT the final state."""
-    i_v = tl.program_id(0)
+    """HS [B, H, N, K, V] fp32: the state entering each chunk; HT the final state. One program per [BK, BV]
+    state tile: the rows of a GLA state evolve independently (diagonal decay), so key tiles split too."""
+    NKT: tl.constexpr = (KD + BK - 1) // BK
+    k0 = (tl.program_id(0) % NKT) * BK
+    v0 = (tl.program_id(0) // NKT) * BV
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+    state_offs, state_ok = state_block(k0, v0, KD, VD, BK, BV)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(H0 + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -104,9 +107,9 @@ def _gla_states_kernel(K, V, G, H0, HS, HT, T, H, NT,
     idx = tl.arange(0, BT)
     for n in range(NT):
         tl.store(HS + (bh * NT + n) * KD * VD + state_offs, state.to(HS.dtype.element_ty), mask=state_ok)
-        k = _load_rows(K + head_k, n * BT, T, H, KD, BT, BK)
-        gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK), 0)
-        v = _load_rows(V + head_v, n * BT, T, H, VD, BT, BV, i_v * BV)
+        k = _load_rows(K + head_k, n * BT, T, H, KD, BT, BK, k0)
+        gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK, k0), 0)
+        v = _load_rows(V + head_v, n * BT, T, H, VD, BT, BV, v0)
         gl = _row(gc, idx, BT - 1)
         k_to_end = k * tl.exp(gl[None, :] - gc)
         state = state * tl.exp(gl)[:, None] + tl.dot(tl.trans(k_to_end), v, input_precision=DOT_PRECISION)
@@ -140,12 +143,15 @@ def _gla_output_kernel(Q, V, G, A, HS, O, T, H, NT, scale,
 def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
                         KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                         HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """DHS [B, H, N, K, V] fp32: the gradient of the state leaving each chunk; DH0 that of the initial state."""
-    i_v = tl.program_id(0)
+    """DHS [B, H, N, K, V] fp32: the gradient of the state leaving each chunk; DH0 that of the initial state.
+    One program per [BK, BV] tile, as in the forward walk."""
+    NKT: tl.constexpr = (KD + BK - 1) // BK
+    k0 = (tl.program_id(0) % NKT) * BK
+    v0 = (tl.program_id(0) // NKT) * BV
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+    state_offs, state_ok = state_block(k0, v0, KD, VD, BK, BV)
     dh = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         dh += tl.load(DHT + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
@@ -155,9 +161,9 @@ def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
     for i in range(NT):
         n = NT - 1 - i
         tl.store(DHS + (bh * NT + n) * KD * VD + state_offs, dh.to(DHS.dtype.element_ty), mask=state_ok)
-        q = _load_rows(Q + head_k, n * BT, T, H, KD, BT, BK)
-        gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK), 0)
-        do = _load_rows(DO + head_v, n * BT, T, H, VD, BT, BV, i_v * BV)
+        q = _load_rows(Q + head_k, n * BT, T, H, KD, BT, BK, k0)
+        gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK, k0), 0)
+        do = _load_rows(DO + head_v, n * BT, T, H, VD, BT, BV, v0)
         gl = _row(gc, idx, BT - 1)
         dh = dh * tl.exp(gl)[:, None] + tl.dot(tl.trans(q * tl.exp(gc) * scale), do, input_precision=DOT_PRECISION)
     if STORE_DH0:
@@ -253,6 +259,12 @@ LAUNCH = {
 DIAG_KEY_SLICE = 16
 
 
+def walk_tiles(key_dim: int, value_dim: int) -> tuple:
+    """State tile [BK, BV] of the sequential walks: small, so that B * H * (K / BK) * (V / BV) programs fill the
+    GPU (each walk is a chain of dependent steps; at B 4, H 16, K = V = 128 this gives 512 programs, not 128)."""
+    return min(_block(key_dim), 64), min(_block(value_dim), 32)
+
+
 def chunk_sizes(interpreting: bool) -> tuple:
     return (16, 8) if interpreting else (64, 16)  # (BT, BC)
 
@@ -277,8 +289,9 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
                                            BKS=DIAG_KEY_SLICE, DOT_PRECISION=prec, **LAUNCH["intra"])
     h0 = initial_state.contiguous() if initial_state is not None else hs
     nv = triton.cdiv(value_dim, bv)
-    _gla_states_kernel[(nv, batch * heads)](
-        k, v, g, h0, hs, final, seq, heads, nt, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+    bkw, bvw = walk_tiles(key_dim, value_dim)
+    _gla_states_kernel[(triton.cdiv(key_dim, bkw) * triton.cdiv(value_dim, bvw), batch * heads)](
+        k, v, g, h0, hs, final, seq, heads, nt, KD=key_dim, VD=value_dim, BK=bkw, BV=bvw, BT=bt,
         HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec, **LAUNCH["states"])
     _gla_output_kernel[(nv, nt, batch * heads)](
         q, v, g, a, hs, o, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
@@ -298,8 +311,9 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
     dh0 = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
         if initial_state is not None else dhs
     dht = d_final.contiguous() if d_final is not None else dhs
-    _gla_dstates_kernel[(triton.cdiv(value_dim, bv), batch * heads)](
-        q, g, do, dht, dhs, dh0, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
+    bkw, bvw = walk_tiles(key_dim, value_dim)
+    _gla_dstates_kernel[(triton.cdiv(key_dim, bkw) * triton.cdiv(value_dim, bvw), batch * heads)](
+        q, g, do, dht, dhs, dh0, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bkw, BV=bvw, BT=bt,
         HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec, **LAUNCH["dstates"])
     dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
     dk = torch.empty_like(dq)
