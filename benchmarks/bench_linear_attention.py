@@ -112,9 +112,13 @@ def main():
                 fn, inputs = entry
                 try:
                     row["ms"][name] = time_method(fn, inputs, mode)
+                    print(f"  {shape} {mode} {name}: {row['ms'][name]:.3f} ms", flush=True)
                 except Exception as exc:  # e.g. fla refusing a backward on this Triton
                     row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     torch.cuda.synchronize()
+                if args.out:  # what a killed run measured so far survives
+                    with open(args.out, "w") as f:
+                        json.dump(dict(report, rows=rows + [row]), f, indent=1)
             ms = row["ms"]
             for op in ("gla", "gdn"):
                 if f"dash_{op}" in ms and f"fla_{op}" in ms:

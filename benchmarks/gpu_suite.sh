@@ -11,7 +11,10 @@
 #                  wheels in .whl/, see the device README)                                     ~4 min
 #     smollm2      the default SmolLM2 search end to end (needs MODEL=path to the GGUF, see
 #                  ../shared/hooks/stage-smollm2-for-device.sh)        ~8 min
-#   TEST_ARGS="-k qwen"   extra pytest arguments (note: -k fp32 matches every case id; use case ids)
+#   TEST_ARGS="-x"   extra pytest arguments; TEST_K="gla and not recurrent": a pytest -k expression
+#                    (note: -k fp32 matches every case id; use case ids)
+#   LINEAR_ARGS="--shapes h16_d128_T4096 --modes fwd_bwd"   arguments of the linear benchmark
+#   SEARCH_SHAPES="smollm2-135m"   which search-step shapes; *_TIMEOUT: seconds per part (TEST, BENCH, LINEAR, SEARCH)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
@@ -24,7 +27,7 @@ python -m dash_kernels | tee -a "$OUT/gpu.txt"
 for part in ${PARTS:-tests bench}; do
   case "$part" in
     tests)
-      timeout "${TEST_TIMEOUT:-420}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py ${TEST_ARGS:-} \
+      timeout "${TEST_TIMEOUT:-420}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py ${TEST_ARGS:-} ${TEST_K:+-k "$TEST_K"} \
         2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20 ;;
     tune)
       timeout 200 python benchmarks/tune_configs.py --shape qwen2.5-3b --out "$OUT/tune_qwen.json" 2>&1 | grep "^best"
@@ -36,11 +39,13 @@ for part in ${PARTS:-tests bench}; do
         ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"
       sed -n '/^GPU:/,$p' "$OUT/bench.log" ;;
     linear)
-      timeout 300 python benchmarks/bench_linear_attention.py --out "$OUT/linear_attention.json" 2>&1 \
-        | grep -v Warn | tail -14 ;;
+      timeout "${LINEAR_TIMEOUT:-300}" python benchmarks/bench_linear_attention.py --out "$OUT/linear_attention.json" \
+        ${LINEAR_ARGS:-} 2>&1 | grep -v Warn | tail -14 ;;
     search_step)
-      timeout 240 python benchmarks/bench_search.py --profile --out "$OUT/search_step.json" 2>&1 | tail -40
-      timeout 150 python benchmarks/bench_search.py --shape smollm2-135m --profile --out "$OUT/search_step_smol.json" 2>&1 | tail -40 ;;
+      for shape in ${SEARCH_SHAPES:-qwen2.5-3b smollm2-135m}; do
+        timeout "${SEARCH_TIMEOUT:-240}" python benchmarks/bench_search.py --shape "$shape" --profile \
+          --out "$OUT/search_step_$shape.json" 2>&1 | grep -v Warn | tail -40
+      done ;;
     smollm2)
       timeout 540 python benchmarks/smollm2_search.py --model "${MODEL:?set MODEL to the SmolLM2 GGUF}" \
         --output "$HOME/runs/smollm2_search" --out "$OUT/smollm2_search.json" 2>&1 | tr '\r' '\n' \
