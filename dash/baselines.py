@@ -11,11 +11,16 @@ same one for every method), and the hybrid goes through DASH's own export path. 
                 attention on the teacher's own activations; keep full the K largest
   kl_restore    start from all-efficient; restore one layer at a time to full attention; keep full the K whose
                 restoration lowers KL(teacher || hybrid) most (KL-guided layer selection)
-  duo_gate      DuoAttention-style: a learned gate per layer mixes full and efficient attention; trained to keep
-                the final hidden states close to the teacher's (relative L2) with an L1 pull toward the efficient
-                operator; keep full the K layers with the largest gates
+  duo_gate      DuoAttention (Xiao et al., 2024): a learned gate per KV-head group mixes full attention and the
+                efficient operator, ``gate * full + (1 - gate) * efficient`` (whatever the supernet's own
+                granularity: a per-layer supernet gets per-group gates for the run). Trained on synthetic
+                passkey-retrieval sequences (``dash.ruler``'s passkey generator, deterministic by seed, as long as
+                the calibration rows) so that the mixed model's final hidden states on the answer span match the
+                full-attention teacher's (relative L2), plus an L1 pull of the gates toward the efficient operator;
+                keep full the K layers with the largest mean gate
   teacher / all_efficient   the two bounds (every layer full / none)
-The scoring selectors run forward passes only, on calibration rows, and report their cost (tokens, seconds).
+The scoring selectors run on calibration rows (duo_gate: on passkey samples of the rows' length) and report their
+cost: tokens through forward passes (duo_gate also the tokens through backward passes) and wall seconds.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ def _positions(net: Supernet, efficient: Candidate) -> tuple:
         raise ValueError("the selector baselines need the 'full' candidate in the supernet")
     if efficient.name not in names:
         raise ValueError(f"efficient candidate {efficient.name!r} is not among the supernet's {names}")
+    if efficient.is_full:
+        raise ValueError("the efficient candidate must not be full attention")
     return names.index("full"), names.index(efficient.name)
 
 
@@ -71,48 +78,81 @@ def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch
     return total / max(1, count)
 
 
-DUO_STEPS, DUO_LR, DUO_L1 = 40, 0.1, 0.05
+DUO_STEPS, DUO_LR, DUO_L1 = 40, 0.1, 0.05  # one passkey sample a step
+DUO_ANSWER_TOKENS = 16  # room kept after each passkey prompt for its teacher-forced answer
 
 
-def _duo_gate(net: Supernet, rows: torch.Tensor, full: int, eff: int, seed: int) -> List[float]:
-    """Per layer, the learned gate of full attention (DuoAttention's objective, per layer instead of per head)."""
-    saved = [s.alpha.detach().clone() for s in net.states]
+def passkey_sequences(tokenizer, length: int, count: int, seed: int) -> List[tuple]:
+    """``count`` passkey-retrieval sequences of at most ``length`` tokens: ``dash.ruler``'s passkey prompt followed by
+    its answer (teacher-forced). Returns (ids [T], start) pairs; hidden states from ``start`` on (the position that
+    predicts the answer's first token, through the end) form the answer span the gate is trained on."""
+    from .ruler import generate_samples
+
+    if tokenizer is None:
+        raise ValueError("selector 'duo_gate' needs the tokenizer (tokenizer=...) to build its passkey samples")
+    try:  # passkey samples draw no words from the vocabulary: an empty list skips scanning it
+        samples = generate_samples(tokenizer, "passkey", length - DUO_ANSWER_TOKENS, count, seed, words=[])
+    except ValueError as exc:
+        raise ValueError(f"selector 'duo_gate' builds passkey samples as long as the calibration rows ({length} "
+                         f"tokens), which is too short: {exc}") from exc
+    out = []
+    for sample in samples:
+        # answer ids appended to the prompt's own ids: exactly what the model sees when it generates the answer
+        prompt = list(tokenizer(sample.prompt, add_special_tokens=False)["input_ids"])
+        answer = list(tokenizer(f" {sample.answers[0]}.", add_special_tokens=False)["input_ids"])
+        ids = (prompt + answer)[:length]
+        out.append((torch.tensor(ids, dtype=torch.long), len(prompt) - 1))
+    return out
+
+
+def _duo_gate(net: Supernet, sequences: Sequence[tuple], full: int, eff: int) -> List[List[float]]:
+    """Per layer and KV-head group, the learned gate of full attention (DuoAttention's objective)."""
+    from torch import nn
+
+    saved = [s.alpha for s in net.states]  # the Parameter objects themselves go back (an optimizer may hold them)
     taus = [s.tau for s in net.states]
-    for state in net.states:  # a two-way gate: sigmoid(a_full - a_eff), every other candidate off
-        with torch.no_grad():
-            state.alpha.fill_(-1e4)
-            state.alpha[..., full] = 0.0
-            state.alpha[..., eff] = 0.0
+    device = saved[0].device
+    gates = []
+    for state in net.states:
+        # [Hkv, C] logits: a per-group two-way gate sigmoid(a_full - a_eff) with a_eff fixed at 0, every other
+        # candidate off; DashLayerState expands groups to query heads like any per-group supernet
+        alpha = torch.full((state.heads_kv, len(state.candidates)), -1e4, device=device)
+        alpha[:, full] = 0.0
+        alpha[:, eff] = 0.0
+        mask = torch.zeros_like(alpha)
+        mask[:, full] = 1.0
+        gate = nn.Parameter(alpha)
+        gate.register_hook(lambda grad, mask=mask: grad * mask)  # only a_full trains: one logit per gate
+        state.alpha = gate
         state.tau = 1.0
-    params = [s.alpha for s in net.states]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=DUO_LR)
-    generator = torch.Generator().manual_seed(seed)
+        gates.append(gate)
+    optimizer = torch.optim.Adam(gates, lr=DUO_LR)
+    base = net.model.base_model
     try:
-        for _ in range(DUO_STEPS):
-            row = rows[int(torch.randint(len(rows), (1,), generator=generator))][None]
+        for ids, start in sequences:
+            ids = ids[None].to(device)
             with torch.no_grad(), net.teacher():
-                target = net.model.base_model(row, use_cache=False).last_hidden_state.float()
-            hidden = net.model.base_model(row, use_cache=False).last_hidden_state.float()
-            gates = torch.stack([s.probabilities()[..., full].mean() for s in net.states])
-            loss = (hidden - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12) + DUO_L1 * gates.mean()
+                target = base(ids, use_cache=False).last_hidden_state[0, start:].float()
+            hidden = base(ids, use_cache=False).last_hidden_state[0, start:].float()
+            values = torch.cat([s.probabilities()[:, full] for s in net.states])
+            loss = (hidden - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12) + DUO_L1 * values.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        return [float(s.probabilities()[..., full].mean()) for s in net.states]
+        return [s.probabilities()[:, full].detach().cpu().tolist() for s in net.states]
     finally:
         for state, alpha, tau in zip(net.states, saved, taus):
-            with torch.no_grad():
-                state.alpha.copy_(alpha)
+            state.alpha = alpha
             state.tau = tau
 
 
 def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: Optional[torch.Tensor] = None,
-           seed: int = 0) -> Dict:
-    """Layers that keep full attention under ``method``; returns {"full_layers", "choices", "cost"}.
+           seed: int = 0, tokenizer=None) -> Dict:
+    """Layers that keep full attention under ``method``; returns {"full_layers", "choices", "scores", "cost"}
+    (duo_gate also "gates": per layer, the gate of each KV-head group).
 
-    ``rows``: [N, T] calibration token rows (needed by ppl_drop, attn_mse, kl_restore)."""
+    ``rows``: [N, T] calibration token rows (needed by ppl_drop, attn_mse, kl_restore; duo_gate uses only their
+    length T). ``tokenizer``: the model's tokenizer (needed by duo_gate for its passkey samples)."""
     if method not in METHODS:
         raise ValueError(f"unknown selector {method!r}; known: {list(METHODS)}")
     num_layers = len(net.states)
@@ -124,6 +164,8 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
         raise ValueError(f"selector {method!r} needs calibration rows")
     started = time.time()
     scores: Optional[List[float]] = None
+    gates: Optional[List[List[float]]] = None
+    tokens = int(rows.numel()) if scored else 0
     if method == "uniform":
         keep = sorted({min(num_layers - 1, int((i + 0.5) * num_layers / budget)) for i in range(budget)})
     elif method == "random":
@@ -153,7 +195,10 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
             set_choices(net, [full if i == layer else eff for i in range(num_layers)])
             scores.append(base - _loss(net, rows, teacher_hidden, "kl"))  # KL removed by restoring this layer
     elif method == "duo_gate":
-        scores = _duo_gate(net, rows, full, eff, seed)
+        sequences = passkey_sequences(tokenizer, int(rows.shape[1]), DUO_STEPS, seed)
+        gates = _duo_gate(net, sequences, full, eff)
+        scores = [sum(g) / len(g) for g in gates]  # a layer's rank: its mean gate over KV-head groups
+        tokens = sum(int(ids.numel()) for ids, _ in sequences)
     else:  # attn_mse: on the teacher's own activations, each layer also runs the efficient operator
         errors = torch.zeros(num_layers)
         for state in net.states:
@@ -172,8 +217,13 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
     if method not in ("teacher", "all_efficient") and len(keep) != budget:
         raise RuntimeError(f"selector {method} chose {len(keep)} layers for a budget of {budget}")
     choices = [net.candidates[full] if i in keep else efficient for i in range(num_layers)]
-    tokens = int(rows.numel()) if scored else 0
-    passes = {"ppl_drop": num_layers, "kl_restore": num_layers + 2, "attn_mse": 1,
-              "duo_gate": 3 * DUO_STEPS}.get(method, 0)
-    return {"method": method, "budget": budget, "seed": seed, "full_layers": keep, "choices": choices,
-            "scores": scores, "cost": {"forward_tokens": tokens * passes, "seconds": time.time() - started}}
+    # forward passes over the rows (duo_gate: teacher and mixed model over each passkey sample, once)
+    passes = {"ppl_drop": num_layers, "kl_restore": num_layers + 2, "attn_mse": 1, "duo_gate": 2}.get(method, 0)
+    cost = {"forward_tokens": tokens * passes, "seconds": time.time() - started}
+    if method == "duo_gate":  # the mixed model also runs backward over each sample
+        cost.update(backward_tokens=tokens, passkey_samples=DUO_STEPS)
+    out = {"method": method, "budget": budget, "seed": seed, "full_layers": keep, "choices": choices,
+           "scores": scores, "cost": cost}
+    if gates is not None:
+        out["gates"] = gates
+    return out

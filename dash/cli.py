@@ -1,5 +1,6 @@
 """``dash`` command line: ``dash align`` (stage 1), ``dash search`` (stage 2), ``dash export`` (discretise
-and write a hybrid) and ``dash eval`` (perplexity), on the embedded SmolLM2 or any model.
+and write a hybrid), ``dash finetune`` (light distillation of an exported hybrid), ``dash eval`` (perplexity,
+RULER-style tasks) and ``dash compare`` (DASH against the selector baselines), on the embedded SmolLM2 or any model.
 
 Settings come from defaults, then a YAML file (``--config``), then command-line flags; the resolved
 settings are written to ``<output>/config.yaml``. Re-running the same command resumes a killed search.
@@ -236,7 +237,39 @@ def run_export(args) -> dict:
     return {**report, "output": output, "loads_with_transformers": info["loads_with_transformers"]}
 
 
+def _finetune_parser(sub):
+    from .finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="light distillation fine-tuning of an exported hybrid (LoRA on the non-full "
+                                        "layers' projections + the linear candidates' parameters)")
+    p.add_argument("path", help="hybrid directory written by `dash export`")
+    p.add_argument("--teacher", help="teacher model (default: the one recorded in the hybrid's report)")
+    p.add_argument("--data", nargs="+", help="text/jsonl files, folders or hf:<dataset>[:split] (default: offline "
+                                            "corpus, as `dash search`)")
+    p.add_argument("--tokens", type=int, default=None, help="fine-tuning tokens (default 2M on GPU, 16K on CPU)")
+    p.add_argument("--lr", type=float, default=FinetuneConfig.lr)
+    p.add_argument("--rank", type=int, default=FinetuneConfig.rank, help="LoRA rank")
+    p.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default 4096 GPU, 1024 CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 2 GPU, 1 CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="fine-tuned hybrid directory (default: <path>-ft)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_finetune(args) -> dict:
+    from .finetune import finetune_hybrid
+
+    return finetune_hybrid(args.path, args.output, teacher=args.teacher, data=args.data, tokens=args.tokens,
+                           lr=args.lr, rank=args.rank, seq_len=args.seq_len, batch_size=args.batch_size,
+                           device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None, seed=args.seed,
+                           progress=not args.no_progress)
+
+
 def _compare_parser(sub):
+    from .finetune import FinetuneConfig
+
     p = sub.add_parser("compare", help="DASH against the selector baselines at several budgets (RULER + perplexity)")
     p.add_argument("--model", help="as for `dash search` (default: the embedded SmolLM2)")
     p.add_argument("--budgets", type=int, nargs="+", default=[3, 6, 9], help="full-attention layers")
@@ -250,6 +283,10 @@ def _compare_parser(sub):
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--tasks", nargs="+", default=None)
     p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune every method's hybrid on this many "
+                   "tokens before scoring, as `dash finetune` does (default 0: off)")
+    p.add_argument("--finetune-rank", type=int, default=FinetuneConfig.rank, help="LoRA rank of that fine-tuning")
+    p.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr, help="learning rate of that fine-tuning")
     p.add_argument("--output", default=os.path.join("runs", "compare"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
@@ -287,7 +324,8 @@ def run_compare(args) -> dict:
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
                    methods=args.methods or METHODS, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
                    lengths=args.lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
-                   output_dir=args.output, progress=not args.no_progress)
+                   output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
+                   finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr)
 
 
 def run_eval(args) -> dict:
@@ -341,6 +379,7 @@ def main(argv=None) -> int:
     _align_parser(sub)
     _search_parser(sub)
     _export_parser(sub)
+    _finetune_parser(sub)
     _eval_parser(sub)
     _compare_parser(sub)
     args = parser.parse_args(argv)
@@ -372,6 +411,13 @@ def main(argv=None) -> int:
         print(f"hybrid with {done['choice'].count('full')}/{len(done['choice'])} full-attention layers written to "
               f"{done['output']} (loads with plain transformers: {done['loads_with_transformers']}; "
               "always with dash.load_hybrid)")
+    elif args.command == "finetune":
+        done = run_finetune(args)
+        kl = "" if done["heldout_kl_before"] is None else \
+            f"; held-out distillation KL {done['heldout_kl_before']:.4f} -> {done['heldout_kl_after']:.4f}"
+        print(f"fine-tuned {done['steps']} steps on {done['tokens']} tokens ({done['trained_parameters']} parameters: "
+              f"LoRA on layers {done['adapted_layers']}, linear candidates of layers {done['linear_layers']}){kl}")
+        print(f"written to {done['output']}/ (loads with dash.load_hybrid)")
     elif args.command == "eval":
         result = run_eval(args)
         if "perplexity" in result:

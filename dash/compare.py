@@ -6,7 +6,13 @@ RULER-style tasks and held-out perplexity on the same samples. Every hybrid is e
 supernet with one-hot logits, which computes exactly what its exported model computes (the export path turns
 the same choices into the model directory). Writes ``compare.json``, ``compare.md`` and ``compare.png``.
 
+With ``finetune_tokens > 0`` every hybrid (DASH's, each selector's and the bounds') is first fine-tuned the same way
+(``dash.finetune.Finetune``: LoRA on the non-full layers' projections, distilled toward the teacher on the search's
+training text, in place in the supernet with its teacher mode as the teacher), scored, and its adapters dropped;
+each row records that fine-tuning's cost under ``"finetune"``.
+
   dash compare --budgets 3 6 9 --output runs/compare          (a GPU: the full comparison)
+  dash compare --budgets 3 6 9 --finetune-tokens 1000000 --output runs/compare-ft
 """
 from __future__ import annotations
 
@@ -43,10 +49,16 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             efficient: Candidate, *, methods: Sequence[str] = METHODS, random_seeds: Sequence[int] = (0, 1, 2),
             search_tokens: int = 12_300_000, search_batch: int = 2, lengths: Sequence[int] = (1024, 2048, 4096),
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
-            progress: bool = True) -> Dict:
+            progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
+            finetune_lr: float = 2e-4) -> Dict:
+    from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
     from .search import Search, SearchConfig
 
+    if finetune_tokens < 0:
+        raise ValueError(f"finetune_tokens must be >= 0 (0: no fine-tuning), got {finetune_tokens}")
+    if finetune_tokens:  # bad settings fail now, not after the first search
+        FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr, rank=finetune_rank).validate()
     tasks = list(tasks or TASKS)
     os.makedirs(output_dir, exist_ok=True)
     names = [c.name for c in net.candidates]
@@ -55,19 +67,44 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     if os.path.exists(path):  # resume: rows already measured (same settings) are kept, not recomputed
         with open(path) as f:
             saved = json.load(f)
-        if saved.get("lengths") == list(lengths) and saved.get("tasks") == tasks:
+        same = (saved.get("lengths") == list(lengths) and saved.get("tasks") == tasks
+                and saved.get("finetune_tokens", 0) == finetune_tokens)
+        if same:
             rows = saved["rows"]
     done = {(r["method"], r["budget"], r["seed"]) for r in rows}
+    settings = {"lengths": list(lengths), "tasks": tasks, "finetune_tokens": finetune_tokens}
+
+    def teacher_hidden(batch):
+        with net.teacher():
+            return net.model.base_model(batch, use_cache=False).last_hidden_state
 
     def score(method, budget, run_seed, choices, cost):
         set_choices(net, [names.index(c.name) for c in choices])
-        ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed)
+        tuner, tuned = None, None
+        if finetune_tokens:  # the same light fine-tuning for every hybrid, resumable like the searches
+            tag = f"{method}_K{budget}" + ("" if run_seed is None else f"_seed{run_seed}")
+            config = FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr,
+                                    rank=finetune_rank, seed=seed)
+            tuner = Finetune(net.model, choices, search_data, config,
+                             os.path.join(output_dir, f"finetune_{finetune_tokens}", tag), teacher_hidden)
+        try:
+            if tuner is not None:
+                summary = tuner.run(progress=progress)
+                tuned = {k: summary[k] for k in ("tokens", "seconds", "trained_parameters", "train_kl_first",
+                                                 "train_kl_last")}
+                tuned.update(rank=finetune_rank, lr=finetune_lr)
+            ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed)
+            perplexity = _perplexity(net, heldout)
+        finally:
+            if tuner is not None:  # the next hybrid starts from the teacher's own weights again
+                tuner.remove(merge=False)
         row = {"method": method, "budget": budget, "seed": run_seed, "choice": [c.name for c in choices],
-               "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": _perplexity(net, heldout),
-               "cost": cost}
+               "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": perplexity, "cost": cost}
+        if tuned is not None:
+            row["finetune"] = tuned
         rows.append(row)
         with open(os.path.join(output_dir, "compare.json"), "w") as f:  # after every row: a long run keeps results
-            json.dump({"rows": rows, "lengths": list(lengths), "tasks": tasks}, f, indent=1)
+            json.dump({"rows": rows, **settings}, f, indent=1)
         if progress:
             print(f"[compare] K={budget} {method}{'' if run_seed is None else f' seed {run_seed}'}: "
                   f"RULER {100 * row['ruler_average']:.1f}, ppl {row['perplexity']:.2f}", flush=True)
@@ -92,12 +129,16 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                     continue  # the bounds do not depend on the budget
                 if (method, budget, run_seed) in done:
                     continue
-                out = select(net, method, budget, efficient, rows=calibration, seed=run_seed or 0)
+                out = select(net, method, budget, efficient, rows=calibration, seed=run_seed or 0,
+                             tokenizer=tokenizer)
                 score(method, budget, run_seed, out["choices"], out["cost"])
     result = summarize(rows, budgets)
     with open(os.path.join(output_dir, "compare.json"), "w") as f:
-        json.dump({"rows": rows, "summary": result, "lengths": list(lengths), "tasks": tasks}, f, indent=1)
+        json.dump({"rows": rows, "summary": result, **settings}, f, indent=1)
     with open(os.path.join(output_dir, "compare.md"), "w") as f:
+        if finetune_tokens:
+            f.write(f"Every hybrid fine-tuned on {finetune_tokens} tokens before scoring (LoRA rank {finetune_rank} "
+                    "on the non-full layers, distilled toward the teacher).\n\n")
         f.write(markdown(result, budgets))
     plot(result, budgets, os.path.join(output_dir, "compare.png"))
     return {"rows": rows, "summary": result}

@@ -5,24 +5,29 @@ import torch
 pytest.importorskip("transformers")
 
 from dash import Candidate, build_supernet, export_hybrid, load_hybrid  # noqa: E402
-from dash.baselines import METHODS, select, set_choices  # noqa: E402
+from dash.baselines import DUO_STEPS, METHODS, passkey_sequences, select, set_choices  # noqa: E402
+from helpers import WordTokenizer  # noqa: E402
 from test_supernet import tiny_model  # noqa: E402
 
 EFFICIENT = Candidate(window=4, sink=1)
 
 
-def _net():
-    return build_supernet(tiny_model("llama"), ["full", "swa4", "sink1_swa4"])
+def _net(**kwargs):
+    return build_supernet(tiny_model("llama"), ["full", "swa4", "sink1_swa4"], **kwargs)
 
 
-def _rows():
-    return torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+def _rows(length=24):
+    return torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(0))
+
+
+PASSKEY_LENGTH = 96  # duo_gate's passkey samples are as long as the rows: room for the prompt and its needle
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_selector_meets_the_budget(method):
     net = _net()
-    out = select(net, method, 1, EFFICIENT, rows=_rows(), seed=2)
+    rows = _rows(PASSKEY_LENGTH if method == "duo_gate" else 24)
+    out = select(net, method, 1, EFFICIENT, rows=rows, seed=2, tokenizer=WordTokenizer())
     layers = len(net.states)
     want = {"teacher": layers, "all_efficient": 0}.get(method, 1)
     assert len(out["full_layers"]) == want
@@ -32,7 +37,48 @@ def test_every_selector_meets_the_budget(method):
         assert len(out["scores"]) == layers and out["cost"]["forward_tokens"] > 0
     if method == "duo_gate":  # gates are probabilities, and the logits are left as they were
         assert all(0.0 < g < 1.0 for g in out["scores"])
-        assert all(float(s.alpha.abs().max()) == 0.0 for s in net.states)
+        assert all(float(s.alpha.detach().abs().max()) == 0.0 for s in net.states)
+
+
+def test_passkey_samples_are_deterministic_and_end_with_their_answer():
+    tok = WordTokenizer()
+    a = passkey_sequences(tok, PASSKEY_LENGTH, 3, seed=4)
+    b = passkey_sequences(tok, PASSKEY_LENGTH, 3, seed=4)
+    assert all(torch.equal(x, y) and s == t for (x, s), (y, t) in zip(a, b))
+    assert any(not torch.equal(x, y) for (x, _), (y, _) in zip(a, passkey_sequences(tok, PASSKEY_LENGTH, 3, seed=5)))
+    from dash.ruler import generate_samples
+
+    for (ids, start), sample in zip(a, generate_samples(tok, "passkey", PASSKEY_LENGTH - 16, 3, seed=4, words=[])):
+        assert len(ids) <= PASSKEY_LENGTH
+        # the prompt's own ids, then the answer: the span from `start` predicts the key and reads it back
+        assert ids[: start + 1].tolist() == tok(sample.prompt)["input_ids"]
+        assert ids[start + 1:].tolist() == tok(f" {sample.answers[0]}.")["input_ids"]
+        assert sample.answers[0] in sample.prompt.split("What is the pass key?")[0]
+
+
+@pytest.mark.parametrize("per_kv_group", [False, True])
+def test_duo_gate_learns_one_gate_per_kv_group_deterministically(per_kv_group):
+    net = _net(per_kv_group=per_kv_group)
+    logits = [s.alpha for s in net.states]
+    rows = _rows(PASSKEY_LENGTH)
+    out = select(net, "duo_gate", 2, EFFICIENT, rows=rows, seed=0, tokenizer=WordTokenizer())
+    gates = torch.tensor(out["gates"])
+    assert gates.shape == (3, 2)  # 3 layers x 2 KV-head groups, whatever the supernet's own granularity
+    assert (gates - 0.5).abs().min() > 0.05  # every gate trained away from its start, sigmoid(0)
+    assert len(set(gates.flatten().tolist())) == gates.numel()  # each group learns its own gate
+    torch.testing.assert_close(torch.tensor(out["scores"]), gates.mean(1))
+    assert out["full_layers"] == sorted(gates.mean(1).argsort(descending=True)[:2].tolist())
+    # the supernet's own logits (the same Parameter objects) come back untouched
+    assert all(s.alpha is p and float(p.detach().abs().max()) == 0.0 for s, p in zip(net.states, logits))
+    assert all(s.alpha.shape == ((2, 3) if per_kv_group else (3,)) for s in net.states)
+    # deterministic by seed; another seed draws other passkey samples, so other gates
+    again = select(net, "duo_gate", 2, EFFICIENT, rows=rows, seed=0, tokenizer=WordTokenizer())
+    assert again["gates"] == out["gates"] and again["full_layers"] == out["full_layers"]
+    assert select(net, "duo_gate", 2, EFFICIENT, rows=rows, seed=1, tokenizer=WordTokenizer())["gates"] != out["gates"]
+    # cost: teacher and mixed forward over each passkey sample, one backward; not the calibration rows
+    sample_tokens = sum(len(ids) for ids, _ in passkey_sequences(WordTokenizer(), PASSKEY_LENGTH, DUO_STEPS, 0))
+    assert out["cost"]["backward_tokens"] == sample_tokens
+    assert out["cost"]["forward_tokens"] == 2 * sample_tokens and out["cost"]["passkey_samples"] == DUO_STEPS
 
 
 def test_selectors_are_deterministic_and_scores_make_sense():
@@ -70,6 +116,12 @@ def test_bad_input_is_named():
         select(net, "ppl_drop", 1, EFFICIENT)
     with pytest.raises(ValueError, match="not among"):
         select(net, "first", 1, Candidate(window=64))
+    with pytest.raises(ValueError, match="must not be full attention"):
+        select(net, "first", 1, Candidate())
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        select(net, "duo_gate", 1, EFFICIENT, rows=_rows(PASSKEY_LENGTH))
+    with pytest.raises(ValueError, match="too short"):
+        select(net, "duo_gate", 1, EFFICIENT, rows=_rows(24), tokenizer=WordTokenizer())
 
 
 def test_baseline_hybrid_goes_through_the_export_path(tmp_path):
