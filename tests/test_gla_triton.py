@@ -113,3 +113,11 @@ def test_bf16_decay_gradient_does_not_drift_with_length(monkeypatch):
     dg = torch.autograd.grad((o.float() * do).sum(), low[3])[0]
     dg_ref = torch.autograd.grad((o_ref * do.double()).sum(), full[3])[0]
     assert rel_err(dg, dg_ref) < 5e-3
+
+
+@pytest.mark.parametrize("seq", [1, 15, 16, 17, 50])
+def test_reverse_cumsum_over_time_in_chunks(seq):
+    from dash_kernels.ops.gla.triton_chunk import reverse_cumsum_over_time
+
+    x = torch.randn(2, seq, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seq))
+    assert torch.allclose(reverse_cumsum_over_time(x, 16), x.flip(1).cumsum(1).flip(1), rtol=0, atol=1e-12)

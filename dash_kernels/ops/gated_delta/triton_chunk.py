@@ -371,7 +371,7 @@ def gdn_chunk_bwd(q, k, v, g, beta, do, tinv, w, hs, scale, initial_state, d_fin
     dgc = torch.empty(bh, nt, bt, **f32)
     _gdn_bwd_chunk_kernel[(nt, bh)](
         q, k, g, beta, tinv, w, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc, dq, dk, dbeta, dgc, seq, heads, nt,
-        KD=key_dim, BK=bk, BT=bt, NV=nv, DOT_PRECISION=prec, num_warps=4, num_stages=1)
+        KD=key_dim, BK=bk, BT=bt, NV=nv, DOT_PRECISION=prec, num_warps=8, num_stages=1)  # 8: 6.4 -> 4.1 ms on the H200
     # gc_i = sum of g over the chunk's rows <= i: dg = reverse cumulative sum of d(gc) inside each chunk
     dg = dgc.flip(-1).cumsum(-1).flip(-1).view(batch, heads, nt * bt)[:, :, :seq].transpose(1, 2)
     return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None)

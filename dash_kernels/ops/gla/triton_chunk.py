@@ -321,10 +321,23 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
     _gla_chunk_bwd_kernel[(nt, batch * heads)](
         q, k, v, g, a, hs, dhs, do, dq, dk, dv, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
         BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, DOT_PRECISION=prec, **LAUNCH["bwd"])
-    dg = (q.float() * dq - k.float() * dk).flip(1).cumsum(1).flip(1)
+    dg = reverse_cumsum_over_time(q.float() * dq - k.float() * dk, bt)
     if d_final is not None:
         dg = dg + (d_final.float() * final_state).sum(-1)[:, None]
     return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
+
+
+def reverse_cumsum_over_time(x: torch.Tensor, bt: int) -> torch.Tensor:
+    """sum_{t' >= t} x[:, t'] for x [B, T, H, K], as two short scans: inside chunks of bt rows, then over the
+    chunks' totals. One scan over T's 4096+ steps (torch's outer-dimension scan) took 1.5 ms on the H200 at
+    B 4, T 4096, H 16, K 128, as long as the GLA forward."""
+    batch, seq = x.shape[:2]
+    nt = -(-seq // bt)
+    chunks = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nt * bt - seq)).view(batch, nt, bt, *x.shape[2:])
+    inside = chunks.flip(2).cumsum(2).flip(2)
+    suffix = inside[:, :, 0].flip(1).cumsum(1).flip(1)  # chunk n: the sum of chunks n, n + 1, ...
+    later = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], 1)  # chunks after n (no subtraction)
+    return (inside + later[:, :, None]).view(batch, nt * bt, *x.shape[2:])[:, :seq]
 
 
 class GLAChunkFunction(torch.autograd.Function):
