@@ -85,7 +85,7 @@ def compile_all(head_dim):
         ("states", chunk._gla_states_kernel, dict(walk, HAS_H0=True, STORE_HT=True)),
         ("output", chunk._gla_output_kernel, dims),
         ("dstates", chunk._gla_dstates_kernel, dict(walk, HAS_DHT=True, STORE_DH0=True)),
-        ("bwd", chunk._gla_chunk_bwd_kernel, dict(dims, BC=bc, BKS=chunk.DIAG_KEY_SLICE)),
+        ("bwd", chunk._gla_chunk_bwd_kernel, dict(dims, BC=bc, BKS=chunk.DIAG_KEY_SLICE, KS=min(dims["BK"], chunk.backward_key_slice(bt)))),
     ]:
         launch = chunk.LAUNCH[name]
         compiled = _compile(fn, constexprs, launch["num_warps"], launch["num_stages"])
@@ -103,7 +103,7 @@ def compile_all(head_dim):
         ("fwd", gdn._gdn_fwd_kernel, dict(values, BV=gdn.walk_value_tile(head_dim), HAS_H0=True, STORE_HT=True)),
         ("output", gdn._gdn_output_kernel, values),
         ("bwd_state", gdn._gdn_bwd_state_kernel, dict(bwd_values, HAS_DHT=True, STORE_DH0=True)),
-        ("bwd_chunk", gdn._gdn_bwd_chunk_kernel, dict(common, NV=2)),
+        ("bwd_chunk", gdn._gdn_bwd_chunk_kernel, dict(common, NV=2, KS=min(common["BK"], gdn.backward_key_slice(bt)))),
     ]:
         compiled = _compile(fn, constexprs, 4, 1)
         assert "mma" in compiled.asm["ptx"], f"gdn {name}: no tensor-core products"

@@ -226,13 +226,31 @@ def _gdn_bwd_state_kernel(Q, K, V, G, BETA, TINV, W, HS, DO, DHT, DV, DH0,
 
 
 @triton.jit
+def _sum_parts(P, chunk, k0, nbh, NT, KD: tl.constexpr, BT: tl.constexpr, KS: tl.constexpr, NV: tl.constexpr):
+    """Columns [k0, k0 + KS) of one chunk's [BT, KD] partial sums, summed over the NV value tiles."""
+    idx = tl.arange(0, BT)
+    cols = k0 + tl.arange(0, KS)
+    offs = idx[:, None] * KD + cols[None, :]
+    ok = cols[None, :] < KD
+    total = tl.zeros([BT, KS], dtype=tl.float32)
+    for i_v in range(NV):
+        total += tl.load(P + (i_v * nbh * NT + chunk) * BT * KD + offs, mask=ok, other=0.0)
+    return total
+
+
+@triton.jit
 def _gdn_bwd_chunk_kernel(Q, K, G, BETA, TINV, W, P_DM, P_DQ, P_DK, P_DW, P_DB, P_DL, P_DGC,
                           DQ, DK, DBETA, DGC, T, H, NT,
                           KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, NV: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-    """Per chunk: sum the value tiles' partials, then dq, dk, dbeta and d(gc) through Tinv, A, R, gamma."""
+                          KS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Per chunk: sum the value tiles' partials, then dq, dk, dbeta and d(gc) through Tinv, A, R, gamma.
+
+    Two passes over slices of KS key columns keep only [BT, KS] tiles live (whole [BT, K] fp32 tiles spilled
+    kilobytes of registers): the first forms what contracts over the keys (QK^T, KK^T, dL, row sums) and dq,
+    the second dk, which needs dA from the whole first pass."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
+    nbh = tl.num_programs(1)
     b = bh // H
     h = bh % H
     t0 = i_n * BT
@@ -240,60 +258,66 @@ def _gdn_bwd_chunk_kernel(Q, K, G, BETA, TINV, W, P_DM, P_DQ, P_DK, P_DW, P_DB, 
     head_k = b * T * H * KD + h * KD
     head = b * T * H + h
     idx = tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
     mat_bt = idx[:, None] * BT + idx[None, :]
-    mat_k = idx[:, None] * KD + offs_k[None, :]
-    k_ok = offs_k[None, :] < KD
     dm = tl.zeros([BT, BT], dtype=tl.float32)
     dl = tl.zeros([BT, BT], dtype=tl.float32)
-    dq_s = tl.zeros([BT, BK], dtype=tl.float32)
-    dk_s = tl.zeros([BT, BK], dtype=tl.float32)
-    dw = tl.zeros([BT, BK], dtype=tl.float32)
     dbeta = tl.zeros([BT], dtype=tl.float32)
     dgc_last = 0.0
     for i_v in tl.static_range(NV):
-        part = i_v * tl.num_programs(1) * NT + chunk
+        part = i_v * nbh * NT + chunk
         dm += tl.load(P_DM + part * BT * BT + mat_bt)
         dl += tl.load(P_DL + part * BT * BT + mat_bt)
-        dq_s += tl.load(P_DQ + part * BT * KD + mat_k, mask=k_ok, other=0.0)
-        dk_s += tl.load(P_DK + part * BT * KD + mat_k, mask=k_ok, other=0.0)
-        dw += tl.load(P_DW + part * BT * KD + mat_k, mask=k_ok, other=0.0)
         dbeta += tl.load(P_DB + part * BT + idx)
         dgc_last += tl.load(P_DGC + part)
-    q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
-    k = _rows(K + head_k, t0, T, H, KD, BT, BK)
     beta = _vec(BETA + head, t0, T, H, BT)
     gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
-    tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    kk = tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
+    tinv = tl.load(TINV + chunk * BT * BT + mat_bt)
     to_end = tl.exp(g_last - gc)
-    # output terms: M = QK^T * R, (Q * gamma) S, and the state update's K * gC / gamma
-    dmr = dm * r
-    dq = tl.dot(dmr, k, input_precision=DOT_PRECISION) + dq_s * gamma[:, None]
-    dk = tl.dot(tl.trans(dmr), q, input_precision=DOT_PRECISION) + dk_s * to_end[:, None]
-    dr = dm * qk
-    dgamma = tl.sum(q * dq_s, 1)
-    d_to_end = tl.sum(k * dk_s, 1)
-    # W = Tinv ((beta gamma) K) and U0 = Tinv (beta V): through Tinv = (I + A)^-1
-    dbk = tl.dot(tl.trans(tinv), dw, input_precision=DOT_PRECISION)
-    dl += -tl.dot(dbk, tl.trans(w), input_precision=DOT_PRECISION)
-    da = tl.where(idx[:, None] > idx[None, :], dl, 0.0)
-    dk += dbk * (beta * gamma)[:, None]
-    dbk_k = tl.sum(dbk * k, 1)
+    dmr = dm * r  # output term M = QK^T * R
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    kk = tl.zeros([BT, BT], dtype=tl.float32)
+    dgamma = tl.zeros([BT], dtype=tl.float32)
+    d_to_end = tl.zeros([BT], dtype=tl.float32)
+    dbk_k = tl.zeros([BT], dtype=tl.float32)
+    for k0 in range(0, BK, KS):  # a loop, not unrolled: unrolled slices' loads were hoisted together
+        q = _rows(Q + head_k, t0, T, H, KD, BT, KS, k0)
+        k = _rows(K + head_k, t0, T, H, KD, BT, KS, k0)
+        qk += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        kk += tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
+        dq_s = _sum_parts(P_DQ, chunk, k0, nbh, NT, KD, BT, KS, NV)  # through (Q * gamma) S
+        _put_rows(DQ + head_k, tl.dot(dmr, k, input_precision=DOT_PRECISION) + dq_s * gamma[:, None],
+                  t0, T, H, KD, BT, KS, k0)
+        dgamma += tl.sum(q * dq_s, 1)
+        d_to_end += tl.sum(k * _sum_parts(P_DK, chunk, k0, nbh, NT, KD, BT, KS, NV), 1)  # K * gC / gamma
+        # W = Tinv ((beta gamma) K): d((beta gamma) K) = Tinv^T dW, and dTinv = dW W^T enters dL
+        dbk = tl.dot(tl.trans(tinv), _sum_parts(P_DW, chunk, k0, nbh, NT, KD, BT, KS, NV),
+                     input_precision=DOT_PRECISION)
+        cols = k0 + tl.arange(0, KS)
+        w = tl.load(W + chunk * BT * KD + idx[:, None] * KD + cols[None, :], mask=cols[None, :] < KD, other=0.0)
+        dl += -tl.dot(dbk, tl.trans(w), input_precision=DOT_PRECISION)
+        dbk_k += tl.sum(dbk * k, 1)
+    rr = dmr * qk  # d(R) * R, its output-term part (dm, qk die here)
+    da = tl.where(idx[:, None] > idx[None, :], dl, 0.0)  # through Tinv = (I + A)^-1 (dl holds dTinv-terms)
     dbeta += dbk_k * gamma
     dgamma += dbk_k * beta
     # A = beta_i R_ij kk_ij (strictly lower)
-    dbeta += tl.sum(da * r * kk, 1)
-    dr += da * beta[:, None] * kk
-    dkk = da * beta[:, None] * r
-    dk += tl.dot(dkk, k, input_precision=DOT_PRECISION) + tl.dot(tl.trans(dkk), k, input_precision=DOT_PRECISION)
+    da_r = da * r
+    dbeta += tl.sum(da_r * kk, 1)
+    dkk = da_r * beta[:, None]
+    rr += dkk * kk  # and its A part: dA * beta * kk * R
+    for k0 in range(0, BK, KS):  # a loop, not unrolled: unrolled slices' loads were hoisted together
+        q = _rows(Q + head_k, t0, T, H, KD, BT, KS, k0)
+        k = _rows(K + head_k, t0, T, H, KD, BT, KS, k0)
+        dbk = tl.dot(tl.trans(tinv), _sum_parts(P_DW, chunk, k0, nbh, NT, KD, BT, KS, NV),
+                     input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(dmr), q, input_precision=DOT_PRECISION) \
+            + _sum_parts(P_DK, chunk, k0, nbh, NT, KD, BT, KS, NV) * to_end[:, None] \
+            + dbk * (beta * gamma)[:, None] \
+            + tl.dot(dkk, k, input_precision=DOT_PRECISION) + tl.dot(tl.trans(dkk), k, input_precision=DOT_PRECISION)
+        _put_rows(DK + head_k, dk, t0, T, H, KD, BT, KS, k0)
     # d(gc): gamma = exp(gc), R_ij = exp(gc_i - gc_j), to_end_j = exp(gc_last - gc_j), and gC = exp(gc_last)
-    rr = dr * r
     dgc = gamma * dgamma + tl.sum(rr, 1) - tl.sum(rr, 0) - to_end * d_to_end
     dgc += tl.where(idx == BT - 1, dgc_last + tl.sum(to_end * d_to_end, 0), 0.0)
-    _put_rows(DQ + head_k, dq, t0, T, H, KD, BT, BK)
-    _put_rows(DK + head_k, dk, t0, T, H, KD, BT, BK)
     rows = t0 + idx
     tl.store(DBETA + head + rows * H, dbeta, mask=rows < T)
     tl.store(DGC + chunk * BT + idx, dgc)
@@ -301,6 +325,13 @@ def _gdn_bwd_chunk_kernel(Q, K, G, BETA, TINV, W, P_DM, P_DQ, P_DK, P_DW, P_DB, 
 
 def chunk_size(interpreting: bool) -> int:
     return 16 if interpreting else 64
+
+
+def backward_key_slice(bt: int) -> int:
+    """Key columns per slice of the per-chunk backward (16 under the interpreter's 16-token chunks, so that its
+    tests cross slices). ptxas (sm_90a, K 128, 8 warps): 32 spills 288 B a thread, 64 spills 524 B, whole
+    [64, 128] tiles spilled 5.2 KB."""
+    return 16 if bt < 64 else 32
 
 
 def walk_value_tile(value_dim: int) -> int:
@@ -371,7 +402,8 @@ def gdn_chunk_bwd(q, k, v, g, beta, do, tinv, w, hs, scale, initial_state, d_fin
     dgc = torch.empty(bh, nt, bt, **f32)
     _gdn_bwd_chunk_kernel[(nt, bh)](
         q, k, g, beta, tinv, w, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc, dq, dk, dbeta, dgc, seq, heads, nt,
-        KD=key_dim, BK=bk, BT=bt, NV=nv, DOT_PRECISION=prec, num_warps=8, num_stages=1)  # 8: 6.4 -> 4.1 ms on the H200
+        KD=key_dim, BK=bk, BT=bt, NV=nv, KS=min(bk, backward_key_slice(bt)), DOT_PRECISION=prec, num_warps=8,
+        num_stages=1)  # 8 warps: 6.4 -> 4.1 ms on the H200 (before the key slices)
     # gc_i = sum of g over the chunk's rows <= i: dg = reverse cumulative sum of d(gc) inside each chunk
     dg = dgc.flip(-1).cumsum(-1).flip(-1).view(batch, heads, nt * bt)[:, :, :seq].transpose(1, 2)
     return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None)

@@ -42,7 +42,7 @@ def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: 
     gc = tl.cumsum(_load_rows(G + head, t0, T, H, KD, BT, BK), 0)
     idx = tl.arange(0, BT)
     a = tl.zeros([BT, BT], dtype=tl.float32)
-    for s in tl.static_range(BT // BC):
+    for s in range(BT // BC):
         gref = _row(gc, idx, s * BC + BC - 1)
         later = idx >= (s + 1) * BC  # query rows after key sub-chunk s
         inside = (idx >= s * BC) & (idx < (s + 1) * BC)
@@ -53,7 +53,7 @@ def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: 
     off_diag = (idx[:, None] // BC) != (idx[None, :] // BC)
     tl.store(base + idx[:, None] * BT + idx[None, :], a, mask=off_diag)
     sub = tl.arange(0, BC)
-    for s in tl.static_range(BT // BC):  # diagonal sub-blocks: element by element, straight to memory
+    for s in range(BT // BC):  # diagonal sub-blocks: element by element, straight to memory
         block = _diag_block(Q + head, K + head, G + head, t0 + s * BC, T, H, KD, BK, BC, BKS)
         tl.store(base + (s * BC + sub)[:, None] * BT + (s * BC + sub)[None, :], block)
 
@@ -80,7 +80,7 @@ def _diag_block(Q, K, G, r0, T, H, KD: tl.constexpr, BK: tl.constexpr, BC: tl.co
     """A_ij = sum_k q_ik k_jk exp(gc_ik - gc_jk), i >= j, for the BC rows from r0: a [BC, BC, BKS] product
     per slice of BKS key columns (the exponentials of a whole sub-chunk at once, no row-by-row loop)."""
     block = tl.zeros([BC, BC], dtype=tl.float32)
-    for k0 in tl.static_range(0, BK, BKS):
+    for k0 in range(0, BK, BKS):
         q, k, e = _diag_terms(Q, K, G, r0, k0, T, H, KD, BC, BKS)
         block += tl.sum(q[:, None, :] * k[None, :, :] * e, 2)
     return block
@@ -173,8 +173,11 @@ def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
 @triton.jit
 def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scale,
                           KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dq, dk (fp32, before dg) and dv (fp32) of one chunk; loops over the value tiles."""
+                          BT: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, KS: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """dq, dk (fp32, before dg) and dv (fp32) of one chunk, in slices of KS key columns: whole [BT, K] fp32
+    tiles (q, k, gc, dq, dk at once) spilled registers. dV contracts over the keys, so it comes first, with
+    dA; then each key slice's dq, dk; then the diagonal sub-blocks."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -182,46 +185,50 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
     t0 = i_n * BT
     head_k = b * T * H * KD + h * KD
     head_v = b * T * H * VD + h * VD
-    q = _load_rows(Q + head_k, t0, T, H, KD, BT, BK)
-    k = _load_rows(K + head_k, t0, T, H, KD, BT, BK)
-    gc = tl.cumsum(_load_rows(G + head_k, t0, T, H, KD, BT, BK), 0)
+    state = (bh * NT + i_n) * KD * VD
     idx = tl.arange(0, BT)
-    gl = _row(gc, idx, BT - 1)
     a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
-    offs_k = tl.arange(0, BK)
-    k_to_end = k * tl.exp(gl[None, :] - gc)
-    dq = tl.zeros([BT, BK], dtype=tl.float32)
-    dk = tl.zeros([BT, BK], dtype=tl.float32)
     da = tl.zeros([BT, BT], dtype=tl.float32)
     for v0 in range(0, VD, BV):
-        state_offs, state_ok = state_tile(v0, KD, VD, BK, BV)
-        v = _load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)
         do = _load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0)
-        h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
-        dh = tl.load(DHS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
-        da += tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        dq += tl.dot(do, tl.trans(h_n), input_precision=DOT_PRECISION)
-        dk += tl.dot(v, tl.trans(dh), input_precision=DOT_PRECISION)
-        dv = tl.dot(tl.trans(a), do, input_precision=DOT_PRECISION) * scale + \
-            tl.dot(k_to_end, dh, input_precision=DOT_PRECISION)
+        da += tl.dot(do, tl.trans(_load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)), input_precision=DOT_PRECISION)
+        dv = tl.dot(tl.trans(a), do, input_precision=DOT_PRECISION) * scale
+        for k0 in range(0, BK, KS):
+            gc = tl.cumsum(_load_rows(G + head_k, t0, T, H, KD, BT, KS, k0), 0)
+            k_to_end = _load_rows(K + head_k, t0, T, H, KD, BT, KS, k0) * tl.exp(_row(gc, idx, BT - 1)[None, :] - gc)
+            offs, ok = state_block(k0, v0, KD, VD, KS, BV)
+            dv += tl.dot(k_to_end, tl.load(DHS + state + offs, mask=ok, other=0.0), input_precision=DOT_PRECISION)
         _store_rows(DV + head_v, dv, t0, T, H, VD, BT, BV, v0)
-    dq = dq * tl.exp(gc) * scale
-    dk = dk * tl.exp(gl[None, :] - gc)
     da = tl.where(idx[:, None] >= idx[None, :], da * scale, 0.0)
-    # intra-chunk: dq_i += sum_j dA_ij k_j exp(gc_i - gc_j), dk_j += sum_i dA_ij q_i exp(gc_i - gc_j)
-    for s in tl.static_range(BT // BC):
-        gref = _row(gc, idx, s * BC + BC - 1)
-        later = idx >= (s + 1) * BC
-        inside = (idx >= s * BC) & (idx < (s + 1) * BC)
-        e_q = tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
-        e_k = tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
-        dq += tl.dot(tl.where(inside[None, :], da, 0.0), k * e_k, input_precision=DOT_PRECISION) * e_q
-        dk += tl.dot(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, input_precision=DOT_PRECISION) * e_k
-    _store_rows(DQ + head_k, dq, t0, T, H, KD, BT, BK)
-    _store_rows(DK + head_k, dk, t0, T, H, KD, BT, BK)
+    for k0 in range(0, BK, KS):
+        q = _load_rows(Q + head_k, t0, T, H, KD, BT, KS, k0)
+        k = _load_rows(K + head_k, t0, T, H, KD, BT, KS, k0)
+        gc = tl.cumsum(_load_rows(G + head_k, t0, T, H, KD, BT, KS, k0), 0)
+        gl = _row(gc, idx, BT - 1)
+        dq = tl.zeros([BT, KS], dtype=tl.float32)
+        dk = tl.zeros([BT, KS], dtype=tl.float32)
+        for v0 in range(0, VD, BV):
+            offs, ok = state_block(k0, v0, KD, VD, KS, BV)
+            dq += tl.dot(_load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0),
+                         tl.trans(tl.load(HS + state + offs, mask=ok, other=0.0)), input_precision=DOT_PRECISION)
+            dk += tl.dot(_load_rows(V + head_v, t0, T, H, VD, BT, BV, v0),
+                         tl.trans(tl.load(DHS + state + offs, mask=ok, other=0.0)), input_precision=DOT_PRECISION)
+        dq = dq * tl.exp(gc) * scale
+        dk = dk * tl.exp(gl[None, :] - gc)
+        # intra-chunk: dq_i += sum_j dA_ij k_j exp(gc_i - gc_j), dk_j += sum_i dA_ij q_i exp(gc_i - gc_j)
+        for s in range(BT // BC):
+            gref = _row(gc, idx, s * BC + BC - 1)
+            later = idx >= (s + 1) * BC
+            inside = (idx >= s * BC) & (idx < (s + 1) * BC)
+            e_q = tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
+            e_k = tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
+            dq += tl.dot(tl.where(inside[None, :], da, 0.0), k * e_k, input_precision=DOT_PRECISION) * e_q
+            dk += tl.dot(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, input_precision=DOT_PRECISION) * e_k
+        _store_rows(DQ + head_k, dq, t0, T, H, KD, BT, KS, k0)
+        _store_rows(DK + head_k, dk, t0, T, H, KD, BT, KS, k0)
     tl.debug_barrier()  # the diagonal sub-blocks below add to rows other threads just stored
     sub = tl.arange(0, BC)
-    for s in tl.static_range(BT // BC):
+    for s in range(BT // BC):
         # dA of this diagonal sub-block again (a register tile cannot be sliced), then the [BC, BC, BKS]
         # products per slice of key columns, added to the stored dq, dk rows
         r0 = t0 + s * BC
@@ -230,7 +237,7 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
             da_s += tl.dot(_load_rows(DO + head_v, r0, T, H, VD, BC, BV, v0),
                            tl.trans(_load_rows(V + head_v, r0, T, H, VD, BC, BV, v0)), input_precision=DOT_PRECISION)
         da_s = tl.where(sub[:, None] >= sub[None, :], da_s * scale, 0.0)[:, :, None]
-        for k0 in tl.static_range(0, BK, BKS):
+        for k0 in range(0, BK, BKS):
             q_s, k_s, e = _diag_terms(Q + head_k, K + head_k, G + head_k, r0, k0, T, H, KD, BC, BKS)
             rows = r0 + sub
             cols = k0 + tl.arange(0, BKS)
@@ -242,11 +249,11 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
             tl.store(DK + head_k + offs, dk_s, mask=mask)
 
 
-# warps / pipeline stages per kernel (the backward keeps dq, dk [BT, K] and dA [BT, BT] in fp32: 8 warps;
-# one stage keeps its shared memory within Hopper's 227 KB at K = 128). Compiled for sm_90 by the tests;
-# not yet tuned on a GPU.
+# warps / pipeline stages per kernel, from ptxas's register report (benchmarks/register_report.py) rather than
+# GPU timing: the backward at 8 warps and 32-column key slices spills nothing at K = 128 (whole [64, 128] fp32
+# tiles spilled 1.8 KB a thread, and the kernel took 7.7 ms of the 13.6 ms forward+backward on the H200).
 LAUNCH = {
-    "intra": dict(num_warps=4, num_stages=2),
+    "intra": dict(num_warps=8, num_stages=2),  # ptxas (sm_90a, K 128): 8 warps spill nothing, 4 spill 300 B
     "states": dict(num_warps=4, num_stages=2),
     "output": dict(num_warps=4, num_stages=2),
     "dstates": dict(num_warps=4, num_stages=2),
@@ -257,6 +264,12 @@ LAUNCH = {
 # key columns per [BC, BC, BKS] product of a diagonal sub-block (16 x 16 x 16 fp32: 32 registers a thread at
 # 4 warps, for each of the few live 3-D tiles)
 DIAG_KEY_SLICE = 16
+
+
+def backward_key_slice(bt: int) -> int:
+    """Key columns per slice of the per-chunk backward (16 under the interpreter's 16-token chunks, so that its
+    tests cross slices)."""
+    return 16 if bt < 64 else 32  # ptxas (sm_90a, K 128, 8 warps): 32 spills nothing, 64 spills 100 B
 
 
 def walk_tiles(key_dim: int, value_dim: int) -> tuple:
@@ -320,7 +333,8 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
     dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
     _gla_chunk_bwd_kernel[(nt, batch * heads)](
         q, k, v, g, a, hs, dhs, do, dq, dk, dv, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
-        BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, DOT_PRECISION=prec, **LAUNCH["bwd"])
+        BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, KS=min(bk, backward_key_slice(bt)), DOT_PRECISION=prec,
+        **LAUNCH["bwd"])
     dg = reverse_cumsum_over_time(q.float() * dq - k.float() * dk, bt)
     if d_final is not None:
         dg = dg + (d_final.float() * final_state).sum(-1)[:, None]
