@@ -156,9 +156,37 @@ def _mixed_attn_fwd(
     o_head = b * stride_ob + h * stride_oh
     lse_row = LSE + (bh * NUM_C) * T + offs_m
 
+    # one walk over the key blocks, band by band; after band c the running state covers exactly candidate c's
+    # window (a snapshot). Loops, not unrolled: unrolled candidates' live ranges spilled registers.
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    lo_d = 0
+    for c in range(NUM_C):
+        w_c = tl.load(CAND + c)
+        acc, l_i, m_i = _fwd_band(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            offs_m, offs_d, m0, lo_d, w_c, T, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, SPLIT, DOT_PRECISION)
+        lo_d = w_c
+        l_ref = tl.where(l_i == 0.0, 1.0, l_i)
+        lse_c = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref))
+        sink_c = False
+        if HAS_SINK:
+            sink_c = (tl.load(CAND + NUM_C + c) > 0) & (w_c < FULL)
+        if sink_c:  # the window part waits in fp32 scratch for its sink keys (below)
+            _store_tile(SINK_O + c * stride_oc + o_head, acc / l_ref[:, None], T, stride_ot, m0,
+                        HEAD_DIM, BLOCK_M, BLOCK_D)
+            tl.store(SINK_LSE + (bh * NUM_C + c) * T + offs_m, lse_c, mask=row_ok)
+        else:
+            _store_tile(O + c * stride_oc + o_head, acc / l_ref[:, None], T, stride_ot, m0,
+                        HEAD_DIM, BLOCK_M, BLOCK_D)
+            tl.store(lse_row + c * T, lse_c, mask=row_ok)
     if HAS_SINK:
-        # sink-only keys (j < S_c, t - j >= W_c) of each sink candidate, into fp32 scratch
-        for c in tl.static_range(NUM_C):
+        # each sink candidate's sink-only keys (j < S_c, t - j >= W_c), merged with its window part: after the
+        # walk, so that no second [BLOCK_M, D] fp32 tile lives beside the walk's accumulator
+        tl.debug_barrier()  # the scratch rows below were written by other threads
+        for c in range(NUM_C):
             w_c = tl.load(CAND + c)
             s_c = tl.load(CAND + NUM_C + c)
             if (s_c > 0) & (w_c < FULL):
@@ -170,49 +198,26 @@ def _mixed_attn_fwd(
                     offs_m, offs_d, m0, w_c, FULL, tl.minimum(s_c, T), qk_scale,
                     HEAD_DIM, BLOCK_M, BLOCK_N, SPLIT, DOT_PRECISION)
                 l_ref = tl.where(l_i == 0.0, 1.0, l_i)
-                _store_tile(SINK_O + c * stride_oc + o_head, acc / l_ref[:, None], T, stride_ot, m0,
-                            HEAD_DIM, BLOCK_M, BLOCK_D)
-                tl.store(SINK_LSE + (bh * NUM_C + c) * T + offs_m,
-                         tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref)), mask=row_ok)
-        tl.debug_barrier()  # the snapshots below read what other threads just wrote
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    lo_d = 0
-    for c in tl.static_range(NUM_C):
-        w_c = tl.load(CAND + c)
-        acc, l_i, m_i = _fwd_band(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-            offs_m, offs_d, m0, lo_d, w_c, T, qk_scale,
-            HEAD_DIM, BLOCK_M, BLOCK_N, SPLIT, DOT_PRECISION)
-        lo_d = w_c
-        # snapshot: the running state now covers exactly candidate c's window
-        l_ref = tl.where(l_i == 0.0, 1.0, l_i)
-        o_c = acc / l_ref[:, None]
-        lse_c = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref))
-        if HAS_SINK:
-            s_c = tl.load(CAND + NUM_C + c)
-            if (s_c > 0) & (w_c < FULL):
-                lse_s = tl.load(SINK_LSE + (bh * NUM_C + c) * T + offs_m, mask=row_ok, other=float("-inf"))
-                o_s = _load_tile(SINK_O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
-                top = tl.maximum(lse_c, lse_s)
+                lse_s = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref))
+                lse_w = tl.load(SINK_LSE + (bh * NUM_C + c) * T + offs_m, mask=row_ok, other=float("-inf"))
+                top = tl.maximum(lse_w, lse_s)
                 top = tl.where(top == float("-inf"), 0.0, top)
-                a_w = tl.math.exp2(lse_c - top)
+                a_w = tl.math.exp2(lse_w - top)
                 a_s = tl.math.exp2(lse_s - top)
                 tot = a_w + a_s
                 tot_ref = tl.where(tot == 0.0, 1.0, tot)
-                o_c = (o_c * a_w[:, None] + o_s * a_s[:, None]) / tot_ref[:, None]
-                lse_c = tl.where(tot == 0.0, float("-inf"), top + tl.math.log2(tot_ref))
-        _store_tile(O + c * stride_oc + o_head, o_c, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
-        tl.store(lse_row + c * T, lse_c, mask=row_ok)
-    # Y = sum_c w_c O_c: the widest candidate from registers, the others re-read from the O_c just
-    # stored (L2-hot). A second fp32 accumulator beside acc would spill registers.
+                o_w = _load_tile(SINK_O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+                o_c = (o_w * a_w[:, None] + (acc / l_ref[:, None]) * a_s[:, None]) / tot_ref[:, None]
+                _store_tile(O + c * stride_oc + o_head, o_c, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+                tl.store(lse_row + c * T, tl.where(tot == 0.0, float("-inf"), top + tl.math.log2(tot_ref)),
+                         mask=row_ok)
+    # Y = sum_c w_c O_c, re-read from the O_c just stored (L2-hot): a second fp32 accumulator beside the
+    # walk's would spill registers
     tl.debug_barrier()
-    y = tl.load(WEIGHTS + h * NUM_C + NUM_C - 1) * o_c
-    for c in tl.static_range(NUM_C - 1):
-        o_prev = _load_tile(O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
-        y += tl.load(WEIGHTS + h * NUM_C + c) * o_prev
+    y = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for c in range(NUM_C):
+        o_c = _load_tile(O + c * stride_oc + o_head, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
+        y += tl.load(WEIGHTS + h * NUM_C + c) * o_c
     _store_tile(Y + b * stride_yb + h * stride_yh, y, T, stride_yt, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
