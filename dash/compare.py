@@ -33,14 +33,15 @@ def _perplexity(net, rows: torch.Tensor) -> float:
     return math.exp(_loss(net, rows, None, "nll"))
 
 
-def _ruler(net, tokenizer, lengths, tasks, samples, seed) -> Dict:
+def _ruler(net, tokenizer, lengths, tasks, samples, seed, batch_size) -> Dict:
     from .ruler import evaluate
 
     # softmax-family mixtures decode against a KV cache; linear candidates recompute the sequence
     config = net.model.generation_config
     use_cache, config.use_cache = config.use_cache, not net.linear_parameters()
     try:
-        return evaluate(net.model, tokenizer, lengths, tasks, samples, seed=seed, progress=False)
+        return evaluate(net.model, tokenizer, lengths, tasks, samples, seed=seed, progress=False,
+                        batch_size=batch_size)
     finally:
         config.use_cache = use_cache
 
@@ -50,7 +51,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             search_tokens: int = 12_300_000, search_batch: int = 2, lengths: Sequence[int] = (1024, 2048, 4096),
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
-            finetune_lr: float = 2e-4) -> Dict:
+            finetune_lr: float = 2e-4, eval_batch: int = 1) -> Dict:
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
     from .search import Search, SearchConfig
@@ -68,11 +69,13 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         with open(path) as f:
             saved = json.load(f)
         same = (saved.get("lengths") == list(lengths) and saved.get("tasks") == tasks
-                and saved.get("finetune_tokens", 0) == finetune_tokens)
+                and saved.get("finetune_tokens", 0) == finetune_tokens
+                and saved.get("eval_batch", 1) == eval_batch)
         if same:
             rows = saved["rows"]
     done = {(r["method"], r["budget"], r["seed"]) for r in rows}
-    settings = {"lengths": list(lengths), "tasks": tasks, "finetune_tokens": finetune_tokens}
+    settings = {"lengths": list(lengths), "tasks": tasks, "finetune_tokens": finetune_tokens,
+                "eval_batch": eval_batch}
 
     def teacher_hidden(batch):
         with net.teacher():
@@ -93,7 +96,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 tuned = {k: summary[k] for k in ("tokens", "seconds", "trained_parameters", "train_kl_first",
                                                  "train_kl_last")}
                 tuned.update(rank=finetune_rank, lr=finetune_lr)
-            ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed)
+            ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed, eval_batch)
             perplexity = _perplexity(net, heldout)
         finally:
             if tuner is not None:  # the next hybrid starts from the teacher's own weights again

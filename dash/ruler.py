@@ -269,12 +269,24 @@ def generate_samples(tokenizer, task: str, length: int, num_samples: int, seed: 
     return out
 
 
+def _filler_id(tokenizer) -> int:
+    """The token that left-fills the shorter prompts of a batch: a newline (harmless before a prompt)."""
+    ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return int(ids[-1]) if len(ids) else int(tokenizer.eos_token_id)
+
+
 def evaluate(model, tokenizer, lengths: Sequence[int], tasks: Sequence[str] = TASKS, num_samples: int = 5,
-             seed: int = 0, progress: bool = True) -> Dict:
-    """Greedy answers for every (task, length); returns per-task, per-length and average scores."""
+             seed: int = 0, progress: bool = True, batch_size: int = 1) -> Dict:
+    """Greedy answers for every (task, length); returns per-task, per-length and average scores.
+
+    ``batch_size`` prompts of one (task, length) generate together. The DASH supernet and its kernels take no
+    padding mask, so the shorter prompts of a batch are left-filled with newline tokens to the longest one (a few
+    tokens: the prompts are generated to the same length); with ``batch_size=1`` every prompt runs as written."""
     import torch
     from tqdm.auto import tqdm
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     limit = getattr(model.config, "max_position_embeddings", None)
     for length in lengths:
         if limit is not None and length > limit:
@@ -283,31 +295,37 @@ def evaluate(model, tokenizer, lengths: Sequence[int], tasks: Sequence[str] = TA
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
     device = next(model.parameters()).device
+    filler = _filler_id(tokenizer)
     scores: Dict[str, Dict[int, float]] = {t: {} for t in tasks}
     records = []
     bar = tqdm(total=len(tasks) * len(lengths) * num_samples, disable=not progress, desc="ruler")
     for task in tasks:
+        new_tokens = MAX_NEW_TOKENS.get(task, 32)
         for length in lengths:
             total = 0.0
             # prompt + answer fit the length (RULER counts the answer budget inside the sequence length)
-            for sample in generate_samples(tokenizer, task, length - MAX_NEW_TOKENS.get(task, 32), num_samples, seed):
-                ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            samples = generate_samples(tokenizer, task, length - new_tokens, num_samples, seed)
+            for start in range(0, len(samples), batch_size):
+                group = samples[start:start + batch_size]
+                encoded = [list(tokenizer(s.prompt, add_special_tokens=False)["input_ids"]) for s in group]
+                width = max(len(ids) for ids in encoded)
+                ids = torch.tensor([[filler] * (width - len(x)) + x for x in encoded], device=device)
                 with torch.no_grad():
                     # an explicit all-ones mask: generate would otherwise mask prompt tokens equal to the pad id
-                    out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                         max_new_tokens=MAX_NEW_TOKENS.get(task, 32), do_sample=False,
-                                         pad_token_id=tokenizer.eos_token_id)
-                prediction = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                s = score(prediction, sample.answers)
-                total += s
-                records.append({"task": task, "length": length, "score": s, "answers": sample.answers,
-                                "prediction": prediction})
-                bar.update(1)
+                    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                for row, sample in zip(out, group):
+                    prediction = tokenizer.decode(row[width:], skip_special_tokens=True)
+                    s = score(prediction, sample.answers)
+                    total += s
+                    records.append({"task": task, "length": length, "score": s, "answers": sample.answers,
+                                    "prediction": prediction})
+                bar.update(len(group))
             scores[task][length] = total / num_samples
     bar.close()
     per_length = {length: sum(scores[t][length] for t in tasks) / len(tasks) for length in lengths}
     return {"tasks": list(tasks), "lengths": list(lengths), "samples_per_task": num_samples, "seed": seed,
-            "scores": scores, "average_per_length": per_length,
+            "batch_size": batch_size, "scores": scores, "average_per_length": per_length,
             "average": sum(per_length.values()) / len(per_length), "records": records}
 
 

@@ -162,7 +162,7 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     net = build_supernet(model, ["full", "swa4", "sink1_swa4"])
     rows = _rows()
     kwargs = dict(methods=["first", "random", "kl_restore", "teacher"], random_seeds=(0, 1), search_tokens=96,
-                  search_batch=2, lengths=[700], tasks=["passkey"], samples=1, output_dir=str(tmp_path),
+                  search_batch=2, lengths=[700], tasks=["passkey"], samples=2, eval_batch=2, output_dir=str(tmp_path),
                   progress=False)
     out = compare(net, CharTokenizer(), random_data(), rows, rows, [1, 2], EFFICIENT, **kwargs)
     measured = {(r["method"], r["budget"], r["seed"]) for r in out["rows"]}

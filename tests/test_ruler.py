@@ -59,34 +59,56 @@ def test_bad_input_is_named(tokenizer):
         generate_samples(tokenizer, "passkey", 10, 1)
 
 
-def test_evaluate_runs_a_model_and_checks_its_context():
-    import torch
+class CharTokenizer:  # a tiny character tokenizer whose ids fit the tiny model (vocabulary 97)
+    eos_token_id = 0
 
-    from test_supernet import tiny_model
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        import torch
 
-    model = tiny_model("llama")  # vocabulary 97 tokens: answers are nonsense, the pipeline is what is tested
+        ids = [min(96, ord(c) % 97) for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
-    class CharTokenizer:  # a tiny character tokenizer whose ids fit the tiny model
-        eos_token_id = 0
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i) + 32) for i in ids if not (skip_special_tokens and int(i) == 0))
 
-        def __call__(self, text, add_special_tokens=False, return_tensors=None):
-            ids = [min(96, ord(c) % 97) for c in text]
-            return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(int(i) + 32) for i in ids)
-
-    words = [f"{a}{b}" for a in "abcdefgh" for b in "ijklmnop"]
+@pytest.fixture
+def tiny_words(monkeypatch):
+    """generate_samples with a small word list (the character tokenizer has no vocabulary to draw from)."""
     import dash.ruler as ruler
 
+    words = [f"{a}{b}" for a in "abcdefgh" for b in "ijklmnop"]
     original = ruler.generate_samples
-    ruler.generate_samples = lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=words)
-    try:
-        with pytest.raises(ValueError, match="exceeds the model's context"):
-            evaluate(model, CharTokenizer(), [10_000], ["passkey"], 1, progress=False)
-        model.config.max_position_embeddings = 4096
-        result = evaluate(model, CharTokenizer(), [1500], ["passkey", "vt"], 1, progress=False)
-    finally:
-        ruler.generate_samples = original
+    monkeypatch.setattr(ruler, "generate_samples",
+                        lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=words))
+
+
+def test_evaluate_runs_a_model_and_checks_its_context(tiny_words):
+    from test_supernet import tiny_model
+
+    model = tiny_model("llama")  # answers are nonsense, the pipeline is what is tested
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        evaluate(model, CharTokenizer(), [10_000], ["passkey"], 1, progress=False)
+    model.config.max_position_embeddings = 4096
+    result = evaluate(model, CharTokenizer(), [1500], ["passkey", "vt"], 1, progress=False)
     assert set(result["scores"]) == {"passkey", "vt"} and 0.0 <= result["average"] <= 1.0
     assert "| passkey |" in markdown_table(result)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, CharTokenizer(), [1500], ["passkey"], 1, progress=False, batch_size=0)
+
+
+def test_batched_evaluation_matches_one_by_one_where_nothing_is_filled(tiny_words):
+    """Prompts of one (task, length) generate together; the longest of a batch gets no filler, so its greedy answer
+    is the one it gets alone."""
+    import dash.ruler as ruler
+    from test_supernet import tiny_model
+
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096
+    alone = evaluate(model, CharTokenizer(), [700], ["niah_single_2"], 3, progress=False, batch_size=1)
+    together = evaluate(model, CharTokenizer(), [700], ["niah_single_2"], 3, progress=False, batch_size=3)
+    assert together["batch_size"] == 3 and len(together["records"]) == 3
+    task = "niah_single_2"  # its prompts differ in length here (525, 575, 622 tokens): two get filled
+    samples = ruler.generate_samples(CharTokenizer(), task, 700 - ruler.MAX_NEW_TOKENS.get(task, 32), 3, 0)
+    longest = max(range(3), key=lambda i: len(CharTokenizer()(samples[i].prompt)["input_ids"]))
+    assert together["records"][longest]["prediction"] == alone["records"][longest]["prediction"]
