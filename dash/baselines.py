@@ -78,7 +78,9 @@ def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch
     return total / max(1, count)
 
 
-DUO_STEPS, DUO_LR, DUO_L1 = 40, 0.1, 0.05  # one passkey sample a step
+# one passkey sample a step: 40 on the CPU (a smoke), 400 on a GPU (seconds there; DuoAttention itself trains
+# ~2000 steps at lr 0.02, per head of a 7B+ model)
+DUO_STEPS, DUO_STEPS_GPU, DUO_LR, DUO_L1 = 40, 400, 0.1, 0.05
 DUO_ANSWER_TOKENS = 16  # room kept after each passkey prompt for its teacher-forced answer
 
 
@@ -195,7 +197,9 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
             set_choices(net, [full if i == layer else eff for i in range(num_layers)])
             scores.append(base - _loss(net, rows, teacher_hidden, "kl"))  # KL removed by restoring this layer
     elif method == "duo_gate":
-        sequences = passkey_sequences(tokenizer, int(rows.shape[1]), DUO_STEPS, seed)
+        on_gpu = next(net.model.parameters()).device.type == "cuda"
+        duo_steps = DUO_STEPS_GPU if on_gpu else DUO_STEPS
+        sequences = passkey_sequences(tokenizer, int(rows.shape[1]), duo_steps, seed)
         gates = _duo_gate(net, sequences, full, eff)
         scores = [sum(g) / len(g) for g in gates]  # a layer's rank: its mean gate over KV-head groups
         tokens = sum(int(ids.numel()) for ids, _ in sequences)
@@ -221,7 +225,7 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
     passes = {"ppl_drop": num_layers, "kl_restore": num_layers + 2, "attn_mse": 1, "duo_gate": 2}.get(method, 0)
     cost = {"forward_tokens": tokens * passes, "seconds": time.time() - started}
     if method == "duo_gate":  # the mixed model also runs backward over each sample
-        cost.update(backward_tokens=tokens, passkey_samples=DUO_STEPS)
+        cost.update(backward_tokens=tokens, passkey_samples=len(sequences))
     out = {"method": method, "budget": budget, "seed": seed, "full_layers": keep, "choices": choices,
            "scores": scores, "cost": cost}
     if gates is not None:
