@@ -99,7 +99,9 @@ def builds(head_dim: int) -> Iterator[Build]:
         ("fwd walk", gdn._gdn_fwd_kernel,
          dict(values, BV=gdn.walk_value_tile(head_dim), HAS_H0=True, STORE_HT=True), 4),
         ("output", gdn._gdn_output_kernel, values, 4),
-        ("bwd walk", gdn._gdn_bwd_state_kernel, dict(bwd_values, HAS_DHT=True, STORE_DH0=True), 4),
+        ("bwd walk", gdn._gdn_bwd_walk_kernel,
+         dict(values, BV=gdn.walk_value_tile(head_dim), HAS_DHT=True, STORE_DH0=True), 8),
+        ("bwd partials", gdn._gdn_bwd_partials_kernel, bwd_values, 8),
         ("bwd chunk", gdn._gdn_bwd_chunk_kernel, dict(base, NV=nv, KS=min(bk, gdn.backward_key_slice(bt))), 8),
     ]:
         yield Build(f"gdn {name}", fn, constexprs, warps, 1, "mma")

@@ -6,8 +6,9 @@ last row, R_ij = exp(gc_i - gc_j) (j <= i, else 0), L = I + A with A_ij = beta_i
             U0 = Tinv (beta * V)                                                       once per chunk
   forward   U = U0 - W S,  S <- gC S + (K * gC / gamma)^T U            sequential over chunks, per value tile
   output    O = scale ((Q * gamma) S + (Q K^T * R) U)                              per chunk, in parallel
-  backward  reverse over chunks per value tile, carrying dS:
-            dU = scale (Q K^T * R)^T dO + (K * gC / gamma) dS',  dS = scale (Q * gamma)^T dO + gC dS' - W^T dU,
+  backward  reverse over chunks per value tile, carrying dS (the walk stores each chunk's dS'):
+            dU = scale (Q K^T * R)^T dO + (K * gC / gamma) dS',  dS = scale (Q * gamma)^T dO + gC dS' - W^T dU;
+            then per (chunk, value tile), in parallel: dU again,
             dV = beta * Tinv^T dU; partial sums over the value tile of dM = scale dO U^T, scale dO S^T, U dS'^T,
             dW = -dU S^T, (Tinv^T dU) . V, -(Tinv^T dU) U0^T, <dS', S>; then per chunk the rest through Tinv,
             A, R and gamma, and dg as the in-chunk reverse cumulative sum of d(gc).
@@ -168,20 +169,62 @@ def _gdn_output_kernel(Q, K, G, U, HS, O, T, H, NT, scale,
 
 
 @triton.jit
-def _gdn_bwd_state_kernel(Q, K, V, G, BETA, TINV, W, HS, DO, DHT, DV, DH0,
-                          P_DM, P_DQ, P_DK, P_DW, P_DB, P_DL, P_DGC,
-                          T, H, NT, scale,
-                          KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Reverse pass for one value tile: dV, dh0, and this tile's partial sums (P_*, [NV, B*H, NT, ...])."""
+def _gdn_bwd_walk_kernel(Q, K, G, W, DO, DHT, DS, DH0, T, H, NT, scale,
+                         KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                         HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The reverse walk for one value tile, only the recurrence: dS (the gradient of the state leaving each chunk)
+    into DS, dS <- gC dS + scale (Q * gamma)^T dO - W^T dU with dU = scale M^T dO + (K * gC / gamma) dS. Every
+    other gradient comes per chunk, in parallel, from DS (_gdn_bwd_partials_kernel)."""
     i_v = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
-    ds = tl.zeros([BK, BV], dtype=tl.float32)  # gradient of the state leaving the chunk
+    ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         ds += tl.load(DHT + bh * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
+    head_k = b * T * H * KD + h * KD
+    head_v = b * T * H * VD + h * VD
+    head = b * T * H + h
+    idx = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    for i in range(NT):
+        n = NT - 1 - i
+        t0 = n * BT
+        chunk = bh * NT + n
+        tl.store(DS + chunk * KD * VD + state_offs, ds, mask=state_ok)
+        q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+        k = _rows(K + head_k, t0, T, H, KD, BT, BK)
+        do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
+        gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
+        w = tl.load(W + chunk * BT * KD + idx[:, None] * KD + offs_k[None, :], mask=offs_k[None, :] < KD, other=0.0)
+        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+        du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
+            tl.dot(k * tl.exp(g_last - gc)[:, None], ds, input_precision=DOT_PRECISION)
+        ds = ds * tl.exp(g_last) + tl.dot(tl.trans(q * gamma[:, None]), do, input_precision=DOT_PRECISION) * scale \
+            - tl.dot(tl.trans(w), du, input_precision=DOT_PRECISION)
+    if STORE_DH0:
+        tl.store(DH0 + bh * KD * VD + state_offs, ds, mask=state_ok)
+
+
+@triton.jit
+def _gdn_bwd_partials_kernel(Q, K, V, G, BETA, TINV, W, HS, DS, DO, DV,
+                             P_DM, P_DQ, P_DK, P_DW, P_DB, P_DL, P_DGC,
+                             T, H, NT, scale,
+                             KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                             BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Per (value tile, chunk): dV and this tile's partial sums (P_*, [NV, B*H, NT, ...]) from the state S
+    entering the chunk (HS) and the gradient dS' of the state leaving it (DS)."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2)
+    nbh = tl.num_programs(2)
+    b = bh // H
+    h = bh % H
+    t0 = n * BT
+    chunk = bh * NT + n
+    part = i_v * nbh * NT + chunk  # this tile's slot in the partial-sum buffers
+    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
     head_k = b * T * H * KD + h * KD
     head_v = b * T * H * VD + h * VD
     head = b * T * H + h
@@ -190,39 +233,30 @@ def _gdn_bwd_state_kernel(Q, K, V, G, BETA, TINV, W, HS, DO, DHT, DV, DH0,
     mat_bt = idx[:, None] * BT + idx[None, :]
     mat_k = idx[:, None] * KD + offs_k[None, :]
     k_ok = offs_k[None, :] < KD
-    for i in range(NT):
-        n = NT - 1 - i
-        t0 = n * BT
-        chunk = bh * NT + n
-        part = i_v * tl.num_programs(1) * NT + chunk  # this tile's slot in the partial-sum buffers
-        s = tl.load(HS + chunk * KD * VD + state_offs, mask=state_ok, other=0.0)
-        q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
-        k = _rows(K + head_k, t0, T, H, KD, BT, BK)
-        v = _rows(V + head_v, t0, T, H, VD, BT, BV, i_v * BV)
-        do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
-        beta = _vec(BETA + head, t0, T, H, BT)
-        gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
-        tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
-        u0 = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION)
-        u = u0 - tl.dot(w, s, input_precision=DOT_PRECISION)
-        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
-        k_to_end = k * tl.exp(g_last - gc)[:, None]
-        du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
-            tl.dot(k_to_end, ds, input_precision=DOT_PRECISION)
-        dbv = tl.dot(tl.trans(tinv), du, input_precision=DOT_PRECISION)  # d(beta * V)
-        _put_rows(DV + head_v, dbv * beta[:, None], t0, T, H, VD, BT, BV, i_v * BV)
-        tl.store(P_DM + part * BT * BT + mat_bt, tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION) * scale)
-        tl.store(P_DQ + part * BT * KD + mat_k, tl.dot(do, tl.trans(s), input_precision=DOT_PRECISION) * scale,
-                 mask=k_ok)
-        tl.store(P_DK + part * BT * KD + mat_k, tl.dot(u, tl.trans(ds), input_precision=DOT_PRECISION), mask=k_ok)
-        tl.store(P_DW + part * BT * KD + mat_k, -tl.dot(du, tl.trans(s), input_precision=DOT_PRECISION), mask=k_ok)
-        tl.store(P_DB + part * BT + idx, tl.sum(dbv * v, 1))
-        tl.store(P_DL + part * BT * BT + mat_bt, -tl.dot(dbv, tl.trans(u0), input_precision=DOT_PRECISION))
-        tl.store(P_DGC + part, tl.sum(tl.sum(ds * s, 1), 0) * tl.exp(g_last))  # d(gc_last) via gC S
-        ds = ds * tl.exp(g_last) + tl.dot(tl.trans(q * gamma[:, None]), do, input_precision=DOT_PRECISION) * scale \
-            - tl.dot(tl.trans(w), du, input_precision=DOT_PRECISION)
-    if STORE_DH0:
-        tl.store(DH0 + bh * KD * VD + state_offs, ds, mask=state_ok)
+    s = tl.load(HS + chunk * KD * VD + state_offs, mask=state_ok, other=0.0)
+    ds = tl.load(DS + chunk * KD * VD + state_offs, mask=state_ok, other=0.0)
+    q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+    k = _rows(K + head_k, t0, T, H, KD, BT, BK)
+    v = _rows(V + head_v, t0, T, H, VD, BT, BV, i_v * BV)
+    do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
+    beta = _vec(BETA + head, t0, T, H, BT)
+    gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
+    tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
+    u0 = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION)
+    u = u0 - tl.dot(w, s, input_precision=DOT_PRECISION)
+    m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+    du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
+        tl.dot(k * tl.exp(g_last - gc)[:, None], ds, input_precision=DOT_PRECISION)
+    dbv = tl.dot(tl.trans(tinv), du, input_precision=DOT_PRECISION)  # d(beta * V)
+    _put_rows(DV + head_v, dbv * beta[:, None], t0, T, H, VD, BT, BV, i_v * BV)
+    tl.store(P_DM + part * BT * BT + mat_bt, tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION) * scale)
+    tl.store(P_DQ + part * BT * KD + mat_k, tl.dot(do, tl.trans(s), input_precision=DOT_PRECISION) * scale,
+             mask=k_ok)
+    tl.store(P_DK + part * BT * KD + mat_k, tl.dot(u, tl.trans(ds), input_precision=DOT_PRECISION), mask=k_ok)
+    tl.store(P_DW + part * BT * KD + mat_k, -tl.dot(du, tl.trans(s), input_precision=DOT_PRECISION), mask=k_ok)
+    tl.store(P_DB + part * BT + idx, tl.sum(dbv * v, 1))
+    tl.store(P_DL + part * BT * BT + mat_bt, -tl.dot(dbv, tl.trans(u0), input_precision=DOT_PRECISION))
+    tl.store(P_DGC + part, tl.sum(tl.sum(ds * s, 1), 0) * tl.exp(g_last))  # d(gc_last) via gC S
 
 
 @triton.jit
@@ -341,7 +375,7 @@ def walk_value_tile(value_dim: int) -> int:
 
 
 def backward_value_tile(key_dim: int, value_dim: int) -> int:
-    # the reverse pass stages [BT, BT], [BT, K] and [BT, BV] operands in shared memory: at K = 128 a 64-wide
+    # the per-chunk partials kernel stages [BT, BT], [BT, K] and [BT, BV] operands in shared memory: at K = 128 a 64-wide
     # value tile needs 272 KB (over Hopper's 227 KB), a 32-wide one 200 KB
     return min(_block(value_dim), 32 if key_dim > 64 else 64)
 
@@ -393,10 +427,17 @@ def gdn_chunk_bwd(q, k, v, g, beta, do, tinv, w, hs, scale, initial_state, d_fin
     dv = torch.empty(v.shape, **f32)
     dh0 = torch.empty(batch, heads, key_dim, value_dim, **f32) if initial_state is not None else dv
     dht = d_final.contiguous() if d_final is not None else dv
-    _gdn_bwd_state_kernel[(nv, bh)](
-        q, k, v, g, beta, tinv, w, hs, do, dht, dv, dh0, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc,
-        seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt, HAS_DHT=d_final is not None,
-        STORE_DH0=initial_state is not None, DOT_PRECISION=prec, num_warps=4, num_stages=1)
+    # the recurrence alone walks the chunks (narrow value tiles: more programs); the rest runs per chunk
+    ds = torch.empty(hs.shape, **f32)
+    bvw = walk_value_tile(value_dim)
+    _gdn_bwd_walk_kernel[(triton.cdiv(value_dim, bvw), bh)](
+        q, k, g, w, do, dht, ds, dh0, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bvw, BT=bt,
+        HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec, num_warps=8,
+        num_stages=1)  # ptxas (K 128): 8 warps spill 256 B a thread, 4 warps 912 B
+    _gdn_bwd_partials_kernel[(nv, nt, bh)](
+        q, k, v, g, beta, tinv, w, hs, ds, do, dv, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc,
+        seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt, DOT_PRECISION=prec,
+        num_warps=8, num_stages=1)  # 8 warps: 112 B, 4 warps: 360 B
     dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
     dbeta = torch.empty(beta.shape, **f32)
     dgc = torch.empty(bh, nt, bt, **f32)
