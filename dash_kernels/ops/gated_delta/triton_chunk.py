@@ -375,8 +375,8 @@ def walk_value_tile(value_dim: int) -> int:
 
 
 def backward_value_tile(key_dim: int, value_dim: int) -> int:
-    # the per-chunk partials kernel stages [BT, BT], [BT, K] and [BT, BV] operands in shared memory: at K = 128 a 64-wide
-    # value tile needs 272 KB (over Hopper's 227 KB), a 32-wide one 200 KB
+    # the per-chunk partials kernel stages [BT, BT], [BT, K] and [BT, BV] operands in shared memory: at K = 128
+    # a 64-wide value tile needs 272 KB (over Hopper's 227 KB), a 32-wide one 184 KB
     return min(_block(value_dim), 32 if key_dim > 64 else 64)
 
 
