@@ -14,7 +14,8 @@
 #   TEST_ARGS="-x"   extra pytest arguments; TEST_K="gla and not recurrent": a pytest -k expression
 #                    (note: -k fp32 matches every case id; use case ids)
 #   LINEAR_ARGS="--shapes h16_d128_T4096 --modes fwd_bwd"   arguments of the linear benchmark
-#   SEARCH_SHAPES="smollm2-135m"   which search-step shapes; *_TIMEOUT: seconds per part (TEST, BENCH, LINEAR, SEARCH)
+#   SEARCH_SHAPES="smollm2-135m"   which search-step shapes; SEARCH_ARGS="--tokens-per-step 16384" more arguments
+#   *_TIMEOUT: seconds per part (TEST, BENCH, LINEAR, SEARCH)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
@@ -44,7 +45,7 @@ for part in ${PARTS:-tests bench}; do
     search_step)
       for shape in ${SEARCH_SHAPES:-qwen2.5-3b smollm2-135m}; do
         timeout "${SEARCH_TIMEOUT:-240}" python benchmarks/bench_search.py --shape "$shape" --profile \
-          --out "$OUT/search_step_$shape.json" 2>&1 | grep -v Warn | tail -40
+          --out "$OUT/search_step_$shape${SEARCH_ARGS:+_more}.json" ${SEARCH_ARGS:-} 2>&1 | grep -v Warn | tail -40
       done ;;
     smollm2)
       timeout 540 python benchmarks/smollm2_search.py --model "${MODEL:?set MODEL to the SmolLM2 GGUF}" \
