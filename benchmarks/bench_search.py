@@ -60,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also: CUDA time per kernel of one search step")
+    parser.add_argument("--compile-modules", action="store_true", help="torch.compile the norms and MLPs")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     shape = TINY if args.tiny else (SMOLLM2_135M if args.shape == "smollm2-135m" else QWEN25_3B)
@@ -90,7 +91,8 @@ def main(argv=None):
     net = build_supernet(model, args.candidates)
     data = PackedData(train=torch.randint(0, shape["vocab_size"], (batch * 4, seq)),
                       heldout=torch.randint(0, shape["vocab_size"], (1, seq)))
-    search = Search(net, data, SearchConfig(tokens=10**9, batch_size=batch, budget=1), "/tmp/dash_bench_search")
+    search = Search(net, data, SearchConfig(tokens=10**9, batch_size=batch, budget=1,
+                                            compile_modules=args.compile_modules), "/tmp/dash_bench_search")
 
     def search_step():
         search.optimizer.zero_grad(set_to_none=True)
@@ -104,6 +106,7 @@ def main(argv=None):
         "torch": torch.__version__, "transformers": transformers.__version__,
         "model": "tiny" if args.tiny else f"{args.shape}-shaped (random weights)", "layers": shape["num_hidden_layers"],
         "seq": seq, "batch": batch, "dtype": str(dtype), "candidates": args.candidates,
+        "compile_modules": args.compile_modules,
         "floor_step_s": floor_s, "search_step_s": search_s,
         "floor_tokens_per_s": tokens / floor_s, "search_tokens_per_s": tokens / search_s,
         "search_over_floor_throughput": floor_s / search_s,

@@ -42,6 +42,8 @@ def _search_parser(sub):
     p.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--bank", help="linear-candidate bank from `dash align` (needed with 'gla' or 'gdn' candidates)")
+    p.add_argument("--compile-modules", action="store_true", default=None,
+                   help="torch.compile the norms and MLPs (the stateless modules): fewer kernel launches a step")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
     p.add_argument("--no-progress", action="store_true")
     return p

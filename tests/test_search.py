@@ -157,3 +157,23 @@ def test_missing_local_model_path_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(str(tmp_path / "no-such-hybrid"))
+
+
+def test_compiled_stateless_modules_give_the_same_search(tmp_path):
+    """compile_modules: the norms and MLPs run through torch.compile; the loss and the logits' gradients match the
+    eager step, and only stateless modules were compiled (the attention layers stay eager)."""
+    from dash.search import compile_stateless_modules
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    results = []
+    for compiled in (False, True):
+        search = make_search(tmp_path / str(compiled), compile_modules=compiled)
+        loss = search.loss_terms(ids)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [a.grad.clone() for a in search.net.arch_parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    model = tiny_model("llama")
+    assert compile_stateless_modules(model) == 2 * model.config.num_hidden_layers + 1 + model.config.num_hidden_layers
