@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .data import PackedData
-from .search import load_checkpoint
+from .search import load_checkpoint, save_checkpoint
 from .supernet import Supernet
 
 BANK_WEIGHTS = "linear_bank.safetensors"
@@ -131,9 +131,7 @@ class Align:
     def save(self) -> None:
         state = {"step": self.step, "linear": _bank_tensors(self.net), "optimizer": self.optimizer.state_dict(),
                  "history": self.history, "config": asdict(self.config)}
-        tmp = self.state_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        save_checkpoint(self.state_path, state)
 
     def try_resume(self) -> bool:
         if not os.path.exists(self.state_path):

@@ -36,7 +36,7 @@ from torch import nn
 
 from .candidates import Candidate
 from .data import PackedData
-from .search import distillation_kl, load_checkpoint
+from .search import distillation_kl, load_checkpoint, save_checkpoint
 from .supernet import attention_layers
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -200,9 +200,7 @@ class Finetune:
         state = {"step": self.step, "trainable": [p.detach().cpu() for p in self.parameters],
                  "optimizer": self.optimizer.state_dict(), "history": self.history,
                  "config": asdict(self.config), "choices": [c.name for c in self.choices]}
-        tmp = self.state_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)  # a kill mid-write leaves the previous checkpoint intact
+        save_checkpoint(self.state_path, state)
 
     def try_resume(self) -> bool:
         if not os.path.exists(self.state_path):

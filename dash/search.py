@@ -107,6 +107,13 @@ def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int) 
     return total / s.shape[0]
 
 
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save through a temporary file: a kill mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str, keys: tuple) -> dict:
     """torch.load with a clear error for a missing, truncated or foreign file (the file is left as it is)."""
     if not os.path.exists(path):
@@ -169,9 +176,7 @@ class Search:
         state = {"step": self.step, "alphas": [a.detach().cpu() for a in self.net.arch_parameters()],
                  "optimizer": self.optimizer.state_dict(), "history": self.history,
                  "config": asdict(self.config), "candidates": [c.name for c in self.net.candidates]}
-        tmp = self.state_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)  # a kill mid-write leaves the previous checkpoint intact
+        save_checkpoint(self.state_path, state)
 
     def try_resume(self) -> bool:
         if not os.path.exists(self.state_path):

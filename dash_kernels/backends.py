@@ -38,6 +38,24 @@ def triton_usable(device: torch.device) -> bool:
     return triton_unusable_reason(device) is None
 
 
+def choose(backend: str, device: torch.device, size: int, limit: int, what: str, symbol: str) -> Optional[str]:
+    """``"auto"``, ``"reference"`` or ``"triton"`` resolved for an op whose Triton kernels take ``size <= limit``
+    (``what``/``symbol`` name that size in errors, e.g. "head dim", "D"); None for any other name, which the op
+    rejects with its own list of choices. ``auto`` takes Triton on a GPU only (the interpreter is for tests)."""
+    if backend == "auto":
+        return "triton" if triton_usable(device) and device.type != "cpu" and size <= limit else "reference"
+    if backend == "reference":
+        return backend
+    if backend == "triton":
+        reason = triton_unusable_reason(device)
+        if reason:
+            raise ValueError(f"backend='triton' is unavailable for these inputs: {reason}")
+        if size > limit:
+            raise ValueError(f"backend='triton' supports {what} {symbol} <= {limit}, got {symbol} = {size}")
+        return backend
+    return None
+
+
 def cuda_extension_available() -> bool:
     try:
         from . import _C  # noqa: F401

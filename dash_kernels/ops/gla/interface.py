@@ -45,18 +45,9 @@ def _validate(q, k, v, g, scale, initial_state):
 
 
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
-    if backend == "auto":
-        usable = backends.triton_usable(q.device) and q.device.type != "cpu" and q.shape[-1] <= MAX_KEY_DIM
-        return "triton" if usable else "reference"
-    if backend == "reference":
-        return backend
-    if backend == "triton":
-        reason = backends.triton_unusable_reason(q.device)
-        if reason:
-            raise ValueError(f"backend='triton' is unavailable for these inputs: {reason}")
-        if q.shape[-1] > MAX_KEY_DIM:
-            raise ValueError(f"backend='triton' supports key dim K <= {MAX_KEY_DIM}, got K = {q.shape[-1]}")
-        return backend
+    chosen = backends.choose(backend, q.device, q.shape[-1], MAX_KEY_DIM, "key dim", "K")
+    if chosen is not None:
+        return chosen
     raise ValueError(f"backend must be one of 'auto', 'triton' or 'reference', got {backend!r}")
 
 

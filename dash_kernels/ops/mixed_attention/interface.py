@@ -60,20 +60,9 @@ def _validate_tensors(q, k, v, weights, num_candidates: int):
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    head_dim = q.shape[-1]
-    if backend == "auto":
-        if backends.triton_usable(q.device) and head_dim <= MAX_HEAD_DIM and q.device.type != "cpu":
-            return "triton"
-        return "reference"
-    if backend == "reference":
-        return backend
-    if backend == "triton":
-        reason = backends.triton_unusable_reason(q.device)
-        if reason:
-            raise ValueError(f"backend='triton' is unavailable for these inputs: {reason}")
-        if head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"backend='triton' supports head dim D <= {MAX_HEAD_DIM}, got D = {head_dim}")
-        return backend
+    chosen = backends.choose(backend, q.device, q.shape[-1], MAX_HEAD_DIM, "head dim", "D")
+    if chosen is not None:
+        return chosen
     if backend == "cuda":
         raise ValueError(
             "backend='cuda' is unavailable: the CUDA C++ extension (dash_kernels._C) is not built in this "
