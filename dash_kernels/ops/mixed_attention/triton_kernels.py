@@ -170,17 +170,16 @@ def _mixed_attn_fwd(
             HEAD_DIM, BLOCK_M, BLOCK_N, SPLIT, DOT_PRECISION)
         lo_d = w_c
         l_ref = tl.where(l_i == 0.0, 1.0, l_i)
+        o_c = acc / l_ref[:, None]
         lse_c = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_ref))
         sink_c = False
         if HAS_SINK:
             sink_c = (tl.load(CAND + NUM_C + c) > 0) & (w_c < FULL)
         if sink_c:  # the window part waits in fp32 scratch for its sink keys (below)
-            _store_tile(SINK_O + c * stride_oc + o_head, acc / l_ref[:, None], T, stride_ot, m0,
-                        HEAD_DIM, BLOCK_M, BLOCK_D)
+            _store_tile(SINK_O + c * stride_oc + o_head, o_c, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
             tl.store(SINK_LSE + (bh * NUM_C + c) * T + offs_m, lse_c, mask=row_ok)
         else:
-            _store_tile(O + c * stride_oc + o_head, acc / l_ref[:, None], T, stride_ot, m0,
-                        HEAD_DIM, BLOCK_M, BLOCK_D)
+            _store_tile(O + c * stride_oc + o_head, o_c, T, stride_ot, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
             tl.store(lse_row + c * T, lse_c, mask=row_ok)
     if HAS_SINK:
         # each sink candidate's sink-only keys (j < S_c, t - j >= W_c), merged with its window part: after the
