@@ -31,13 +31,27 @@ def _grads(y, inputs, dy):
     return torch.autograd.grad(y, inputs, dy)
 
 
+@torch.no_grad()
+def _dw_condition_scale(q, k, v, w, windows, sinks, dy):
+    """Norm over (head, candidate) of sum_{b,t} |<dY, O_c>| in fp32: the scale dw's rounding error lives on."""
+    per_c = []
+    for c in range(len(windows)):
+        one_hot = torch.zeros_like(w)
+        one_hot[..., c] = 1.0
+        o_c = mixed_attention_reference(q, k, v, one_hot, windows, sinks).float()
+        per_c.append((dy.float() * o_c).sum(-1).abs().sum(dim=(0, 1)))  # [Hq]
+    scale = torch.stack(per_c, -1)  # [Hq, C]
+    return (scale if w.dim() == 2 else scale.sum(0)).norm()
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_vs_fp32_reference(name):
     batch, seq, hq, hkv, d, dtype, windows, sinks, per_head = CASES[name]
     q, k, v, w = make_inputs(batch, seq, hq, hkv, d, len(windows), per_head=per_head, dtype=dtype,
                              device="cuda", seed=zlib.crc32(name.encode()) % 1000)
     inputs = (q, k, v, w)
-    dy = torch.randn(q.shape, device="cuda", dtype=dtype)
+    # dY from a seeded generator: the case is the same on every run
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).cuda()
     y = mixed_attention(q, k, v, w, windows, sinks, backend="triton")
     got = (y, *_grads(y, inputs, dy))
     del y
@@ -47,16 +61,23 @@ def test_triton_vs_fp32_reference(name):
     y_low = mixed_attention_reference(q, k, v, w, windows, sinks, upcast=False)  # plain low precision
     low = (y_low, *_grads(y_low, inputs, dy))
     del y_low
+    dw_scale = _dw_condition_scale(q, k, v, w, windows, sinks, dy)
     report, failures = [], []
     for label, g, r, l in zip(("y", "dq", "dk", "dv", "dw"), got, want, low):
-        err, err_plain = rel_err(g, r), rel_err(l, r)
+        if label == "dw":
+            # dw[c] = sum over 10^5..10^6 rows of <dY, O_c>; random-sign dY makes that sum cancel, so
+            # its relative error measures the cancellation more than the kernel. Normalise by the
+            # sum of |<dY, O_c>| (the sum's condition scale) instead, for the kernel and plain alike.
+            err, err_plain = ((g - r).norm() / dw_scale).item(), ((l - r).norm() / dw_scale).item()
+        else:
+            err, err_plain = rel_err(g, r), rel_err(l, r)
         # FlashAttention-3's rule: 2x the plain error, plus twice the rounding quantum of the output
         # dtype at the reference's magnitude ((x + 0.3 - 0.3) - x); it matters where the plain error
         # is itself near zero (a 1-key window, T = 1)
-        out_dtype = torch.float32 if label == "dw" else dtype  # weights (and dw) are fp32
-        quantum = rel_err((r.to(out_dtype) + 0.3 - 0.3).float(), r)
+        quantum = 0.0 if label == "dw" else rel_err((r.to(dtype) + 0.3 - 0.3).float(), r)  # dw is fp32
         report.append(f"{label}: kernel {err:.2e} plain {err_plain:.2e}")
-        if err > 2 * err_plain + 2 * quantum + 1e-4:
+        floor = 1e-6 if label == "dw" else 1e-4  # normalised dw errors sit near 1e-5
+        if err > 2 * err_plain + 2 * quantum + floor:
             failures.append(f"{label}: kernel {err:.3e} vs plain {err_plain:.3e} (quantum {quantum:.1e})")
     print(name, "; ".join(report), flush=True)
     assert not failures, f"{name}: " + "; ".join(failures)
