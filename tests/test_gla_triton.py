@@ -98,26 +98,38 @@ def test_without_final_state_and_auto_backend():
 
 
 def test_bf16_decay_gradient_does_not_drift_with_length(monkeypatch):
-    """dg sums q*dq - k*dk over the rest of the sequence; 16-bit chunk states made its error grow with T
-    (1.4e-2 here, 2.6e-2 at T 16384 on the H200). With fp32 states it stays at the bf16 rounding (~2e-3)."""
+    """dg_t sums q*dq - k*dk over the rest of the sequence. Summed over the whole sequence, that cancels, and
+    its error grew with T (2.6e-2 at T 16384 on the H200 with 16-bit states). The kernels sum inside a chunk
+    and take the rest from the states (sum_v h * dh), so the error must not grow with T."""
     monkeypatch.setattr(gla_interface, "TRITON_ALGORITHM", "chunk")
-    gen = torch.Generator().manual_seed(1024)
-    q, k = (torch.randn(1, 1024, 1, 32, generator=gen) * 0.3 for _ in range(2))
-    v = torch.randn(1, 1024, 1, 32, generator=gen)
-    g = F.logsigmoid(torch.randn(1, 1024, 1, 32, generator=gen) + 3.0)
-    low = [t.to(DEVICE, torch.bfloat16).requires_grad_(True) for t in (q, k, v, g)]
-    full = [t.detach().double().requires_grad_(True) for t in low]
-    o, _ = gated_linear_attention(*low, backend="triton")
-    o_ref, _ = gla_recurrent(*full)
-    do = torch.randn(o.shape, generator=gen).to(DEVICE)
-    dg = torch.autograd.grad((o.float() * do).sum(), low[3])[0]
-    dg_ref = torch.autograd.grad((o_ref * do.double()).sum(), full[3])[0]
-    assert rel_err(dg, dg_ref) < 5e-3
+
+    def dg_error(seq):
+        gen = torch.Generator().manual_seed(1024)
+        q, k = (torch.randn(1, seq, 1, 32, generator=gen) * 0.3 for _ in range(2))
+        v = torch.randn(1, seq, 1, 32, generator=gen)
+        g = F.logsigmoid(torch.randn(1, seq, 1, 32, generator=gen) + 3.0)
+        low = [t.to(DEVICE, torch.bfloat16).requires_grad_(True) for t in (q, k, v, g)]
+        full = [t.detach().double().requires_grad_(True) for t in low]
+        o, _ = gated_linear_attention(*low, backend="triton")
+        o_ref, _ = gla_recurrent(*full)
+        do = torch.randn(o.shape, generator=gen).to(DEVICE)
+        dg = torch.autograd.grad((o.float() * do).sum(), low[3])[0]
+        dg_ref = torch.autograd.grad((o_ref * do.double()).sum(), full[3])[0]
+        return rel_err(dg, dg_ref)
+
+    short, long = dg_error(128), dg_error(1024)
+    # bf16 operands (what the tensor cores take) give ~6e-3 at any length here
+    assert long < 1e-2 and long < 1.3 * short, (short, long)
 
 
 @pytest.mark.parametrize("seq", [1, 15, 16, 17, 50])
-def test_reverse_cumsum_over_time_in_chunks(seq):
-    from dash_kernels.ops.gla.triton_chunk import reverse_cumsum_over_time
+def test_chunk_reverse_cumsum(seq):
+    """Inside-chunk reverse cumsum plus what the later chunks add = the reverse cumsum over the sequence."""
+    from dash_kernels.ops.gla.triton_chunk import chunk_reverse_cumsum
 
     x = torch.randn(2, seq, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seq))
-    assert torch.allclose(reverse_cumsum_over_time(x, 16), x.flip(1).cumsum(1).flip(1), rtol=0, atol=1e-12)
+    nt = -(-seq // 16)
+    totals = F.pad(x, (0, 0, 0, 0, 0, nt * 16 - seq)).view(2, nt, 16, 3, 4).sum(2)
+    after = totals.flip(1).cumsum(1).flip(1) - totals  # the chunks after each one
+    want = x.flip(1).cumsum(1).flip(1)
+    assert torch.allclose(chunk_reverse_cumsum(x, 16, after), want, rtol=0, atol=1e-12)

@@ -3,6 +3,8 @@
 Layouts: activations are contiguous ``[B, T, H, D]`` (rows of one head are ``H * D`` apart); states are
 ``[K, V]`` per (batch, head), processed in value tiles of ``BV`` columns.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,22 @@ def state_block(k0, v0, KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV
     offs_k = k0 + tl.arange(0, BK)
     offs_v = v0 + tl.arange(0, BV)
     return offs_k[:, None] * VD + offs_v[None, :], (offs_k[:, None] < KD) & (offs_v[None, :] < VD)
+
+
+# Triton's CPU interpreter multiplies the bit patterns of bfloat16 dot operands (triton-lang/triton#11584);
+# there the operands are rounded to their dtype and multiplied in fp32, which is what the tensor cores compute
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with both operands rounded to DT first (the inputs' dtype), fp32 accumulation: 16-bit operands run
+    at the full tensor-core rate and take half the registers of fp32 tiles (tf32 products, what the kernels did
+    before, ran at half rate); fp32 inputs keep exact fp32 products (PREC "ieee")."""
+    if _INTERPRETING:
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
 
 
 def block(n: int) -> int:

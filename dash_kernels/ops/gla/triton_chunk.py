@@ -8,7 +8,9 @@ gl = its last row, h_n = the state entering chunk n:
   backward  dh_n = exp(gl) * dh_{n+1} + scale * (q * exp(gc))^T do  (reverse over chunks), then per chunk
             dv = scale * A^T do + (k * exp(gl - gc)) dh_{n+1},  dA = scale * do v^T (lower),
             dq = scale * (do h_n^T) * exp(gc) + intra(dA, k),  dk = (v dh_{n+1}^T) * exp(gl - gc) + intra(dA^T, q),
-            dg from the prefix-sum identity (see triton_recurrent.py).
+            dg_t = sum_{s >= t} (q dq - k dk)_s: inside the chunk a short reverse cumsum, the chunks after it
+            sum to sum_v h_{n+1} * dh_n (from the fp32 states), so no sum over T that cancels.
+Dot operands are rounded to the inputs' dtype (bf16/fp16 tensor-core products, fp32 accumulation, as fla does).
 Exponentials never see a positive exponent: A and its gradients are built from sub-chunks of BC rows,
 factored through the decay at the last row of the key sub-chunk (both factors <= 1); the diagonal
 sub-blocks are formed element by element.
@@ -22,6 +24,7 @@ import triton.language as tl
 from ..linear_tiles import block as _block
 from ..linear_tiles import dot_precision as _precision
 from ..linear_tiles import load_rows as _load_rows
+from ..linear_tiles import mm as _mm
 from ..linear_tiles import row as _row
 from ..linear_tiles import state_block, state_tile
 from ..linear_tiles import store_rows as _store_rows
@@ -48,7 +51,7 @@ def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: 
         inside = (idx >= s * BC) & (idx < (s + 1) * BC)
         qs = q * tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
         ks = k * tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
-        a += tl.dot(qs, tl.trans(ks), input_precision=DOT_PRECISION)
+        a += _mm(qs, tl.trans(ks), Q.dtype.element_ty, DOT_PRECISION)
     base = A + (bh * tl.num_programs(0) + i_n) * BT * BT
     off_diag = (idx[:, None] // BC) != (idx[None, :] // BC)
     tl.store(base + idx[:, None] * BT + idx[None, :], a, mask=off_diag)
@@ -112,7 +115,7 @@ def _gla_states_kernel(K, V, G, H0, HS, HT, T, H, NT,
         v = _load_rows(V + head_v, n * BT, T, H, VD, BT, BV, v0)
         gl = _row(gc, idx, BT - 1)
         k_to_end = k * tl.exp(gl[None, :] - gc)
-        state = state * tl.exp(gl)[:, None] + tl.dot(tl.trans(k_to_end), v, input_precision=DOT_PRECISION)
+        state = state * tl.exp(gl)[:, None] + _mm(tl.trans(k_to_end), v, K.dtype.element_ty, DOT_PRECISION)
     if STORE_HT:
         tl.store(HT + bh * KD * VD + state_offs, state, mask=state_ok)
 
@@ -135,19 +138,23 @@ def _gla_output_kernel(Q, V, G, A, HS, O, T, H, NT, scale,
     h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
     idx = tl.arange(0, BT)
     a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
-    o = tl.dot(q * tl.exp(gc), h_n, input_precision=DOT_PRECISION) + tl.dot(a, v, input_precision=DOT_PRECISION)
+    dt = Q.dtype.element_ty
+    o = _mm(q * tl.exp(gc), h_n, dt, DOT_PRECISION) + _mm(a, v, dt, DOT_PRECISION)
     _store_rows(O + head_v, o * scale, i_n * BT, T, H, VD, BT, BV, i_v * BV)
 
 
 @triton.jit
-def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
+def _gla_dstates_kernel(Q, G, DO, HS, DHT, DHS, DH0, CARRY, T, H, NT, scale,
                         KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                         HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """DHS [B, H, N, K, V] fp32: the gradient of the state leaving each chunk; DH0 that of the initial state.
-    One program per [BK, BV] tile, as in the forward walk."""
+    One program per [BK, BV] tile, as in the forward walk. CARRY [B * H, V / BV, N, K]: this tile's part of
+    sum_v h_{n+1} * dh_n, what every later chunk adds to chunk n's decay gradient (zero for the last chunk)."""
     NKT: tl.constexpr = (KD + BK - 1) // BK
-    k0 = (tl.program_id(0) % NKT) * BK
-    v0 = (tl.program_id(0) // NKT) * BV
+    i_k = tl.program_id(0) % NKT
+    i_v = tl.program_id(0) // NKT
+    k0 = i_k * BK
+    v0 = i_v * BV
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -158,14 +165,21 @@ def _gla_dstates_kernel(Q, G, DO, DHT, DHS, DH0, T, H, NT, scale,
     head_k = b * T * H * KD + h * KD
     head_v = b * T * H * VD + h * VD
     idx = tl.arange(0, BT)
+    keys = k0 + tl.arange(0, BK)
+    nvt = tl.num_programs(0) // NKT
+    carry_row = CARRY + (bh * nvt + i_v) * NT * KD + keys
+    tl.store(carry_row + (NT - 1) * KD, tl.zeros([BK], dtype=tl.float32), mask=keys < KD)
     for i in range(NT):
         n = NT - 1 - i
         tl.store(DHS + (bh * NT + n) * KD * VD + state_offs, dh.to(DHS.dtype.element_ty), mask=state_ok)
+        if n < NT - 1:
+            h_next = tl.load(HS + (bh * NT + n + 1) * KD * VD + state_offs, mask=state_ok, other=0.0)
+            tl.store(carry_row + n * KD, tl.sum(h_next * dh, 1), mask=keys < KD)
         q = _load_rows(Q + head_k, n * BT, T, H, KD, BT, BK, k0)
         gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK, k0), 0)
         do = _load_rows(DO + head_v, n * BT, T, H, VD, BT, BV, v0)
         gl = _row(gc, idx, BT - 1)
-        dh = dh * tl.exp(gl)[:, None] + tl.dot(tl.trans(q * tl.exp(gc) * scale), do, input_precision=DOT_PRECISION)
+        dh = dh * tl.exp(gl)[:, None] + _mm(tl.trans(q * tl.exp(gc) * scale), do, Q.dtype.element_ty, DOT_PRECISION)
     if STORE_DH0:
         tl.store(DH0 + bh * KD * VD + state_offs, dh, mask=state_ok)
 
@@ -187,17 +201,18 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
     head_v = b * T * H * VD + h * VD
     state = (bh * NT + i_n) * KD * VD
     idx = tl.arange(0, BT)
+    dt = Q.dtype.element_ty
     a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
     da = tl.zeros([BT, BT], dtype=tl.float32)
     for v0 in range(0, VD, BV):
         do = _load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0)
-        da += tl.dot(do, tl.trans(_load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)), input_precision=DOT_PRECISION)
-        dv = tl.dot(tl.trans(a), do, input_precision=DOT_PRECISION) * scale
+        da += _mm(do, tl.trans(_load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)), dt, DOT_PRECISION)
+        dv = _mm(tl.trans(a), do, dt, DOT_PRECISION) * scale
         for k0 in range(0, BK, KS):
             gc = tl.cumsum(_load_rows(G + head_k, t0, T, H, KD, BT, KS, k0), 0)
             k_to_end = _load_rows(K + head_k, t0, T, H, KD, BT, KS, k0) * tl.exp(_row(gc, idx, BT - 1)[None, :] - gc)
             offs, ok = state_block(k0, v0, KD, VD, KS, BV)
-            dv += tl.dot(k_to_end, tl.load(DHS + state + offs, mask=ok, other=0.0), input_precision=DOT_PRECISION)
+            dv += _mm(k_to_end, tl.load(DHS + state + offs, mask=ok, other=0.0), dt, DOT_PRECISION)
         _store_rows(DV + head_v, dv, t0, T, H, VD, BT, BV, v0)
     da = tl.where(idx[:, None] >= idx[None, :], da * scale, 0.0)
     for k0 in range(0, BK, KS):
@@ -209,10 +224,10 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
         dk = tl.zeros([BT, KS], dtype=tl.float32)
         for v0 in range(0, VD, BV):
             offs, ok = state_block(k0, v0, KD, VD, KS, BV)
-            dq += tl.dot(_load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0),
-                         tl.trans(tl.load(HS + state + offs, mask=ok, other=0.0)), input_precision=DOT_PRECISION)
-            dk += tl.dot(_load_rows(V + head_v, t0, T, H, VD, BT, BV, v0),
-                         tl.trans(tl.load(DHS + state + offs, mask=ok, other=0.0)), input_precision=DOT_PRECISION)
+            dq += _mm(_load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0),
+                      tl.trans(tl.load(HS + state + offs, mask=ok, other=0.0)), dt, DOT_PRECISION)
+            dk += _mm(_load_rows(V + head_v, t0, T, H, VD, BT, BV, v0),
+                      tl.trans(tl.load(DHS + state + offs, mask=ok, other=0.0)), dt, DOT_PRECISION)
         dq = dq * tl.exp(gc) * scale
         dk = dk * tl.exp(gl[None, :] - gc)
         # intra-chunk: dq_i += sum_j dA_ij k_j exp(gc_i - gc_j), dk_j += sum_i dA_ij q_i exp(gc_i - gc_j)
@@ -222,8 +237,8 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
             inside = (idx >= s * BC) & (idx < (s + 1) * BC)
             e_q = tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
             e_k = tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
-            dq += tl.dot(tl.where(inside[None, :], da, 0.0), k * e_k, input_precision=DOT_PRECISION) * e_q
-            dk += tl.dot(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, input_precision=DOT_PRECISION) * e_k
+            dq += _mm(tl.where(inside[None, :], da, 0.0), k * e_k, dt, DOT_PRECISION) * e_q
+            dk += _mm(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, dt, DOT_PRECISION) * e_k
         _store_rows(DQ + head_k, dq, t0, T, H, KD, BT, KS, k0)
         _store_rows(DK + head_k, dk, t0, T, H, KD, BT, KS, k0)
     tl.debug_barrier()  # the diagonal sub-blocks below add to rows other threads just stored
@@ -234,8 +249,8 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
         r0 = t0 + s * BC
         da_s = tl.zeros([BC, BC], dtype=tl.float32)
         for v0 in range(0, VD, BV):
-            da_s += tl.dot(_load_rows(DO + head_v, r0, T, H, VD, BC, BV, v0),
-                           tl.trans(_load_rows(V + head_v, r0, T, H, VD, BC, BV, v0)), input_precision=DOT_PRECISION)
+            da_s += _mm(_load_rows(DO + head_v, r0, T, H, VD, BC, BV, v0),
+                        tl.trans(_load_rows(V + head_v, r0, T, H, VD, BC, BV, v0)), dt, DOT_PRECISION)
         da_s = tl.where(sub[:, None] >= sub[None, :], da_s * scale, 0.0)[:, :, None]
         for k0 in range(0, BK, BKS):
             q_s, k_s, e = _diag_terms(Q + head_k, K + head_k, G + head_k, r0, k0, T, H, KD, BC, BKS)
@@ -290,9 +305,10 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
     bk, bv = _block(key_dim), min(_block(value_dim), 64)
     dev = q.device
     a = torch.empty(batch, heads, nt, bt, bt, device=dev, dtype=torch.float32)
-    # per-chunk state snapshots [B, H, N, K, V] in fp32, although they are the op's largest tensors: dg comes
-    # from the identity sum_{t>=s}(q_t dq_t - k_t dk_t), which cancels; with 16-bit snapshots (as fla keeps
-    # them) its error grew with T to 2.6e-2 at T 16384 on the H200, against 2.3e-3 with fp32 (the bf16 rounding)
+    # per-chunk state snapshots [B, H, N, K, V] in fp32, although they are the op's largest tensors: dg's
+    # carry from later chunks is sum_v h * dh of them (16-bit snapshots, as fla keeps them, made dg's error
+    # 2.6e-2 at T 16384 on the H200 when dg was still one sum over T; with bf16 snapshots and the carry it
+    # would be worth measuring again: half the bytes)
     hs = torch.empty(batch, heads, nt, key_dim, value_dim, device=dev, dtype=torch.float32)
     final = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
         if output_final_state else a  # never written
@@ -320,14 +336,17 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
     dev = q.device
     prec = _precision(q.dtype)
     do = do.contiguous()
-    dhs = torch.empty(hs.shape, device=dev, dtype=torch.float32)  # fp32 for the same reason
+    dhs = torch.empty(hs.shape, device=dev, dtype=torch.float32)
     dh0 = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
         if initial_state is not None else dhs
     dht = d_final.contiguous() if d_final is not None else dhs
     bkw, bvw = walk_tiles(key_dim, value_dim)
-    _gla_dstates_kernel[(triton.cdiv(key_dim, bkw) * triton.cdiv(value_dim, bvw), batch * heads)](
-        q, g, do, dht, dhs, dh0, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bkw, BV=bvw, BT=bt,
-        HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec, **LAUNCH["dstates"])
+    nkw, nvw = triton.cdiv(key_dim, bkw), triton.cdiv(value_dim, bvw)
+    carry = torch.empty(batch * heads, nvw, nt, key_dim, device=dev, dtype=torch.float32)
+    _gla_dstates_kernel[(nkw * nvw, batch * heads)](
+        q, g, do, hs, dht, dhs, dh0, carry, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bkw, BV=bvw,
+        BT=bt, HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec,
+        **LAUNCH["dstates"])
     dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
     dk = torch.empty_like(dq)
     dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
@@ -335,23 +354,24 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
         q, k, v, g, a, hs, dhs, do, dq, dk, dv, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
         BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, KS=min(bk, backward_key_slice(bt)), DOT_PRECISION=prec,
         **LAUNCH["bwd"])
-    dg = reverse_cumsum_over_time(q.float() * dq - k.float() * dk, bt)
+    # dg_t = sum_{s >= t} (q dq - k dk)_s. Inside chunk n that is a short reverse cumsum; everything after the
+    # chunk sums to sum_v h_{n+1} * dh_n (the gradient of the decay at the chunk's end, from the fp32 states).
+    # No sum over the whole sequence, so no cancellation that grows with T.
+    carry = carry.sum(1).view(batch, heads, nt, key_dim).transpose(1, 2)  # [B, N, H, K]
     if d_final is not None:
-        dg = dg + (d_final.float() * final_state).sum(-1)[:, None]
+        carry[:, -1] += (d_final.float() * final_state).sum(-1)
+    dg = chunk_reverse_cumsum(q.float() * dq - k.float() * dk, bt, carry)
     return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
 
 
-def reverse_cumsum_over_time(x: torch.Tensor, bt: int) -> torch.Tensor:
-    """sum_{t' >= t} x[:, t'] for x [B, T, H, K], as two short scans: inside chunks of bt rows, then over the
-    chunks' totals. One scan over T's 4096+ steps (torch's outer-dimension scan) took 1.5 ms on the H200 at
-    B 4, T 4096, H 16, K 128, as long as the GLA forward."""
+def chunk_reverse_cumsum(x: torch.Tensor, bt: int, after: torch.Tensor) -> torch.Tensor:
+    """sum_{t' >= t, t' in t's chunk} x[:, t'] + after[:, chunk of t], for x [B, T, H, K] and after [B, N, H, K]
+    (what the chunks after each one contribute)."""
     batch, seq = x.shape[:2]
     nt = -(-seq // bt)
     chunks = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nt * bt - seq)).view(batch, nt, bt, *x.shape[2:])
     inside = chunks.flip(2).cumsum(2).flip(2)
-    suffix = inside[:, :, 0].flip(1).cumsum(1).flip(1)  # chunk n: the sum of chunks n, n + 1, ...
-    later = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], 1)  # chunks after n (no subtraction)
-    return (inside + later[:, :, None]).view(batch, nt * bt, *x.shape[2:])[:, :seq]
+    return (inside + after[:, :, None]).view(batch, nt * bt, *x.shape[2:])[:, :seq]
 
 
 class GLAChunkFunction(torch.autograd.Function):
