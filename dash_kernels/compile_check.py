@@ -25,6 +25,7 @@ HOPPER_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_9
 POINTER_TYPES = {
     "Q": "*bf16", "K": "*bf16", "V": "*bf16", "Y": "*bf16", "O": "*bf16", "DY": "*bf16",
     "DQ": "*bf16", "DK": "*bf16", "DV": "*bf16", "CAND": "*i32", "MEMBERSHIP": "*i32",
+    "ONE_PRODUCT": "*i8",
 }
 SCALARS_FP32 = ("qk_scale", "sm_scale", "scale")
 UNALIGNED_INTS = ("H", "NT", "HQ", "GROUP")  # head counts and chunk counts: any value
@@ -79,7 +80,8 @@ def builds(head_dim: int) -> Iterator[Build]:
     launch = gla_chunk.LAUNCH
     for name, fn, constexprs in [
         ("intra", gla_chunk._gla_intra_kernel,
-         dict(KD=head_dim, BK=bk, BT=bt, BC=bc, BKS=gla_chunk.DIAG_KEY_SLICE, DOT_PRECISION="tf32")),
+         dict(KD=head_dim, BK=bk, BT=bt, BC=bc, BKS=gla_chunk.DIAG_KEY_SLICE, SAFE_SPAN=gla_chunk.ONE_PRODUCT_SPAN,
+              DOT_PRECISION="tf32")),
         ("states", gla_chunk._gla_states_kernel, dict(walk, HAS_H0=True, STORE_HT=True)),
         ("output", gla_chunk._gla_output_kernel, dims),
         ("dstates", gla_chunk._gla_dstates_kernel, dict(walk, HAS_DHT=True, STORE_DH0=True)),

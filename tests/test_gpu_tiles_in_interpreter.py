@@ -35,8 +35,12 @@ def gpu_chunks(monkeypatch):
     monkeypatch.setattr(gdn_chunk, "chunk_size", lambda interpreting: 64)
 
 
-def test_linear_kernels_at_gpu_chunk_sizes(gpu_chunks):
-    """T 130 (two full chunks and a ragged one), K 128 (4 key slices, 2 walk tiles), V 96 (3 value tiles)."""
+@pytest.mark.parametrize("gla_path", ["one_product", "subchunked"])
+def test_linear_kernels_at_gpu_chunk_sizes(gpu_chunks, gla_path, monkeypatch):
+    """T 130 (two full chunks and a ragged one), K 128 (4 key slices, 2 walk tiles), V 96 (3 value tiles);
+    GLA's intra-chunk terms both ways (mild decays take one product; the forced span sends them sub-chunked)."""
+    if gla_path == "subchunked":
+        monkeypatch.setattr(gla_chunk, "ONE_PRODUCT_SPAN", -1.0)
     gen = torch.Generator().manual_seed(0)
     b, t, h, kd, vd = 1, 130, 1, 128, 96
     q = torch.randn(b, t, h, kd, generator=gen) * 0.3

@@ -31,9 +31,10 @@ from ..linear_tiles import store_rows as _store_rows
 
 
 @triton.jit
-def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                      BKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """A [B, H, N, BT, BT] (fp32, unscaled) for one chunk."""
+def _gla_intra_kernel(Q, K, G, A, ONE_PRODUCT, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, BKS: tl.constexpr, SAFE_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A [B, H, N, BT, BT] (fp32, unscaled) for one chunk, and ONE_PRODUCT [B * H, N] (int8): whether the chunk
+    took the one-product path, which the backward repeats."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -44,6 +45,27 @@ def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: 
     k = _load_rows(K + head, t0, T, H, KD, BT, BK)
     gc = tl.cumsum(_load_rows(G + head, t0, T, H, KD, BT, BK), 0)
     idx = tl.arange(0, BT)
+    base = A + (bh * tl.num_programs(0) + i_n) * BT * BT
+    offs = idx[:, None] * BT + idx[None, :]
+    gref = _row(gc, idx, BT // 2)
+    one_product = tl.max(tl.max(tl.abs(gc - gref[None, :]), 1), 0) <= SAFE_SPAN
+    tl.store(ONE_PRODUCT + bh * tl.num_programs(0) + i_n, one_product.to(tl.int8))
+    if one_product:
+        # exp(gc_i - gc_j) = exp(gc_i - gref) * exp(gref - gc_j): factors within exp(+-SAFE_SPAN), so one
+        # product gives the whole lower triangle, each term to its own relative precision
+        a = _mm(q * tl.exp(gc - gref[None, :]), tl.trans(k * tl.exp(gref[None, :] - gc)), Q.dtype.element_ty,
+                DOT_PRECISION)
+        tl.store(base + offs, tl.where(idx[:, None] >= idx[None, :], a, 0.0))
+    else:
+        _intra_subchunked(Q + head, K + head, G + head, base, q, k, gc, t0, T, H, KD, BK, BT, BC, BKS,
+                          DOT_PRECISION)
+
+
+@triton.jit
+def _intra_subchunked(Q, K, G, base, q, k, gc, t0, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, BKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Decays too strong for one product: sub-chunks of BC rows, every exponent <= 0."""
+    idx = tl.arange(0, BT)
     a = tl.zeros([BT, BT], dtype=tl.float32)
     for s in range(BT // BC):
         gref = _row(gc, idx, s * BC + BC - 1)
@@ -52,12 +74,11 @@ def _gla_intra_kernel(Q, K, G, A, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: 
         qs = q * tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
         ks = k * tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
         a += _mm(qs, tl.trans(ks), Q.dtype.element_ty, DOT_PRECISION)
-    base = A + (bh * tl.num_programs(0) + i_n) * BT * BT
     off_diag = (idx[:, None] // BC) != (idx[None, :] // BC)
     tl.store(base + idx[:, None] * BT + idx[None, :], a, mask=off_diag)
     sub = tl.arange(0, BC)
     for s in range(BT // BC):  # diagonal sub-blocks: element by element, straight to memory
-        block = _diag_block(Q + head, K + head, G + head, t0 + s * BC, T, H, KD, BK, BC, BKS)
+        block = _diag_block(Q, K, G, t0 + s * BC, T, H, KD, BK, BC, BKS)
         tl.store(base + (s * BC + sub)[:, None] * BT + (s * BC + sub)[None, :], block)
 
 
@@ -185,13 +206,14 @@ def _gla_dstates_kernel(Q, G, DO, HS, DHT, DHS, DH0, CARRY, T, H, NT, scale,
 
 
 @triton.jit
-def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scale,
+def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, ONE_PRODUCT, T, H, NT, scale,
                           KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, KS: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
     """dq, dk (fp32, before dg) and dv (fp32) of one chunk, in slices of KS key columns: whole [BT, K] fp32
     tiles (q, k, gc, dq, dk at once) spilled registers. dV contracts over the keys, so it comes first, with
-    dA; then each key slice's dq, dk; then the diagonal sub-blocks."""
+    dA; then each key slice's dq, dk: in one product where the forward took one (ONE_PRODUCT), else by
+    sub-chunks and then the diagonal sub-blocks."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -215,6 +237,7 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
             dv += _mm(k_to_end, tl.load(DHS + state + offs, mask=ok, other=0.0), dt, DOT_PRECISION)
         _store_rows(DV + head_v, dv, t0, T, H, VD, BT, BV, v0)
     da = tl.where(idx[:, None] >= idx[None, :], da * scale, 0.0)
+    one_product = tl.load(ONE_PRODUCT + bh * NT + i_n) != 0
     for k0 in range(0, BK, KS):
         q = _load_rows(Q + head_k, t0, T, H, KD, BT, KS, k0)
         k = _load_rows(K + head_k, t0, T, H, KD, BT, KS, k0)
@@ -231,17 +254,35 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, T, H, NT, scal
         dq = dq * tl.exp(gc) * scale
         dk = dk * tl.exp(gl[None, :] - gc)
         # intra-chunk: dq_i += sum_j dA_ij k_j exp(gc_i - gc_j), dk_j += sum_i dA_ij q_i exp(gc_i - gc_j)
-        for s in range(BT // BC):
-            gref = _row(gc, idx, s * BC + BC - 1)
-            later = idx >= (s + 1) * BC
-            inside = (idx >= s * BC) & (idx < (s + 1) * BC)
-            e_q = tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
-            e_k = tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
-            dq += _mm(tl.where(inside[None, :], da, 0.0), k * e_k, dt, DOT_PRECISION) * e_q
-            dk += _mm(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, dt, DOT_PRECISION) * e_k
+        if one_product:
+            gref = _row(gc, idx, BT // 2)
+            e_q = tl.exp(gc - gref[None, :])
+            e_k = tl.exp(gref[None, :] - gc)
+            dq += _mm(da, k * e_k, dt, DOT_PRECISION) * e_q
+            dk += _mm(tl.trans(da), q * e_q, dt, DOT_PRECISION) * e_k
+        else:
+            for s in range(BT // BC):
+                gref = _row(gc, idx, s * BC + BC - 1)
+                later = idx >= (s + 1) * BC
+                inside = (idx >= s * BC) & (idx < (s + 1) * BC)
+                e_q = tl.exp(tl.where(later[:, None], gc - gref[None, :], float("-inf")))
+                e_k = tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
+                dq += _mm(tl.where(inside[None, :], da, 0.0), k * e_k, dt, DOT_PRECISION) * e_q
+                dk += _mm(tl.trans(tl.where(later[:, None], da, 0.0)), q * e_q, dt, DOT_PRECISION) * e_k
         _store_rows(DQ + head_k, dq, t0, T, H, KD, BT, KS, k0)
         _store_rows(DK + head_k, dk, t0, T, H, KD, BT, KS, k0)
-    tl.debug_barrier()  # the diagonal sub-blocks below add to rows other threads just stored
+    if not one_product:
+        tl.debug_barrier()  # the diagonal sub-blocks add to rows other threads just stored
+        _bwd_diagonal_blocks(Q, K, V, G, DO, DQ, DK, head_k, head_v, t0, T, H, scale, KD, VD, BK, BV, BT, BC, BKS,
+                             DOT_PRECISION)
+
+
+@triton.jit
+def _bwd_diagonal_blocks(Q, K, V, G, DO, DQ, DK, head_k, head_v, t0, T, H, scale, KD: tl.constexpr,
+                         VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         BKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The sub-chunked path's diagonal sub-blocks, added to the stored dq, dk rows."""
+    dt = Q.dtype.element_ty
     sub = tl.arange(0, BC)
     for s in range(BT // BC):
         # dA of this diagonal sub-block again (a register tile cannot be sliced), then the [BC, BC, BKS]
@@ -274,6 +315,13 @@ LAUNCH = {
     "dstates": dict(num_warps=4, num_stages=2),
     "bwd": dict(num_warps=8, num_stages=1),
 }
+
+
+# A chunk whose cumulative log-decay stays within this of its middle row's (every key column) forms its
+# intra-chunk matrix, and the backward its intra-chunk gradients, as one product through the middle row:
+# factors within exp(+-60) ~ 1e26 stay finite in fp32 and bf16 with room for the sums. The dash candidate's
+# gates (logsigmoid / 16) always qualify; stronger decays take the sub-chunked path (all exponents <= 0).
+ONE_PRODUCT_SPAN = 60.0
 
 
 # key columns per [BC, BC, BKS] product of a diagonal sub-block (16 x 16 x 16 fp32: 32 registers a thread at
@@ -314,8 +362,10 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
         if output_final_state else a  # never written
     o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
     prec = _precision(q.dtype)
-    _gla_intra_kernel[(nt, batch * heads)](q, k, g, a, seq, heads, KD=key_dim, BK=bk, BT=bt, BC=bc,
-                                           BKS=DIAG_KEY_SLICE, DOT_PRECISION=prec, **LAUNCH["intra"])
+    one_product = torch.empty(batch * heads, nt, device=dev, dtype=torch.int8)
+    _gla_intra_kernel[(nt, batch * heads)](q, k, g, a, one_product, seq, heads, KD=key_dim, BK=bk, BT=bt, BC=bc,
+                                           BKS=DIAG_KEY_SLICE, SAFE_SPAN=ONE_PRODUCT_SPAN, DOT_PRECISION=prec,
+                                           **LAUNCH["intra"])
     h0 = initial_state.contiguous() if initial_state is not None else hs
     nv = triton.cdiv(value_dim, bv)
     bkw, bvw = walk_tiles(key_dim, value_dim)
@@ -325,10 +375,10 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
     _gla_output_kernel[(nv, nt, batch * heads)](
         q, v, g, a, hs, o, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
         DOT_PRECISION=prec, **LAUNCH["output"])
-    return o, (final if output_final_state else None), a, hs
+    return o, (final if output_final_state else None), a, hs, one_product
 
 
-def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_final, bt, bc):
+def gla_chunk_bwd(q, k, v, g, do, a, hs, one_product, scale, initial_state, final_state, d_final, bt, bc):
     batch, seq, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     nt = triton.cdiv(seq, bt)
@@ -351,7 +401,7 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
     dk = torch.empty_like(dq)
     dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
     _gla_chunk_bwd_kernel[(nt, batch * heads)](
-        q, k, v, g, a, hs, dhs, do, dq, dk, dv, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
+        q, k, v, g, a, hs, dhs, do, dq, dk, dv, one_product, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
         BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, KS=min(bk, backward_key_slice(bt)), DOT_PRECISION=prec,
         **LAUNCH["bwd"])
     # dg_t = sum_{s >= t} (q dq - k dk)_s. Inside chunk n that is a short reverse cumsum; everything after the
@@ -379,17 +429,17 @@ class GLAChunkFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, interpreting):
         bt, bc = chunk_sizes(interpreting)
         q, k, v, g = (t.contiguous() for t in (q, k, v, g))
-        o, final, a, hs = gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc)
-        ctx.save_for_backward(q, k, v, g, a, hs, initial_state, final)
+        o, final, a, hs, one_product = gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc)
+        ctx.save_for_backward(q, k, v, g, a, hs, one_product, initial_state, final)
         ctx.scale, ctx.sizes = scale, (bt, bc)
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, k, v, g, a, hs, initial_state, final = ctx.saved_tensors
+        q, k, v, g, a, hs, one_product, initial_state, final = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
-        dq, dk, dv, dg, dh0 = gla_chunk_bwd(q, k, v, g, do, a, hs, ctx.scale, initial_state, final, d_final,
+        dq, dk, dv, dg, dh0 = gla_chunk_bwd(q, k, v, g, do, a, hs, one_product, ctx.scale, initial_state, final, d_final,
                                             *ctx.sizes)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), None,
                 None if dh0 is None else dh0.to(initial_state.dtype), None, None)
