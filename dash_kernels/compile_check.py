@@ -81,12 +81,14 @@ def builds(head_dim: int) -> Iterator[Build]:
     for name, fn, constexprs in [
         ("intra", gla_chunk._gla_intra_kernel,
          dict(KD=head_dim, BK=bk, BT=bt, BC=bc, BKS=gla_chunk.DIAG_KEY_SLICE, SAFE_SPAN=gla_chunk.ONE_PRODUCT_SPAN,
-              DOT_PRECISION="tf32")),
+              KS=min(bk, gla_chunk.backward_key_slice(bt)),
+              DOT_PRECISION="tf32", PRECISE="tf32x3")),
         ("states", gla_chunk._gla_states_kernel, dict(walk, HAS_H0=True, STORE_HT=True)),
         ("output", gla_chunk._gla_output_kernel, dims),
         ("dstates", gla_chunk._gla_dstates_kernel, dict(walk, HAS_DHT=True, STORE_DH0=True)),
         ("bwd", gla_chunk._gla_chunk_bwd_kernel,
-         dict(dims, BC=bc, BKS=gla_chunk.DIAG_KEY_SLICE, KS=min(bk, gla_chunk.backward_key_slice(bt)))),
+         dict(dims, BC=bc, BKS=gla_chunk.DIAG_KEY_SLICE, KS=min(bk, gla_chunk.backward_key_slice(bt)),
+              PRECISE="tf32x3")),
     ]:
         yield Build(f"gla chunk {name}", fn, constexprs, launch[name]["num_warps"], launch[name]["num_stages"], "mma")
 

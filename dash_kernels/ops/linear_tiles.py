@@ -57,13 +57,17 @@ _INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 @triton.jit
 def mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
-    """a @ b with both operands rounded to DT first (the inputs' dtype), fp32 accumulation: 16-bit operands run
-    at the full tensor-core rate and take half the registers of fp32 tiles (tf32 products, what the kernels did
-    before, ran at half rate); fp32 inputs keep exact fp32 products (PREC "ieee")."""
-    if _INTERPRETING:
-        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+    """a @ b with fp32 accumulation, for inputs of dtype DT. bf16 inputs: both operands rounded to bf16 (full
+    tensor-core rate, half the registers of fp32 tiles; tf32 products ran at half rate), as fla does. fp16 and
+    fp32 inputs: fp32 operands (tf32 / exact products): fp16's range (65504) could not hold a state summed
+    over thousands of steps."""
+    if DT == tl.bfloat16:
+        if _INTERPRETING:
+            return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a.to(DT), b.to(DT))
     else:
-        return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
 
 def block(n: int) -> int:

@@ -32,7 +32,8 @@ from ..linear_tiles import store_rows as _store_rows
 
 @triton.jit
 def _gla_intra_kernel(Q, K, G, A, ONE_PRODUCT, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-                      BC: tl.constexpr, BKS: tl.constexpr, SAFE_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BC: tl.constexpr, BKS: tl.constexpr, KS: tl.constexpr, SAFE_SPAN: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr):
     """A [B, H, N, BT, BT] (fp32, unscaled) for one chunk, and ONE_PRODUCT [B * H, N] (int8): whether the chunk
     took the one-product path, which the backward repeats."""
     i_n = tl.program_id(0)
@@ -41,22 +42,31 @@ def _gla_intra_kernel(Q, K, G, A, ONE_PRODUCT, T, H, KD: tl.constexpr, BK: tl.co
     h = bh % H
     t0 = i_n * BT
     head = b * T * H * KD + h * KD
-    q = _load_rows(Q + head, t0, T, H, KD, BT, BK)
-    k = _load_rows(K + head, t0, T, H, KD, BT, BK)
-    gc = tl.cumsum(_load_rows(G + head, t0, T, H, KD, BT, BK), 0)
     idx = tl.arange(0, BT)
     base = A + (bh * tl.num_programs(0) + i_n) * BT * BT
-    offs = idx[:, None] * BT + idx[None, :]
-    gref = _row(gc, idx, BT // 2)
-    one_product = tl.max(tl.max(tl.abs(gc - gref[None, :]), 1), 0) <= SAFE_SPAN
+    # exp(gc_i - gc_j) = exp(gc_i - gref) * exp(gref - gc_j) through the middle row: where both factors stay
+    # within exp(+-SAFE_SPAN), one product per key slice gives the whole lower triangle, each term to its own
+    # relative precision. PRECISE (tf32x3 for 16-bit inputs): the diagonal blocks, the largest entries, were
+    # exact element-wise sums before; bf16 operands here raised o's error by 40 %
+    span = tl.full([], 0.0, tl.float32)
+    for k0 in range(0, BK, KS):
+        gc = tl.cumsum(_load_rows(G + head, t0, T, H, KD, BT, KS, k0), 0)
+        span = tl.maximum(span, tl.max(tl.max(tl.abs(gc - _row(gc, idx, BT // 2)[None, :]), 1), 0))
+    one_product = span <= SAFE_SPAN
     tl.store(ONE_PRODUCT + bh * tl.num_programs(0) + i_n, one_product.to(tl.int8))
     if one_product:
-        # exp(gc_i - gc_j) = exp(gc_i - gref) * exp(gref - gc_j): factors within exp(+-SAFE_SPAN), so one
-        # product gives the whole lower triangle, each term to its own relative precision
-        a = _mm(q * tl.exp(gc - gref[None, :]), tl.trans(k * tl.exp(gref[None, :] - gc)), Q.dtype.element_ty,
-                DOT_PRECISION)
-        tl.store(base + offs, tl.where(idx[:, None] >= idx[None, :], a, 0.0))
+        a = tl.zeros([BT, BT], dtype=tl.float32)
+        for k0 in range(0, BK, KS):
+            gc = tl.cumsum(_load_rows(G + head, t0, T, H, KD, BT, KS, k0), 0)
+            gref = _row(gc, idx, BT // 2)
+            q = _load_rows(Q + head, t0, T, H, KD, BT, KS, k0) * tl.exp(gc - gref[None, :])
+            k = _load_rows(K + head, t0, T, H, KD, BT, KS, k0) * tl.exp(gref[None, :] - gc)
+            a += tl.dot(q, tl.trans(k), input_precision=PRECISE)
+        tl.store(base + idx[:, None] * BT + idx[None, :], tl.where(idx[:, None] >= idx[None, :], a, 0.0))
     else:
+        q = _load_rows(Q + head, t0, T, H, KD, BT, BK)
+        k = _load_rows(K + head, t0, T, H, KD, BT, BK)
+        gc = tl.cumsum(_load_rows(G + head, t0, T, H, KD, BT, BK), 0)
         _intra_subchunked(Q + head, K + head, G + head, base, q, k, gc, t0, T, H, KD, BK, BT, BC, BKS,
                           DOT_PRECISION)
 
@@ -194,7 +204,7 @@ def _gla_dstates_kernel(Q, G, DO, HS, DHT, DHS, DH0, CARRY, T, H, NT, scale,
         n = NT - 1 - i
         tl.store(DHS + (bh * NT + n) * KD * VD + state_offs, dh.to(DHS.dtype.element_ty), mask=state_ok)
         if n < NT - 1:
-            h_next = tl.load(HS + (bh * NT + n + 1) * KD * VD + state_offs, mask=state_ok, other=0.0)
+            h_next = tl.load(HS + (bh * NT + n + 1) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
             tl.store(carry_row + n * KD, tl.sum(h_next * dh, 1), mask=keys < KD)
         q = _load_rows(Q + head_k, n * BT, T, H, KD, BT, BK, k0)
         gc = tl.cumsum(_load_rows(G + head_k, n * BT, T, H, KD, BT, BK, k0), 0)
@@ -209,7 +219,7 @@ def _gla_dstates_kernel(Q, G, DO, HS, DHT, DHS, DH0, CARRY, T, H, NT, scale,
 def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, ONE_PRODUCT, T, H, NT, scale,
                           KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, KS: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr):
     """dq, dk (fp32, before dg) and dv (fp32) of one chunk, in slices of KS key columns: whole [BT, K] fp32
     tiles (q, k, gc, dq, dk at once) spilled registers. dV contracts over the keys, so it comes first, with
     dA; then each key slice's dq, dk: in one product where the forward took one (ONE_PRODUCT), else by
@@ -258,8 +268,8 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, ONE_PRODUCT, T
             gref = _row(gc, idx, BT // 2)
             e_q = tl.exp(gc - gref[None, :])
             e_k = tl.exp(gref[None, :] - gc)
-            dq += _mm(da, k * e_k, dt, DOT_PRECISION) * e_q
-            dk += _mm(tl.trans(da), q * e_q, dt, DOT_PRECISION) * e_k
+            dq += tl.dot(da, k * e_k, input_precision=PRECISE) * e_q
+            dk += tl.dot(tl.trans(da), q * e_q, input_precision=PRECISE) * e_k
         else:
             for s in range(BT // BC):
                 gref = _row(gc, idx, s * BC + BC - 1)
@@ -341,6 +351,11 @@ def walk_tiles(key_dim: int, value_dim: int) -> tuple:
     return min(_block(key_dim), 64), min(_block(value_dim), 32)
 
 
+def _precise(prec: str) -> str:
+    """Products of the one-product intra-chunk path: near-fp32 (3 tf32 products) unless already exact."""
+    return "ieee" if prec == "ieee" else "tf32x3"
+
+
 def chunk_sizes(interpreting: bool) -> tuple:
     return (16, 8) if interpreting else (64, 16)  # (BT, BC)
 
@@ -353,19 +368,21 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
     bk, bv = _block(key_dim), min(_block(value_dim), 64)
     dev = q.device
     a = torch.empty(batch, heads, nt, bt, bt, device=dev, dtype=torch.float32)
-    # per-chunk state snapshots [B, H, N, K, V] in fp32, although they are the op's largest tensors: dg's
-    # carry from later chunks is sum_v h * dh of them (16-bit snapshots, as fla keeps them, made dg's error
-    # 2.6e-2 at T 16384 on the H200 when dg was still one sum over T; with bf16 snapshots and the carry it
-    # would be worth measuring again: half the bytes)
-    hs = torch.empty(batch, heads, nt, key_dim, value_dim, device=dev, dtype=torch.float32)
+    # per-chunk state snapshots [B, H, N, K, V], the op's largest tensors, in bf16 for bf16 inputs: every use
+    # rounds them to bf16 anyway (dot operands), and dg's carry (sum_v h * dh) sums 64-row chunks, not the
+    # whole sequence, so 16-bit snapshots no longer make its error grow with T (they did: 2.6e-2 at T 16384).
+    # fp16 inputs keep fp32 snapshots: a state summed over thousands of steps can pass fp16's 65504.
+    hs = torch.empty(batch, heads, nt, key_dim, value_dim, device=dev,
+                     dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
     final = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
         if output_final_state else a  # never written
     o = torch.empty(batch, seq, heads, value_dim, device=dev, dtype=q.dtype)
     prec = _precision(q.dtype)
     one_product = torch.empty(batch * heads, nt, device=dev, dtype=torch.int8)
     _gla_intra_kernel[(nt, batch * heads)](q, k, g, a, one_product, seq, heads, KD=key_dim, BK=bk, BT=bt, BC=bc,
-                                           BKS=DIAG_KEY_SLICE, SAFE_SPAN=ONE_PRODUCT_SPAN, DOT_PRECISION=prec,
-                                           **LAUNCH["intra"])
+                                           BKS=DIAG_KEY_SLICE, KS=min(bk, backward_key_slice(bt)),
+                                           SAFE_SPAN=ONE_PRODUCT_SPAN, DOT_PRECISION=prec,
+                                           PRECISE=_precise(prec), **LAUNCH["intra"])
     h0 = initial_state.contiguous() if initial_state is not None else hs
     nv = triton.cdiv(value_dim, bv)
     bkw, bvw = walk_tiles(key_dim, value_dim)
@@ -386,7 +403,7 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, one_product, scale, initial_state, fina
     dev = q.device
     prec = _precision(q.dtype)
     do = do.contiguous()
-    dhs = torch.empty(hs.shape, device=dev, dtype=torch.float32)
+    dhs = torch.empty(hs.shape, device=dev, dtype=hs.dtype)  # likewise: the dots take it in the inputs' dtype
     dh0 = torch.empty(batch, heads, key_dim, value_dim, device=dev, dtype=torch.float32) \
         if initial_state is not None else dhs
     dht = d_final.contiguous() if d_final is not None else dhs
@@ -403,7 +420,7 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, one_product, scale, initial_state, fina
     _gla_chunk_bwd_kernel[(nt, batch * heads)](
         q, k, v, g, a, hs, dhs, do, dq, dk, dv, one_product, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
         BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, KS=min(bk, backward_key_slice(bt)), DOT_PRECISION=prec,
-        **LAUNCH["bwd"])
+        PRECISE=_precise(prec), **LAUNCH["bwd"])
     # dg_t = sum_{s >= t} (q dq - k dk)_s. Inside chunk n that is a short reverse cumsum; everything after the
     # chunk sums to sum_v h_{n+1} * dh_n (the gradient of the decay at the chunk's end, from the fp32 states).
     # No sum over the whole sequence, so no cancellation that grows with T.
