@@ -11,6 +11,11 @@
 #                  wheels in .whl/, see the device README)                                     ~4 min
 #     smollm2      the default SmolLM2 search end to end (needs MODEL=path to the GGUF, see
 #                  ../shared/hooks/stage-smollm2-for-device.sh)        ~8 min
+#     compare      DASH vs the selector baselines (issue 5) on SmolLM2, sharded over the GPUs
+#                  (MODEL as above; COMPARE_DEVICES="cuda:0 cuda:0": a GPU named twice runs two shards;
+#                  COMPARE_BUDGETS, COMPARE_ARGS). Resumable: run the part again (a warm machine keeps
+#                  ~/runs/compare; a cold one restores .device-assets/compare_state.tgz, carried, which is
+#                  the compare_state.tgz a previous call returned)                     ~40 GPU-minutes in all
 #   TEST_ARGS="-x"   extra pytest arguments; TEST_K="gla and not recurrent": a pytest -k expression
 #                    (note: -k fp32 matches every case id; use case ids)
 #   LINEAR_ARGS="--shapes h16_d128_T4096 --modes fwd_bwd"   arguments of the linear benchmark
@@ -51,6 +56,17 @@ for part in ${PARTS:-tests bench}; do
       timeout 540 python benchmarks/smollm2_search.py --model "${MODEL:?set MODEL to the SmolLM2 GGUF}" \
         --output "$HOME/runs/smollm2_search" --out "$OUT/smollm2_search.json" 2>&1 | tr '\r' '\n' \
         | grep -v Warn | tail -40 > "$OUT/smollm2_search.log"; tail -25 "$OUT/smollm2_search.log" ;;
+    compare)
+      if [ ! -d "$HOME/runs/compare" ] && [ -f .device-assets/compare_state.tgz ]; then
+        mkdir -p "$HOME/runs" && tar xzf .device-assets/compare_state.tgz -C "$HOME/runs"
+      fi
+      devices="${COMPARE_DEVICES:-$(python -c "import torch; print(*[f'cuda:{i}' for i in range(torch.cuda.device_count())])")}"
+      timeout -s INT "${COMPARE_TIMEOUT:-540}" python -m dash compare --model "${MODEL:?set MODEL to the SmolLM2 GGUF}" \
+        --budgets ${COMPARE_BUDGETS:-3 6 9} --devices $devices --output "$HOME/runs/compare" ${COMPARE_ARGS:-} 2>&1 \
+        | grep -v Warn > "$OUT/compare.log"
+      cp "$HOME"/runs/compare/compare.json "$HOME"/runs/compare/compare.md "$HOME"/runs/compare/compare.png "$OUT"/ 2>/dev/null
+      tar czf "$OUT/compare_state.tgz" -C "$HOME/runs" --exclude='*.png' compare
+      tail -30 "$OUT/compare.log" ;;
     *) echo "unknown part: $part" >&2 ;;
   esac
 done

@@ -277,7 +277,12 @@ def _compare_parser(sub):
     p = sub.add_parser("compare", help="DASH against the selector baselines at several budgets (RULER + perplexity)")
     p.add_argument("--model", help="as for `dash search` (default: the embedded SmolLM2)")
     p.add_argument("--budgets", type=int, nargs="+", default=[3, 6, 9], help="full-attention layers")
-    p.add_argument("--methods", nargs="+", default=None, help="selectors (default: all of dash.baselines)")
+    p.add_argument("--methods", nargs="*", default=None, help="selectors (default: all of dash.baselines; "
+                   "none: DASH alone)")
+    p.add_argument("--skip-dash", action="store_true", help="the selectors only, no DASH search")
+    p.add_argument("--devices", nargs="+", default=None, help="run the comparison as shards (per budget: the "
+                   "DASH search, the selectors) in parallel, one process per named device (a device may be "
+                   "named twice: two processes share it), then merge; resumable like one process")
     p.add_argument("--candidates", nargs="+", default=None, help="as for `dash search` (softmax family)")
     p.add_argument("--efficient", default=None, help="the efficient operator of the baselines (default: the "
                    "sink + window candidate if any, else the first non-full one)")
@@ -300,14 +305,40 @@ def _compare_parser(sub):
     p.add_argument("--no-progress", action="store_true")
 
 
+def _shard_arguments(args) -> list:
+    """The parent's settings, as every shard of a sharded `dash compare` repeats them."""
+    out = []
+    for flag, value in [("--model", args.model), ("--candidates", args.candidates), ("--efficient", args.efficient),
+                        ("--search-tokens", args.search_tokens), ("--seq-len", args.seq_len),
+                        ("--calibration-tokens", args.calibration_tokens), ("--lengths", args.lengths),
+                        ("--tasks", args.tasks), ("--samples", args.samples), ("--eval-batch", args.eval_batch),
+                        ("--finetune-tokens", args.finetune_tokens), ("--finetune-rank", args.finetune_rank),
+                        ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
+        if value is not None:
+            out += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return out
+
+
 def run_compare(args) -> dict:
     from .baselines import METHODS
     from .candidates import Candidate
-    from .compare import compare
+    from .compare import compare, run_sharded
     from .data import default_data
     from .models import load_model
     from .supernet import build_supernet
 
+    methods = METHODS if args.methods is None else args.methods
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if args.devices:
+        if args.skip_dash:
+            raise SystemExit("--skip-dash is for one shard; --devices plans the shards itself")
+        os.makedirs(args.output, exist_ok=True)
+        settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
+                    "samples": args.samples}
+        return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
+                           progress=not args.no_progress)
     on_gpu = args.device.startswith("cuda")
     seq_len = args.seq_len or (4096 if on_gpu else 1024)
     model, tokenizer = load_model(args.model, device=args.device,
@@ -328,11 +359,11 @@ def run_compare(args) -> dict:
     calibration = data.train[: max(1, args.calibration_tokens // seq_len)].to(args.device)
     heldout = data.heldout[: max(1, 32768 // seq_len)].to(args.device)
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
-                   methods=args.methods or METHODS, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
+                   methods=methods, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
                    lengths=args.lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
                    eval_batch=args.eval_batch or (8 if on_gpu else 1),
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
-                   finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr)
+                   finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash)
 
 
 def run_eval(args) -> dict:
@@ -381,7 +412,7 @@ def run_eval(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _align_parser(sub)
@@ -390,7 +421,11 @@ def main(argv=None) -> int:
     _finetune_parser(sub)
     _eval_parser(sub)
     _compare_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "align":
         meta = run_align(args)
         print(f"aligned the linear candidates {meta['kinds']} of {meta['num_layers']} layers on {meta['tokens']} "

@@ -13,12 +13,21 @@ each row records that fine-tuning's cost under ``"finetune"``.
 
   dash compare --budgets 3 6 9 --output runs/compare          (a GPU: the full comparison)
   dash compare --budgets 3 6 9 --finetune-tokens 1000000 --output runs/compare-ft
+  dash compare --budgets 3 6 9 --devices cuda:0 cuda:1 cuda:2 cuda:3   (shards in parallel, then one table)
+
+Sharded (``--devices``): the work splits into shards, per budget the DASH search and the selectors, each run
+by its own ``dash compare`` process on the next free device (one device may be named more than once: the
+SmolLM2 search step is host-bound, so two processes share a GPU well), each resumable in its own folder
+under ``shards/``; the parent merges their rows into one ``compare.json``/``.md``/``.png``. Wall-clock costs
+in the rows are those of the shard's process (``cost["concurrent"]`` says how many ran at once).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from statistics import mean, pstdev
 from typing import Dict, List, Optional, Sequence
@@ -51,7 +60,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             search_tokens: int = 12_300_000, search_batch: int = 2, lengths: Sequence[int] = (1024, 2048, 4096),
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
-            finetune_lr: float = 2e-4, eval_batch: int = 1) -> Dict:
+            finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True) -> Dict:
+    """``include_dash=False``: the selectors only (a shard of ``run_sharded``)."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
     from .search import Search, SearchConfig
@@ -101,6 +111,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         finally:
             if tuner is not None:  # the next hybrid starts from the teacher's own weights again
                 tuner.remove(merge=False)
+        cost = dict(cost, concurrent=int(os.environ.get("DASH_CONCURRENT", "1")))  # processes sharing the machine
         row = {"method": method, "budget": budget, "seed": run_seed, "choice": [c.name for c in choices],
                "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": perplexity, "cost": cost}
         if tuned is not None:
@@ -117,7 +128,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         for state in net.states:  # every search starts from uniform logits
             with torch.no_grad():
                 state.alpha.zero_()
-        if ("dash", budget, None) not in done:
+        if include_dash and ("dash", budget, None) not in done:
             config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed)
             search = Search(net, search_data, config, os.path.join(output_dir, f"search_K{budget}"))
             summary = search.run(progress=progress)  # resumes from its own checkpoint
@@ -135,16 +146,110 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 out = select(net, method, budget, efficient, rows=calibration, seed=run_seed or 0,
                              tokenizer=tokenizer)
                 score(method, budget, run_seed, out["choices"], out["cost"])
+    return write_tables(rows, budgets, settings, output_dir, finetune_rank)
+
+
+def write_tables(rows: List[Dict], budgets: Sequence[int], settings: Dict, output_dir: str,
+                 finetune_rank: int = 8) -> Dict:
+    """compare.json (rows, summary, settings), compare.md and compare.png in output_dir."""
     result = summarize(rows, budgets)
     with open(os.path.join(output_dir, "compare.json"), "w") as f:
         json.dump({"rows": rows, "summary": result, **settings}, f, indent=1)
     with open(os.path.join(output_dir, "compare.md"), "w") as f:
-        if finetune_tokens:
-            f.write(f"Every hybrid fine-tuned on {finetune_tokens} tokens before scoring (LoRA rank {finetune_rank} "
-                    "on the non-full layers, distilled toward the teacher).\n\n")
+        if settings.get("finetune_tokens"):
+            f.write(f"Every hybrid fine-tuned on {settings['finetune_tokens']} tokens before scoring (LoRA rank "
+                    f"{finetune_rank} on the non-full layers, distilled toward the teacher).\n\n")
         f.write(markdown(result, budgets))
     plot(result, budgets, os.path.join(output_dir, "compare.png"))
     return {"rows": rows, "summary": result}
+
+
+def plan_shards(budgets: Sequence[int], methods: Sequence[str]) -> List[Dict]:
+    """The sharded comparison's work: per budget, the DASH search (the longest part) and the selectors; the
+    bounds go with the first budget's selectors. Longest first, so that the last shards to start are short."""
+    bounds = [m for m in methods if m in ("teacher", "all_efficient")]
+    selectors = [m for m in methods if m not in bounds]
+    shards = [{"name": f"K{k}_dash", "budget": k, "dash": True, "methods": []} for k in budgets]
+    for i, k in enumerate(budgets):
+        chosen = selectors + (bounds if i == 0 else [])
+        if chosen:
+            shards.append({"name": f"K{k}_selectors", "budget": k, "dash": False, "methods": chosen})
+    return shards
+
+
+def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence[str], devices: Sequence[str],
+                output_dir: str, settings: Dict, *, poll_s: float = 5.0, progress: bool = True,
+                command=None) -> Dict:
+    """Runs plan_shards' shards as ``dash compare`` processes, each on the next free device (a device named
+    n times takes n shards at once), each in ``output_dir/shards/<name>`` with its log beside it; then merges
+    their rows. Rerunning resumes every shard. ``shard_args``: the parent's arguments that every shard
+    repeats (model, candidates, lengths, ...). ``command``: for tests, builds a shard's argv."""
+    shards = plan_shards(budgets, methods)
+    folder = os.path.join(output_dir, "shards")
+    os.makedirs(folder, exist_ok=True)
+
+    def argv(shard, device):
+        if command is not None:
+            return command(shard, device)
+        args = [sys.executable, "-m", "dash", "compare", *shard_args, "--budgets", str(shard["budget"]),
+                "--device", device, "--output", os.path.join(folder, shard["name"]), "--no-progress"]
+        args += ["--methods", *shard["methods"]] if shard["methods"] else ["--methods"]
+        return args + ([] if shard["dash"] else ["--skip-dash"])
+
+    queue, free, running, failed, interrupted = list(shards), list(devices), [], [], False
+    try:
+        while queue or running:
+            while queue and free:
+                shard, device = queue.pop(0), free.pop(0)
+                log = open(os.path.join(folder, shard["name"] + ".log"), "a")
+                env = dict(os.environ, DASH_CONCURRENT=str(len(devices)))
+                proc = subprocess.Popen(argv(shard, device), stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((shard, device, proc, log))
+                if progress:
+                    print(f"[compare] {shard['name']} started on {device}", flush=True)
+            time.sleep(poll_s if running else 0)
+            for item in list(running):
+                shard, device, proc, log = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                free.append(device)
+                if proc.returncode != 0:
+                    failed.append(shard["name"])
+                if progress:
+                    state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see its log)"
+                    print(f"[compare] {shard['name']} {state}", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, `timeout -s INT`: stop the shards (each resumes from its checkpoints)
+        interrupted = True
+    finally:
+        for _, _, proc, log in running:
+            proc.terminate()
+            proc.wait()
+            log.close()
+    rows = merge_shard_rows([os.path.join(folder, s["name"]) for s in shards])
+    result = write_tables(rows, budgets, dict(settings, devices=list(devices)), output_dir)  # what is done so far
+    if interrupted:
+        raise SystemExit(f"interrupted with {len(rows)} rows measured; rerun the same command to resume")
+    if failed:
+        raise RuntimeError(f"shards {failed} failed (logs in {folder}); rerun the same command to resume them")
+    return result
+
+
+def merge_shard_rows(folders: Sequence[str]) -> List[Dict]:
+    """The rows of every shard folder's compare.json that exists (one row per method, budget, seed)."""
+    rows, seen = [], set()
+    for shard_folder in folders:
+        path = os.path.join(shard_folder, "compare.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                key = (row["method"], row["budget"], row["seed"])
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+    return rows
 
 
 def summarize(rows: Sequence[Dict], budgets: Sequence[int]) -> Dict:
@@ -187,7 +292,8 @@ def plot(summary: Dict, budgets: Sequence[int], path: str) -> None:
         ax.plot(budgets, ys, marker="o", label=method, linewidth=2.5 if method == "dash" else 1.2)
     ax.set_xlabel("full-attention layers (K)")
     ax.set_ylabel("RULER-style average")
-    ax.legend(fontsize=7)
+    if summary:  # an interrupted sharded run may have no rows yet
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

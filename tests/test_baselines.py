@@ -175,3 +175,12 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr("dash.compare.select", lambda *a, **k: pytest.fail("should have resumed"))
     again = compare(net, CharTokenizer(), random_data(), rows, rows, [1, 2], EFFICIENT, **kwargs)
     assert len(again["rows"]) == len(saved["rows"])
+    # a shard of a sharded comparison: the selectors alone, no DASH search
+    monkeypatch.undo()
+    monkeypatch.setattr(ruler, "generate_samples",
+                        lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=words))
+    monkeypatch.setattr("dash.search.Search.run", lambda *a, **k: pytest.fail("no search in a selectors shard"))
+    shard = compare(net, CharTokenizer(), random_data(), rows, rows, [2], EFFICIENT,
+                    **dict(kwargs, methods=["first"], output_dir=str(tmp_path / "shard")), include_dash=False)
+    assert [(r["method"], r["budget"]) for r in shard["rows"]] == [("first", 2)]
+    assert shard["rows"][0]["cost"]["concurrent"] == 1

@@ -1,0 +1,103 @@
+"""Sharded `dash compare`: the work plan, the scheduler over devices, the merge, and the shards' arguments."""
+import json
+import sys
+
+import pytest
+
+from dash.baselines import METHODS
+from dash.compare import merge_shard_rows, plan_shards, run_sharded
+
+
+def test_plan_puts_the_bounds_with_the_first_budget_only():
+    shards = plan_shards([3, 6, 9], METHODS)
+    assert [s["name"] for s in shards] == ["K3_dash", "K6_dash", "K9_dash", "K3_selectors", "K6_selectors",
+                                           "K9_selectors"]
+    assert all(s["dash"] and not s["methods"] for s in shards[:3])
+    bounds = {"teacher", "all_efficient"}
+    assert bounds <= set(shards[3]["methods"]) and not bounds & set(shards[4]["methods"] + shards[5]["methods"])
+    selectors = [m for m in METHODS if m not in bounds]
+    assert all(set(selectors) <= set(s["methods"]) for s in shards[3:])
+    assert [s["name"] for s in plan_shards([2], [])] == ["K2_dash"]  # DASH alone
+
+
+def _fake_shard(shard, device, fail=()):
+    """A shard process that writes one row per method (and DASH's), as `dash compare` would."""
+    methods = shard["methods"] + (["dash"] if shard["dash"] else [])
+    rows = [{"method": m, "budget": shard["budget"], "seed": None, "ruler_average": 0.5, "ruler": {},
+             "perplexity": 10.0, "cost": {"device": device}} for m in methods]
+    script = (f"import json, os, sys; os.makedirs({shard['folder']!r}, exist_ok=True); "
+              f"json.dump({{'rows': {rows!r}}}, open(os.path.join({shard['folder']!r}, 'compare.json'), 'w')); "
+              f"sys.exit({1 if shard['name'] in fail else 0})")
+    return [sys.executable, "-c", script]
+
+
+def test_sharded_run_uses_every_device_and_merges(tmp_path):
+    seen = []
+
+    def command(shard, device):
+        seen.append((shard["name"], device))
+        shard = dict(shard, folder=str(tmp_path / "shards" / shard["name"]))
+        return _fake_shard(shard, device)
+
+    out = run_sharded([], [1, 2], ["first", "teacher"], ["cuda:0", "cuda:1"], str(tmp_path), {"lengths": [64]},
+                      poll_s=0.05, progress=False, command=command)
+    assert {d for _, d in seen} == {"cuda:0", "cuda:1"} and len(seen) == 4
+    measured = {(r["method"], r["budget"]) for r in out["rows"]}
+    assert measured == {("dash", 1), ("dash", 2), ("first", 1), ("first", 2), ("teacher", 1)}
+    saved = json.load(open(tmp_path / "compare.json"))
+    assert saved["devices"] == ["cuda:0", "cuda:1"] and len(saved["rows"]) == 5
+    assert "| dash |" in (tmp_path / "compare.md").read_text() and (tmp_path / "compare.png").exists()
+
+
+def test_a_failed_shard_is_named_and_the_rest_is_kept(tmp_path):
+    def command(shard, device):
+        return _fake_shard(dict(shard, folder=str(tmp_path / "shards" / shard["name"])), device, fail={"K1_dash"})
+
+    with pytest.raises(RuntimeError, match="K1_dash"):
+        run_sharded([], [1], ["first"], ["cpu"], str(tmp_path), {}, poll_s=0.05, progress=False, command=command)
+    rows = json.load(open(tmp_path / "compare.json"))["rows"]  # what finished is merged all the same
+    assert {r["method"] for r in rows} == {"dash", "first"}
+
+
+def test_merge_keeps_one_row_per_method_budget_seed(tmp_path):
+    for name, seeds in [("a", [0, 1]), ("b", [1, 2])]:
+        (tmp_path / name).mkdir()
+        rows = [{"method": "random", "budget": 3, "seed": s} for s in seeds]
+        (tmp_path / name / "compare.json").write_text(json.dumps({"rows": rows}))
+    merged = merge_shard_rows([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "missing")])
+    assert sorted(r["seed"] for r in merged) == [0, 1, 2]
+
+
+def test_shards_repeat_the_parents_settings():
+    from dash.cli import _shard_arguments, build_parser
+
+    parser = build_parser()
+    parent = parser.parse_args(["compare", "--budgets", "3", "6", "--lengths", "1024", "2048", "--samples", "7",
+                                "--candidates", "full", "swa512", "--devices", "cuda:0", "cuda:0", "--seed", "4"])
+    shard = parser.parse_args(["compare", *_shard_arguments(parent), "--budgets", "3", "--methods", "--skip-dash"])
+    for name in ("lengths", "samples", "candidates", "seed", "model", "search_tokens", "finetune_tokens"):
+        assert getattr(shard, name) == getattr(parent, name), name
+    assert shard.methods == [] and shard.skip_dash and shard.devices is None
+
+
+def test_an_interrupt_stops_the_shards_and_keeps_what_is_done(tmp_path, monkeypatch):
+    import dash.compare as compare_module
+
+    started = []
+
+    def command(shard, device):
+        started.append(shard["name"])
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt  # as `timeout -s INT` delivers it
+
+    monkeypatch.setattr(compare_module.time, "sleep", interrupt)
+    processes = []
+    real_popen = compare_module.subprocess.Popen
+    monkeypatch.setattr(compare_module.subprocess, "Popen",
+                        lambda *a, **k: processes.append(real_popen(*a, **k)) or processes[-1])
+    with pytest.raises(SystemExit, match="rerun the same command to resume"):
+        run_sharded([], [1], ["first"], ["cpu"], str(tmp_path), {}, progress=False, command=command)
+    assert started == ["K1_dash"] and all(p.poll() is not None for p in processes)  # the shard was stopped
+    assert json.load(open(tmp_path / "compare.json"))["rows"] == []
