@@ -23,6 +23,7 @@ import triton.language as tl
 from ..linear_tiles import block as _block
 from ..linear_tiles import dot_precision as _precision
 from ..linear_tiles import load_rows as _rows
+from ..linear_tiles import mm as _mm
 from ..linear_tiles import row as _row
 from ..linear_tiles import state_tile
 from ..linear_tiles import store_rows as _put_rows
@@ -59,7 +60,7 @@ def _gdn_prep_kernel(K, V, G, BETA, TINV, W, U, T, H, KD: tl.constexpr, VD: tl.c
     beta = _vec(BETA + b * T * H + h, t0, T, H, BT)
     gc, gamma, r, g_last = _decays(G + b * T * H + h, t0, T, H, BT)
     idx = tl.arange(0, BT)
-    kk = tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
+    kk = _mm(k, tl.trans(k), K.dtype.element_ty, DOT_PRECISION)  # exact operands: 16-bit products are exact
     a = tl.where(idx[:, None] > idx[None, :], beta[:, None] * r * kk, 0.0)
     tinv = _unit_lower_inverse(a, BT, INV_PRECISION)
     w = tl.dot(tinv, k * (beta * gamma)[:, None], input_precision=DOT_PRECISION)
@@ -163,7 +164,7 @@ def _gdn_output_kernel(Q, K, G, U, HS, O, T, H, NT, scale,
     idx = tl.arange(0, BT)
     offs_v = i_v * BV + tl.arange(0, BV)
     u = tl.load(U + chunk * BT * VD + idx[:, None] * VD + offs_v[None, :], mask=offs_v[None, :] < VD, other=0.0)
-    m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+    m = _mm(q, tl.trans(k), K.dtype.element_ty, DOT_PRECISION) * r  # exact operands (the inputs)
     o = tl.dot(q * gamma[:, None], s, input_precision=DOT_PRECISION) + tl.dot(m, u, input_precision=DOT_PRECISION)
     _put_rows(O + b * T * H * VD + h * VD, o * scale, t0, T, H, VD, BT, BV, i_v * BV)
 
@@ -198,7 +199,7 @@ def _gdn_bwd_walk_kernel(Q, K, G, W, DO, DHT, DS, DH0, T, H, NT, scale,
         do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
         gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
         w = tl.load(W + chunk * BT * KD + idx[:, None] * KD + offs_k[None, :], mask=offs_k[None, :] < KD, other=0.0)
-        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r  # (bf16 operands here: ptxas spills more)
         du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
             tl.dot(k * tl.exp(g_last - gc)[:, None], ds, input_precision=DOT_PRECISION)
         ds = ds * tl.exp(g_last) + tl.dot(tl.trans(q * gamma[:, None]), do, input_precision=DOT_PRECISION) * scale \
@@ -244,7 +245,7 @@ def _gdn_bwd_partials_kernel(Q, K, V, G, BETA, TINV, W, HS, DS, DO, DV,
     tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
     u0 = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION)
     u = u0 - tl.dot(w, s, input_precision=DOT_PRECISION)
-    m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r
+    m = _mm(q, tl.trans(k), K.dtype.element_ty, DOT_PRECISION) * r  # exact operands (the inputs)
     du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
         tl.dot(k * tl.exp(g_last - gc)[:, None], ds, input_precision=DOT_PRECISION)
     dbv = tl.dot(tl.trans(tinv), du, input_precision=DOT_PRECISION)  # d(beta * V)
@@ -316,7 +317,7 @@ def _gdn_bwd_chunk_kernel(Q, K, G, BETA, TINV, W, P_DM, P_DQ, P_DK, P_DW, P_DB, 
     for k0 in range(0, BK, KS):  # a loop, not unrolled: unrolled slices' loads were hoisted together
         q = _rows(Q + head_k, t0, T, H, KD, BT, KS, k0)
         k = _rows(K + head_k, t0, T, H, KD, BT, KS, k0)
-        qk += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (bf16 operands: ptxas spills more at D 64)
         kk += tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
         dq_s = _sum_parts(P_DQ, chunk, k0, nbh, NT, KD, BT, KS, NV)  # through (Q * gamma) S
         _put_rows(DQ + head_k, tl.dot(dmr, k, input_precision=DOT_PRECISION) + dq_s * gamma[:, None],
