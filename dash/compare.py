@@ -191,8 +191,9 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
     def argv(shard, device):
         if command is not None:
             return command(shard, device)
+        local = "cuda" if device.startswith("cuda:") else device  # the process sees its one GPU as cuda
         args = [sys.executable, "-m", "dash", "compare", *shard_args, "--budgets", str(shard["budget"]),
-                "--device", device, "--output", os.path.join(folder, shard["name"]), "--no-progress"]
+                "--device", local, "--output", os.path.join(folder, shard["name"]), "--no-progress"]
         args += ["--methods", *shard["methods"]] if shard["methods"] else ["--methods"]
         return args + ([] if shard["dash"] else ["--skip-dash"])
 
@@ -203,6 +204,8 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
                 shard, device = queue.pop(0), free.pop(0)
                 log = open(os.path.join(folder, shard["name"] + ".log"), "a")
                 env = dict(os.environ, DASH_CONCURRENT=str(len(devices)))
+                if device.startswith("cuda:"):  # one visible GPU a process: Triton launches on the current device
+                    env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
                 proc = subprocess.Popen(argv(shard, device), stdout=log, stderr=subprocess.STDOUT, env=env)
                 running.append((shard, device, proc, log))
                 if progress:

@@ -101,3 +101,25 @@ def test_an_interrupt_stops_the_shards_and_keeps_what_is_done(tmp_path, monkeypa
         run_sharded([], [1], ["first"], ["cpu"], str(tmp_path), {}, progress=False, command=command)
     assert started == ["K1_dash"] and all(p.poll() is not None for p in processes)  # the shard was stopped
     assert json.load(open(tmp_path / "compare.json"))["rows"] == []
+
+
+def test_each_shard_sees_only_its_gpu(tmp_path):
+    """Triton launches on the current device, so a shard on cuda:1 must see that GPU as its only one."""
+    import os
+
+    seen = {}
+
+    def command(shard, device):
+        folder = str(tmp_path / "shards" / shard["name"])
+        seen[shard["name"]] = device
+        script = (f"import json, os; os.makedirs({folder!r}, exist_ok=True); "
+                  f"json.dump({{'rows': [], 'env': os.environ.get('CUDA_VISIBLE_DEVICES')}}, "
+                  f"open(os.path.join({folder!r}, 'compare.json'), 'w'))")
+        return [sys.executable, "-c", script]
+
+    run_sharded([], [1], ["first"], ["cuda:1", "cuda:3"], str(tmp_path), {}, poll_s=0.05, progress=False,
+                command=command)
+    for name, device in seen.items():
+        env = json.load(open(tmp_path / "shards" / name / "compare.json"))["env"]
+        assert env == device.split(":")[1], (name, env)
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") != "1"  # the parent's own environment is untouched
