@@ -9,11 +9,14 @@ gl = its last row, h_n = the state entering chunk n:
             dv = scale * A^T do + (k * exp(gl - gc)) dh_{n+1},  dA = scale * do v^T (lower),
             dq = scale * (do h_n^T) * exp(gc) + intra(dA, k),  dk = (v dh_{n+1}^T) * exp(gl - gc) + intra(dA^T, q),
             dg_t = sum_{s >= t} (q dq - k dk)_s: inside the chunk a short reverse cumsum, the chunks after it
-            sum to sum_v h_{n+1} * dh_n (from the fp32 states), so no sum over T that cancels.
-Dot operands are rounded to the inputs' dtype (bf16/fp16 tensor-core products, fp32 accumulation, as fla does).
-Exponentials never see a positive exponent: A and its gradients are built from sub-chunks of BC rows,
-factored through the decay at the last row of the key sub-chunk (both factors <= 1); the diagonal
-sub-blocks are formed element by element.
+            sum to sum_v h_{n+1} * dh_n (reduced by the reverse state walk), so no sum over T that cancels.
+Intra-chunk terms (A, and dq, dk's intra parts): where the chunk's cumulative decay stays within
+ONE_PRODUCT_SPAN of its middle row's, one product per key slice through that row (factors up to exp(+-60),
+tf32x3 for 16-bit inputs); stronger decays take sub-chunks of BC rows factored through the last row of the
+key sub-chunk (every exponent <= 0), with the diagonal sub-blocks formed element by element. The forward
+chooses per chunk and the backward repeats the choice.
+Precision: bf16 inputs take bf16 dot operands elsewhere (fp32 accumulation, as fla does) and bf16 state
+snapshots; fp16 and fp32 inputs keep fp32 operands and snapshots (fp16's range cannot hold a long state).
 """
 from __future__ import annotations
 
@@ -124,8 +127,9 @@ def _diag_block(Q, K, G, r0, T, H, KD: tl.constexpr, BK: tl.constexpr, BC: tl.co
 def _gla_states_kernel(K, V, G, H0, HS, HT, T, H, NT,
                        KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                        HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """HS [B, H, N, K, V] fp32: the state entering each chunk; HT the final state. One program per [BK, BV]
-    state tile: the rows of a GLA state evolve independently (diagonal decay), so key tiles split too."""
+    """HS [B, H, N, K, V] (bf16 for bf16 inputs, else fp32): the state entering each chunk; HT the final state.
+    One program per [BK, BV] state tile: the rows of a GLA state evolve independently (diagonal decay), so key
+    tiles split too."""
     NKT: tl.constexpr = (KD + BK - 1) // BK
     k0 = (tl.program_id(0) % NKT) * BK
     v0 = (tl.program_id(0) // NKT) * BV
@@ -178,7 +182,7 @@ def _gla_output_kernel(Q, V, G, A, HS, O, T, H, NT, scale,
 def _gla_dstates_kernel(Q, G, DO, HS, DHT, DHS, DH0, CARRY, T, H, NT, scale,
                         KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                         HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """DHS [B, H, N, K, V] fp32: the gradient of the state leaving each chunk; DH0 that of the initial state.
+    """DHS [B, H, N, K, V] (HS's dtype): the gradient of the state leaving each chunk; DH0 that of the initial state.
     One program per [BK, BV] tile, as in the forward walk. CARRY [B * H, V / BV, N, K]: this tile's part of
     sum_v h_{n+1} * dh_n, what every later chunk adds to chunk n's decay gradient (zero for the last chunk)."""
     NKT: tl.constexpr = (KD + BK - 1) // BK
@@ -456,7 +460,7 @@ class GLAChunkFunction(torch.autograd.Function):
         q, k, v, g, a, hs, one_product, initial_state, final = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
-        dq, dk, dv, dg, dh0 = gla_chunk_bwd(q, k, v, g, do, a, hs, one_product, ctx.scale, initial_state, final, d_final,
-                                            *ctx.sizes)
+        dq, dk, dv, dg, dh0 = gla_chunk_bwd(q, k, v, g, do, a, hs, one_product, ctx.scale, initial_state, final,
+                                            d_final, *ctx.sizes)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), None,
                 None if dh0 is None else dh0.to(initial_state.dtype), None, None)
