@@ -336,7 +336,7 @@ def run_compare(args) -> dict:
             raise SystemExit("--skip-dash is for one shard; --devices plans the shards itself")
         os.makedirs(args.output, exist_ok=True)
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
-                    "samples": args.samples}
+                    "finetune_rank": args.finetune_rank, "samples": args.samples}
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
                            progress=not args.no_progress)
     on_gpu = args.device.startswith("cuda")

@@ -231,7 +231,8 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
             proc.wait()
             log.close()
     rows = merge_shard_rows([os.path.join(folder, s["name"]) for s in shards])
-    result = write_tables(rows, budgets, dict(settings, devices=list(devices)), output_dir)  # what is done so far
+    result = write_tables(rows, budgets, dict(settings, devices=list(devices)), output_dir,
+                          settings.get("finetune_rank", 8))  # what is done so far
     if interrupted:
         raise SystemExit(f"interrupted with {len(rows)} rows measured; rerun the same command to resume")
     if failed:
