@@ -8,8 +8,10 @@ For each shape, forward and forward+backward, bf16 (median of triton.testing.do_
   fla_gdn         fla.ops.gated_delta_rule.chunk_gated_delta_rule
   sdpa_cudnn      cuDNN SDPA, one causal softmax attention over the same q/k/v
 A method that cannot run (not installed, refused on this Triton) is reported with its error, not fatal.
+``--profile`` adds, per dash method and mode, the CUDA time of each kernel (torch.profiler), in the same run.
 
   python benchmarks/bench_linear_attention.py --out benchmarks/results/linear_attention_h200.json
+  python benchmarks/bench_linear_attention.py --shapes h16_d128_T4096 --methods dash_gla dash_gdn --profile
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from bench_mixed_attention import environment, time_method
+from bench_mixed_attention import environment, make_step, time_method
 
 SHAPES = {
     # name: (B, T, H, D)
@@ -88,6 +90,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--profile", action="store_true", help="also CUDA time per kernel of the dash methods")
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
@@ -113,6 +116,13 @@ def main():
                 try:
                     row["ms"][name] = time_method(fn, inputs, mode)
                     print(f"  {shape} {mode} {name}: {row['ms'][name]:.3f} ms", flush=True)
+                    if args.profile and name.startswith("dash_"):
+                        from profile_kernels import kernel_times
+
+                        kernels = kernel_times(make_step(fn, inputs, mode))
+                        row.setdefault("kernels_ms", {})[name] = {k: round(t, 4) for k, t in kernels.items()}
+                        for kernel, t in list(kernels.items())[:8]:
+                            print(f"      {t:7.3f} ms  {kernel[:90]}", flush=True)
                 except Exception as exc:  # e.g. fla refusing a backward on this Triton
                     row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     torch.cuda.synchronize()
