@@ -139,16 +139,3 @@ def test_bf16_decay_gradient_does_not_drift_with_length(monkeypatch):
     short, long = dg_error(128), dg_error(1024)
     # bf16 operands (what the tensor cores take) give ~6e-3 at any length here
     assert long < 1e-2 and long < 1.3 * short, (short, long)
-
-
-@pytest.mark.parametrize("seq", [1, 15, 16, 17, 50])
-def test_chunk_reverse_cumsum(seq):
-    """Inside-chunk reverse cumsum plus what the later chunks add = the reverse cumsum over the sequence."""
-    from dash_kernels.ops.gla.triton_chunk import chunk_reverse_cumsum
-
-    x = torch.randn(2, seq, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seq))
-    nt = -(-seq // 16)
-    totals = F.pad(x, (0, 0, 0, 0, 0, nt * 16 - seq)).view(2, nt, 16, 3, 4).sum(2)
-    after = totals.flip(1).cumsum(1).flip(1) - totals  # the chunks after each one
-    want = x.flip(1).cumsum(1).flip(1)
-    assert torch.allclose(chunk_reverse_cumsum(x, 16, after), want, rtol=0, atol=1e-12)

@@ -220,7 +220,7 @@ def _gla_dstates_kernel(Q, G, DO, HS, DHT, DHS, DH0, CARRY, T, H, NT, scale,
 
 
 @triton.jit
-def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, ONE_PRODUCT, T, H, NT, scale,
+def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, ONE_PRODUCT, CARRY, DG, n_carry, T, H, NT, scale,
                           KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, BKS: tl.constexpr, KS: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr):
@@ -289,6 +289,18 @@ def _gla_chunk_bwd_kernel(Q, K, V, G, A, HS, DHS, DO, DQ, DK, DV, ONE_PRODUCT, T
         tl.debug_barrier()  # the diagonal sub-blocks add to rows other threads just stored
         _bwd_diagonal_blocks(Q, K, V, G, DO, DQ, DK, head_k, head_v, t0, T, H, scale, KD, VD, BK, BV, BT, BC, BKS,
                              DOT_PRECISION)
+    # dg_t = sum_{s >= t} (q dq - k dk)_s: inside the chunk a reverse cumsum of the final dq, dk rows (stored
+    # above, by other threads too), plus what the later chunks add, sum_v h_{n+1} * dh_n (CARRY: one part per
+    # value tile of the reverse walk). No sum over the whole sequence, so no cancellation that grows with T.
+    tl.debug_barrier()
+    for k0 in range(0, BK, KS):
+        cols = k0 + tl.arange(0, KS)
+        after = tl.zeros([KS], dtype=tl.float32)
+        for i_v in range(n_carry):
+            after += tl.load(CARRY + ((bh * n_carry + i_v) * NT + i_n) * KD + cols, mask=cols < KD, other=0.0)
+        x = _load_rows(Q + head_k, t0, T, H, KD, BT, KS, k0) * _load_rows(DQ + head_k, t0, T, H, KD, BT, KS, k0) \
+            - _load_rows(K + head_k, t0, T, H, KD, BT, KS, k0) * _load_rows(DK + head_k, t0, T, H, KD, BT, KS, k0)
+        _store_rows(DG + head_k, tl.cumsum(x, 0, reverse=True) + after[None, :], t0, T, H, KD, BT, KS, k0)
 
 
 @triton.jit
@@ -418,31 +430,17 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, one_product, scale, initial_state, fina
         q, g, do, hs, dht, dhs, dh0, carry, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bkw, BV=bvw,
         BT=bt, HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec,
         **LAUNCH["dstates"])
+    if d_final is not None:  # the final state's gradient reaches every decay of the last chunk
+        carry[:, 0, -1] += (d_final.float() * final_state).sum(-1).view(batch * heads, key_dim)
     dq = torch.empty(q.shape, device=dev, dtype=torch.float32)
     dk = torch.empty_like(dq)
     dv = torch.empty(v.shape, device=dev, dtype=torch.float32)
+    dg = torch.empty_like(dq)
     _gla_chunk_bwd_kernel[(nt, batch * heads)](
-        q, k, v, g, a, hs, dhs, do, dq, dk, dv, one_product, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk,
-        BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, KS=min(bk, backward_key_slice(bt)), DOT_PRECISION=prec,
-        PRECISE=_precise(prec), **LAUNCH["bwd"])
-    # dg_t = sum_{s >= t} (q dq - k dk)_s. Inside chunk n that is a short reverse cumsum; everything after the
-    # chunk sums to sum_v h_{n+1} * dh_n (the gradient of the decay at the chunk's end, from the fp32 states).
-    # No sum over the whole sequence, so no cancellation that grows with T.
-    carry = carry.sum(1).view(batch, heads, nt, key_dim).transpose(1, 2)  # [B, N, H, K]
-    if d_final is not None:
-        carry[:, -1] += (d_final.float() * final_state).sum(-1)
-    dg = chunk_reverse_cumsum(q.float() * dq - k.float() * dk, bt, carry)
+        q, k, v, g, a, hs, dhs, do, dq, dk, dv, one_product, carry, dg, nvw, seq, heads, nt, scale, KD=key_dim,
+        VD=value_dim, BK=bk, BV=bv, BT=bt, BC=bc, BKS=DIAG_KEY_SLICE, KS=min(bk, backward_key_slice(bt)),
+        DOT_PRECISION=prec, PRECISE=_precise(prec), **LAUNCH["bwd"])
     return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
-
-
-def chunk_reverse_cumsum(x: torch.Tensor, bt: int, after: torch.Tensor) -> torch.Tensor:
-    """sum_{t' >= t, t' in t's chunk} x[:, t'] + after[:, chunk of t], for x [B, T, H, K] and after [B, N, H, K]
-    (what the chunks after each one contribute)."""
-    batch, seq = x.shape[:2]
-    nt = -(-seq // bt)
-    chunks = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nt * bt - seq)).view(batch, nt, bt, *x.shape[2:])
-    inside = chunks.flip(2).cumsum(2).flip(2)
-    return (inside + after[:, :, None]).view(batch, nt * bt, *x.shape[2:])[:, :seq]
 
 
 class GLAChunkFunction(torch.autograd.Function):
