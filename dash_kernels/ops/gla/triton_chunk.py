@@ -37,8 +37,8 @@ from ..linear_tiles import store_rows as _store_rows
 def _gla_intra_kernel(Q, K, G, A, ONE_PRODUCT, T, H, KD: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
                       BC: tl.constexpr, BKS: tl.constexpr, KS: tl.constexpr, SAFE_SPAN: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr):
-    """A [B, H, N, BT, BT] (fp32, unscaled) for one chunk, and ONE_PRODUCT [B * H, N] (int8): whether the chunk
-    took the one-product path, which the backward repeats."""
+    """A [B, H, N, BT, BT] (unscaled; bf16 for bf16 inputs, else fp32) for one chunk, and ONE_PRODUCT [B * H, N]
+    (int8): whether the chunk took the one-product path, which the backward repeats."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -65,7 +65,8 @@ def _gla_intra_kernel(Q, K, G, A, ONE_PRODUCT, T, H, KD: tl.constexpr, BK: tl.co
             q = _load_rows(Q + head, t0, T, H, KD, BT, KS, k0) * tl.exp(gc - gref[None, :])
             k = _load_rows(K + head, t0, T, H, KD, BT, KS, k0) * tl.exp(gref[None, :] - gc)
             a += tl.dot(q, tl.trans(k), input_precision=PRECISE)
-        tl.store(base + idx[:, None] * BT + idx[None, :], tl.where(idx[:, None] >= idx[None, :], a, 0.0))
+        a = tl.where(idx[:, None] >= idx[None, :], a, 0.0)
+        tl.store(base + idx[:, None] * BT + idx[None, :], a.to(A.dtype.element_ty))
     else:
         q = _load_rows(Q + head, t0, T, H, KD, BT, BK)
         k = _load_rows(K + head, t0, T, H, KD, BT, BK)
@@ -88,11 +89,11 @@ def _intra_subchunked(Q, K, G, base, q, k, gc, t0, T, H, KD: tl.constexpr, BK: t
         ks = k * tl.exp(tl.where(inside[:, None], gref[None, :] - gc, float("-inf")))
         a += _mm(qs, tl.trans(ks), Q.dtype.element_ty, DOT_PRECISION)
     off_diag = (idx[:, None] // BC) != (idx[None, :] // BC)
-    tl.store(base + idx[:, None] * BT + idx[None, :], a, mask=off_diag)
+    tl.store(base + idx[:, None] * BT + idx[None, :], a.to(base.dtype.element_ty), mask=off_diag)
     sub = tl.arange(0, BC)
     for s in range(BT // BC):  # diagonal sub-blocks: element by element, straight to memory
         block = _diag_block(Q, K, G, t0 + s * BC, T, H, KD, BK, BC, BKS)
-        tl.store(base + (s * BC + sub)[:, None] * BT + (s * BC + sub)[None, :], block)
+        tl.store(base + (s * BC + sub)[:, None] * BT + (s * BC + sub)[None, :], block.to(base.dtype.element_ty))
 
 
 @triton.jit
@@ -383,7 +384,9 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt, bc):
     nt = triton.cdiv(seq, bt)
     bk, bv = _block(key_dim), min(_block(value_dim), 64)
     dev = q.device
-    a = torch.empty(batch, heads, nt, bt, bt, device=dev, dtype=torch.float32)
+    # A in bf16 for bf16 inputs: both of its uses (A v, A^T dO) round it to bf16 as a dot operand anyway
+    a = torch.empty(batch, heads, nt, bt, bt, device=dev,
+                    dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
     # per-chunk state snapshots [B, H, N, K, V], the op's largest tensors, in bf16 for bf16 inputs: every use
     # rounds them to bf16 anyway (dot operands), and dg's carry (sum_v h * dh) sums 64-row chunks, not the
     # whole sequence, so 16-bit snapshots no longer make its error grow with T (they did: 2.6e-2 at T 16384).
