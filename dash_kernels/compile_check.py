@@ -25,7 +25,7 @@ HOPPER_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_9
 POINTER_TYPES = {
     "Q": "*bf16", "K": "*bf16", "V": "*bf16", "Y": "*bf16", "O": "*bf16", "DY": "*bf16",
     "DQ": "*bf16", "DK": "*bf16", "DV": "*bf16", "CAND": "*i32", "MEMBERSHIP": "*i32",
-    "ONE_PRODUCT": "*i8",
+    "ONE_PRODUCT": "*i8", "A": "*bf16",  # A: the GLA intra-chunk matrix (bf16 for bf16 inputs)
 }
 SCALARS_FP32 = ("qk_scale", "sm_scale", "scale")
 UNALIGNED_INTS = ("H", "NT", "HQ", "GROUP")  # head counts and chunk counts: any value
