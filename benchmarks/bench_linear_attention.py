@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_mixed_attention import environment, make_step, time_method
+from profile_kernels import kernel_times
 
 SHAPES = {
     # name: (B, T, H, D)
@@ -117,8 +118,6 @@ def main():
                     row["ms"][name] = time_method(fn, inputs, mode)
                     print(f"  {shape} {mode} {name}: {row['ms'][name]:.3f} ms", flush=True)
                     if args.profile and name.startswith("dash_"):
-                        from profile_kernels import kernel_times
-
                         kernels = kernel_times(make_step(fn, inputs, mode))
                         row.setdefault("kernels_ms", {})[name] = {k: round(t, 4) for k, t in kernels.items()}
                         for kernel, t in list(kernels.items())[:8]:

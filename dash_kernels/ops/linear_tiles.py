@@ -3,11 +3,11 @@
 Layouts: activations are contiguous ``[B, T, H, D]`` (rows of one head are ``H * D`` apart); states are
 ``[K, V]`` per (batch, head), processed in value tiles of ``BV`` columns.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ..backends import interpreting
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def state_block(k0, v0, KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV
 
 # Triton's CPU interpreter multiplies the bit patterns of bfloat16 dot operands (triton-lang/triton#11584);
 # there the operands are rounded to their dtype and multiplied in fp32, which is what the tensor cores compute
-_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_INTERPRETING = tl.constexpr(interpreting())
 
 
 @triton.jit

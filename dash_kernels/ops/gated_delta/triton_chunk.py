@@ -24,7 +24,6 @@ from ..linear_tiles import block as _block
 from ..linear_tiles import dot_precision as _precision
 from ..linear_tiles import load_rows as _rows
 from ..linear_tiles import mm as _mm
-from ..linear_tiles import row as _row
 from ..linear_tiles import state_tile
 from ..linear_tiles import store_rows as _put_rows
 
