@@ -72,25 +72,28 @@ def builds(head_dim: int) -> Iterator[Build]:
     yield Build("gla recurrent dq", gla_rec._gla_bwd_dq_kernel, dict(dims, HAS_H0=True), 4, 2)
     yield Build("gla recurrent dkdv", gla_rec._gla_bwd_dkdv_kernel, dict(dims, HAS_DHT=True, STORE_DH0=True), 4, 2)
 
-    bt, bc = gla_chunk.chunk_sizes(False)
+    bt = gla_chunk.chunk_size(False)
     bk = gla_chunk._block(head_dim)
+    ks = min(bk, gla_chunk.key_slice(bt))
     dims = dict(KD=head_dim, VD=head_dim + 1, BK=bk, BV=min(gla_chunk._block(head_dim + 1), 64), BT=bt,
                 DOT_PRECISION="tf32")
     walk = dict(dims, **dict(zip(("BK", "BV"), gla_chunk.walk_tiles(head_dim, head_dim + 1))))
     launch = gla_chunk.LAUNCH
-    for name, fn, constexprs in [
-        ("intra", gla_chunk._gla_intra_kernel,
-         dict(KD=head_dim, BK=bk, BT=bt, BC=bc, BKS=gla_chunk.DIAG_KEY_SLICE, SAFE_SPAN=gla_chunk.ONE_PRODUCT_SPAN,
-              KS=min(bk, gla_chunk.backward_key_slice(bt)),
-              DOT_PRECISION="tf32", PRECISE="tf32x3")),
-        ("states", gla_chunk._gla_states_kernel, dict(walk, HAS_H0=True, STORE_HT=True)),
-        ("output", gla_chunk._gla_output_kernel, dims),
-        ("dstates", gla_chunk._gla_dstates_kernel, dict(walk, HAS_DHT=True, STORE_DH0=True)),
-        ("bwd", gla_chunk._gla_chunk_bwd_kernel,
-         dict(dims, BC=bc, BKS=gla_chunk.DIAG_KEY_SLICE, KS=min(bk, gla_chunk.backward_key_slice(bt)),
-              PRECISE="tf32x3")),
+    for name, key, fn, constexprs in [
+        ("cumsum", "cumsum", gla_chunk._gla_cumsum_kernel,
+         dict(KD=head_dim, BT=bt, KS=ks, SAFE_SPAN=gla_chunk.ONE_PRODUCT_SPAN)),
+        *[(f"intra path={path}", ("intra", path), gla_chunk._gla_intra_kernel,
+           dict(KD=head_dim, BK=bk, BT=bt, KS=ks, PATH=path, PRECISE="tf32x3")) for path in (1, 0)],
+        ("states", "states", gla_chunk._gla_states_kernel, dict(walk, HAS_H0=True, STORE_HT=True)),
+        ("output", "output", gla_chunk._gla_output_kernel, dims),
+        ("dstates", "dstates", gla_chunk._gla_dstates_kernel, dict(walk, HAS_DHT=True, STORE_DH0=True)),
+        ("dv", "dv", gla_chunk._gla_bwd_dv_kernel, dict(dims, KS=ks)),
+        *[(f"dqk path={path}", ("dqk", path), gla_chunk._gla_bwd_dqk_kernel,
+           {**{k: v for k, v in dims.items() if k != "BK"}, "KS": ks, "PATH": path, "PRECISE": "tf32x3"})
+          for path in (1, 0)],
     ]:
-        yield Build(f"gla chunk {name}", fn, constexprs, launch[name]["num_warps"], launch[name]["num_stages"], "mma")
+        wants = "" if name == "cumsum" or name == "intra path=0" else "mma"
+        yield Build(f"gla chunk {name}", fn, constexprs, launch[key]["num_warps"], launch[key]["num_stages"], wants)
 
     bt = gdn.chunk_size(False)
     bk = gdn._block(head_dim)
@@ -123,7 +126,7 @@ def compile_build(build: Build, arch: int = 90):
     for param in fn.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-        elif param.name.isupper() and param.name not in ("T",) + UNALIGNED_INTS:
+        elif param.name.isupper() and param.name not in ("T", "TP") + UNALIGNED_INTS:
             signature[param.name] = POINTER_TYPES.get(param.name, "*fp32")
         elif param.name in SCALARS_FP32:
             signature[param.name] = "fp32"

@@ -78,9 +78,9 @@ def test_chunked_kernels_survive_extreme_decay(monkeypatch):
     _check(q, k, v, g, s0, True, tol=1e-5)
 
 
-def test_one_product_and_subchunked_paths_agree(monkeypatch):
+def test_one_product_and_elementwise_paths_agree(monkeypatch):
     """Chunks with mild decay form their intra-chunk terms as one product through the middle row, chunks with
-    strong decay by sub-chunks; one sequence with both, and the sub-chunked path forced everywhere."""
+    strong decay element by element; one sequence with both, and the element-wise path forced everywhere."""
     from dash_kernels.ops.gla import triton_chunk
 
     monkeypatch.setattr(gla_interface, "TRITON_ALGORITHM", "chunk")
@@ -88,12 +88,11 @@ def test_one_product_and_subchunked_paths_agree(monkeypatch):
     strong = torch.zeros_like(g)
     strong[:, :16] = -12.0 * torch.rand(strong[:, :16].shape, generator=torch.Generator().manual_seed(3))
     g = (g.detach() + strong).requires_grad_(True)  # first chunk: spans far over ONE_PRODUCT_SPAN
-    bt, bc = triton_chunk.chunk_sizes(True)
     paths = triton_chunk.gla_chunk_fwd(*(t.detach().contiguous() for t in (q, k, v, g)), 0.25, None, False,
-                                       bt, bc)[-1]
+                                       triton_chunk.chunk_size(True))[-1]
     assert paths[:, 0].eq(0).all() and paths[:, 1:].eq(1).all(), paths
     _check(q, k, v, g, s0, True, tol=1e-5)
-    monkeypatch.setattr(triton_chunk, "ONE_PRODUCT_SPAN", -1.0)  # every chunk sub-chunked
+    monkeypatch.setattr(triton_chunk, "ONE_PRODUCT_SPAN", -1.0)  # every chunk element-wise
     _check(q, k, v, g, s0, True, tol=1e-5)
 
 

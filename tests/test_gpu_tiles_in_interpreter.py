@@ -31,15 +31,15 @@ def _grads(out, final, inputs, gen):
 @pytest.fixture
 def gpu_chunks(monkeypatch):
     monkeypatch.setattr(gla_interface, "TRITON_ALGORITHM", "chunk")
-    monkeypatch.setattr(gla_chunk, "chunk_sizes", lambda interpreting: (64, 16))
+    monkeypatch.setattr(gla_chunk, "chunk_size", lambda interpreting: 64)
     monkeypatch.setattr(gdn_chunk, "chunk_size", lambda interpreting: 64)
 
 
-@pytest.mark.parametrize("gla_path", ["one_product", "subchunked"])
+@pytest.mark.parametrize("gla_path", ["one_product", "elementwise"])
 def test_linear_kernels_at_gpu_chunk_sizes(gpu_chunks, gla_path, monkeypatch):
     """T 130 (two full chunks and a ragged one), K 128 (4 key slices, 2 walk tiles), V 96 (3 value tiles);
-    GLA's intra-chunk terms both ways (mild decays take one product; the forced span sends them sub-chunked)."""
-    if gla_path == "subchunked":
+    GLA's intra-chunk terms both ways (mild decays take one product; the forced span sends them element-wise)."""
+    if gla_path == "elementwise":
         monkeypatch.setattr(gla_chunk, "ONE_PRODUCT_SPAN", -1.0)
     gen = torch.Generator().manual_seed(0)
     b, t, h, kd, vd = 1, 130, 1, 128, 96

@@ -28,5 +28,5 @@ def test_kernels_compile_for_sm90_with_wgmma(head_dim, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads(out.read_text())
     names = {r["kernel"] for r in rows}
-    assert {"mixed fwd SPLIT=False", "mixed dkdv EDGE_MODE=1", "gla chunk bwd", "gdn bwd chunk"} <= names
+    assert {"mixed fwd SPLIT=False", "mixed dkdv EDGE_MODE=1", "gla chunk dqk path=1", "gdn bwd chunk"} <= names
     assert all(r["shared_bytes"] > 0 for r in rows)
