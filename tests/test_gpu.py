@@ -135,6 +135,39 @@ def test_gla_triton_long_sequences(seq, heads, kd, vd, algorithm, monkeypatch):
         assert rel_err(a, b) < 2e-2
 
 
+@pytest.mark.parametrize("kd,vd", [(128, 129), (64, 64)])
+def test_gla_chunk_both_intra_paths_on_gpu(kd, vd):
+    """Chunks with strong decays take the exact element-wise intra-chunk kernels, the others the one-product
+    ones: both compiled for the GPU, in one ragged sequence (T 3000), bf16 against the fp32 reference."""
+    import torch.nn.functional as F
+
+    from dash_kernels import gated_linear_attention
+    from dash_kernels.ops.gla import gla_chunked, triton_chunk
+
+    seq, heads = 3000, 3
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q, k = (torch.randn(2, seq, heads, kd, device="cuda", generator=gen) * 0.3 for _ in range(2))
+    v = torch.randn(2, seq, heads, vd, device="cuda", generator=gen)
+    g = F.logsigmoid(torch.randn(2, seq, heads, kd, device="cuda", generator=gen) + 3.0)
+    strong = (torch.arange(seq, device="cuda") // 64) % 3 == 1  # every third chunk: spans far over 60
+    g[:, strong] = -8.0 * torch.rand(g[:, strong].shape, device="cuda", generator=gen)
+    paths = triton_chunk.gla_cumsum(g.bfloat16(), 64)[1]
+    assert paths.eq(0).any() and paths.eq(1).any()
+    low = [t.bfloat16().requires_grad_(True) for t in (q, k, v, g)]
+    full = [t.detach().float().requires_grad_(True) for t in low]
+    o, _ = gated_linear_attention(*low, backend="triton")
+    o_ref, _ = gla_chunked(*full)
+    do = torch.randn(o.shape, device="cuda", generator=gen)
+    grads = torch.autograd.grad((o.float() * do).sum(), low)
+    grads_ref = torch.autograd.grad((o_ref * do).sum(), full)
+    report = [f"o {rel_err(o, o_ref):.2e}"] + [f"{n} {rel_err(a, b):.2e}"
+                                              for n, a, b in zip(("dq", "dk", "dv", "dg"), grads, grads_ref)]
+    print(f"gla both paths T{seq} K{kd} V{vd}:", "; ".join(report), flush=True)
+    assert rel_err(o, o_ref) < 1e-2
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 2e-2
+
+
 @pytest.mark.parametrize("seq,heads,kd,vd", [(16384, 4, 128, 128), (4096, 9, 64, 64)])
 def test_gated_delta_triton_long_sequences(seq, heads, kd, vd):
     """Gated delta rule (Triton, chunked WY) in bf16 against the fp32 chunked reference on the GPU itself."""
