@@ -291,7 +291,11 @@ def _compare_parser(sub):
     p.add_argument("--calibration-tokens", type=int, default=16384)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--tasks", nargs="+", default=None)
-    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--samples", type=int, default=10, help="RULER samples per task and length (default 10: with "
+                   "5, one task's score at one length moves in steps of 20 points and its binomial noise hides "
+                   "differences of several points in the average; compare.md's paired bootstrap CI shows which "
+                   "differences hold). A rerun with other --samples, --lengths, --tasks or --eval-batch scores "
+                   "the stored hybrids again, without searching or selecting again")
     p.add_argument("--eval-batch", type=int, default=None,
                    help="RULER prompts generated together (default 8 GPU, 1 CPU; shorter prompts are left-filled)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune every method's hybrid on this many "
@@ -336,7 +340,8 @@ def run_compare(args) -> dict:
             raise SystemExit("--skip-dash is for one shard; --devices plans the shards itself")
         os.makedirs(args.output, exist_ok=True)
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
-                    "finetune_rank": args.finetune_rank, "samples": args.samples}
+                    "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
+                    "seed": args.seed}
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
                            progress=not args.no_progress)
     on_gpu = args.device.startswith("cuda")

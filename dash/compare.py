@@ -6,6 +6,13 @@ RULER-style tasks and held-out perplexity on the same samples. Every hybrid is e
 supernet with one-hot logits, which computes exactly what its exported model computes (the export path turns
 the same choices into the model directory). Writes ``compare.json``, ``compare.md`` and ``compare.png``.
 
+Every row keeps its per-sample RULER scores (``ruler_samples``). RULER samples depend only on (task, length,
+index, seed), so all methods answer the same prompts: ``compare.md`` adds DASH minus each method with a 95%
+paired bootstrap interval (``dash.stats``), also under ``"paired"`` in ``compare.json``. Rerunning resumes: rows
+of the same settings are kept; with other evaluation settings (samples, lengths, tasks, eval batch) each stored
+hybrid is scored again from its ``choice``, with no search or selector run; other selection settings (seed,
+fine-tuning) select and fine-tune again.
+
 With ``finetune_tokens > 0`` every hybrid (DASH's, each selector's and the bounds') is first fine-tuned the same way
 (``dash.finetune.Finetune``: LoRA on the non-full layers' projections, distilled toward the teacher on the search's
 training text, in place in the supernet with its teacher mode as the teacher), scored, and its adapters dropped;
@@ -36,6 +43,7 @@ import torch
 
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate
+from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
 def _perplexity(net, rows: torch.Tensor) -> float:
@@ -53,6 +61,76 @@ def _ruler(net, tokenizer, lengths, tasks, samples, seed, batch_size) -> Dict:
                         batch_size=batch_size)
     finally:
         config.use_cache = use_cache
+
+
+# Resuming: an earlier compare.json's rows are kept when every setting matches. When only the evaluation
+# settings differ, each row's hybrid (its stored choice) is scored again: no search, no selector. When a
+# selection setting differs, every hybrid is selected again (a completed DASH search of the same seed
+# resumes from its checkpoint at once; the selectors take seconds) and fine-tuned again.
+EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
+LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0}  # files written before these were recorded
+BOUNDS = ("teacher", "all_efficient")  # they do not depend on the budget: measured once, at the first budget
+
+
+def _saved(saved: Dict, key: str):
+    return saved.get(key, LEGACY_DEFAULTS.get(key))
+
+
+def _same_selection(saved: Dict, settings: Dict) -> bool:
+    def fine_tuning(s):  # rank and learning rate matter only when there is fine-tuning
+        tokens = _saved(s, "finetune_tokens")
+        return (tokens, s.get("finetune_rank"), s.get("finetune_lr")) if tokens else (0,)
+
+    return _saved(saved, "seed") == settings["seed"] and fine_tuning(saved) == fine_tuning(settings)
+
+
+def resume_rows(path: str, settings: Dict):
+    """(rows to keep as they are, rows to score again from their choice by (method, budget, seed)) of the
+    compare.json at ``path``, if any, for a run with ``settings``."""
+    if not os.path.exists(path):
+        return [], {}
+    with open(path) as f:
+        saved = json.load(f)
+    if not _same_selection(saved, settings):
+        return [], {}
+    if all(_saved(saved, key) == settings[key] for key in EVALUATION_SETTINGS):
+        return saved["rows"], {}
+    return [], {_row_key(row): row for row in saved["rows"]}
+
+
+def _row_key(row: Dict):
+    return row["method"], row["budget"], row["seed"]
+
+
+def _finetune_folder(tokens: int, rank: int, lr: float, seed: int) -> str:
+    """Other fine-tuning settings, another folder (its checkpoint would otherwise resume); the defaults keep
+    the name of earlier runs."""
+    from .finetune import FinetuneConfig
+
+    name = f"finetune_{tokens}"
+    name += "" if rank == FinetuneConfig.rank else f"_rank{rank}"
+    name += "" if lr == FinetuneConfig.lr else f"_lr{lr:g}"
+    return name + ("" if seed == 0 else f"_seed{seed}")
+
+
+def _with_concurrency(cost: Dict) -> Dict:
+    return dict(cost, concurrent=int(os.environ.get("DASH_CONCURRENT", "1")))  # processes sharing the machine
+
+
+def _json(value, depth: int = 0) -> str:
+    """Indented JSON whose innermost lists (per-sample scores, choices) take one line each."""
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {_json(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _json(v, depth + 1) for v in value) + f"\n{pad}]"
+    return json.dumps(value)
+
+
+def _dump(document: Dict, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(_json(document) + "\n")
 
 
 def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: torch.Tensor, budgets: Sequence[int],
@@ -73,33 +151,27 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     tasks = list(tasks or TASKS)
     os.makedirs(output_dir, exist_ok=True)
     names = [c.name for c in net.candidates]
-    rows: List[Dict] = []
     path = os.path.join(output_dir, "compare.json")
-    if os.path.exists(path):  # resume: rows already measured (same settings) are kept, not recomputed
-        with open(path) as f:
-            saved = json.load(f)
-        same = (saved.get("lengths") == list(lengths) and saved.get("tasks") == tasks
-                and saved.get("finetune_tokens", 0) == finetune_tokens
-                and saved.get("eval_batch", 1) == eval_batch)
-        if same:
-            rows = saved["rows"]
-    done = {(r["method"], r["budget"], r["seed"]) for r in rows}
-    settings = {"lengths": list(lengths), "tasks": tasks, "finetune_tokens": finetune_tokens,
-                "eval_batch": eval_batch}
+    settings = {"lengths": list(lengths), "tasks": tasks, "samples": samples, "seed": seed,
+                "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
+                "finetune_lr": finetune_lr}
+    rows, earlier = resume_rows(path, settings)
+    done = {_row_key(r) for r in rows}
 
     def teacher_hidden(batch):
         with net.teacher():
             return net.model.base_model(batch, use_cache=False).last_hidden_state
 
-    def score(method, budget, run_seed, choices, cost):
+    def score(method, budget, run_seed, choices, cost, earlier_row=None):
         set_choices(net, [names.index(c.name) for c in choices])
         tuner, tuned = None, None
         if finetune_tokens:  # the same light fine-tuning for every hybrid, resumable like the searches
             tag = f"{method}_K{budget}" + ("" if run_seed is None else f"_seed{run_seed}")
             config = FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr,
                                     rank=finetune_rank, seed=seed)
-            tuner = Finetune(net.model, choices, search_data, config,
-                             os.path.join(output_dir, f"finetune_{finetune_tokens}", tag), teacher_hidden)
+            folder = _finetune_folder(finetune_tokens, finetune_rank, finetune_lr, seed)
+            tuner = Finetune(net.model, choices, search_data, config, os.path.join(output_dir, folder, tag),
+                             teacher_hidden)
         try:
             if tuner is not None:
                 summary = tuner.run(progress=progress)
@@ -111,63 +183,119 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         finally:
             if tuner is not None:  # the next hybrid starts from the teacher's own weights again
                 tuner.remove(merge=False)
-        cost = dict(cost, concurrent=int(os.environ.get("DASH_CONCURRENT", "1")))  # processes sharing the machine
         row = {"method": method, "budget": budget, "seed": run_seed, "choice": [c.name for c in choices],
-               "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": perplexity, "cost": cost}
+               "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": perplexity, "cost": cost,
+               "ruler_samples": per_sample_scores(ruler["records"])}  # paired comparisons: dash.stats
+        if earlier_row is not None:  # its choice and cost (and fine-tuning's) are the earlier run's
+            row["reused_choice"] = True
+            tuned = earlier_row.get("finetune", tuned)  # a resumed fine-tuning's own seconds would read ~0
         if tuned is not None:
             row["finetune"] = tuned
         rows.append(row)
-        with open(os.path.join(output_dir, "compare.json"), "w") as f:  # after every row: a long run keeps results
-            json.dump({"rows": rows, **settings}, f, indent=1)
+        _dump({"rows": rows, **settings}, path)  # after every row: a long run keeps results
         if progress:
-            print(f"[compare] K={budget} {method}{'' if run_seed is None else f' seed {run_seed}'}: "
+            print(f"[compare] K={budget} {method}{'' if run_seed is None else f' seed {run_seed}'}"
+                  f"{' (earlier choice)' if earlier_row is not None else ''}: "
                   f"RULER {100 * row['ruler_average']:.1f}, ppl {row['perplexity']:.2f}", flush=True)
+
+    def score_earlier(key) -> bool:
+        """Scores an earlier run's hybrid again, if there is one (only evaluation settings changed)."""
+        row = earlier.get(key)
+        if row is None or any(name not in names for name in row["choice"]):
+            return False
+        score(*key, [net.candidates[names.index(name)] for name in row["choice"]], row["cost"], earlier_row=row)
+        return True
 
     for budget in budgets:
         started = time.time()
         for state in net.states:  # every search starts from uniform logits
             with torch.no_grad():
                 state.alpha.zero_()
-        if include_dash and ("dash", budget, None) not in done:
+        key = ("dash", budget, None)
+        if include_dash and key not in done and not score_earlier(key):
             config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed)
-            search = Search(net, search_data, config, os.path.join(output_dir, f"search_K{budget}"))
-            summary = search.run(progress=progress)  # resumes from its own checkpoint
+            folder = f"search_K{budget}" + ("" if seed == 0 else f"_seed{seed}")  # another seed, another search
+            search = Search(net, search_data, config, os.path.join(output_dir, folder))
+            summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
             from .export import discretise
 
             choices = discretise(net.probabilities(), net.candidates, budget)
-            score("dash", budget, None, choices, {"search_tokens": summary["tokens"],
-                                                   "seconds": time.time() - started})
+            score("dash", budget, None, choices, _with_concurrency({"search_tokens": summary["tokens"],
+                                                                    "seconds": time.time() - started}))
         for method in methods:
             for run_seed in (random_seeds if method == "random" else (None,)):
-                if method in ("teacher", "all_efficient") and budget != budgets[0]:
+                if method in BOUNDS and budget != budgets[0]:
                     continue  # the bounds do not depend on the budget
-                if (method, budget, run_seed) in done:
+                key = (method, budget, run_seed)
+                if key in done or score_earlier(key):
                     continue
                 out = select(net, method, budget, efficient, rows=calibration, seed=run_seed or 0,
                              tokenizer=tokenizer)
-                score(method, budget, run_seed, out["choices"], out["cost"])
+                score(method, budget, run_seed, out["choices"], _with_concurrency(out["cost"]))
     return write_tables(rows, budgets, settings, output_dir, finetune_rank)
 
 
 def write_tables(rows: List[Dict], budgets: Sequence[int], settings: Dict, output_dir: str,
                  finetune_rank: int = 8) -> Dict:
-    """compare.json (rows, summary, settings), compare.md and compare.png in output_dir."""
+    """compare.json (rows, summary, paired differences, settings), compare.md and compare.png in output_dir."""
     result = summarize(rows, budgets)
-    with open(os.path.join(output_dir, "compare.json"), "w") as f:
-        json.dump({"rows": rows, "summary": result, **settings}, f, indent=1)
+    paired = paired_differences(rows, budgets)
+    _dump({"rows": rows, "summary": result, "paired": paired, **settings}, os.path.join(output_dir, "compare.json"))
     with open(os.path.join(output_dir, "compare.md"), "w") as f:
         if settings.get("finetune_tokens"):
             f.write(f"Every hybrid fine-tuned on {settings['finetune_tokens']} tokens before scoring (LoRA rank "
                     f"{finetune_rank} on the non-full layers, distilled toward the teacher).\n\n")
-        f.write(markdown(result, budgets))
+        f.write(markdown(result, budgets, paired, noise_note(rows, settings)))
     plot(result, budgets, os.path.join(output_dir, "compare.png"))
-    return {"rows": rows, "summary": result}
+    return {"rows": rows, "summary": result, "paired": paired}
+
+
+def paired_differences(rows: Sequence[Dict], budgets: Sequence[int]) -> Dict[str, Dict[int, Optional[Dict]]]:
+    """method -> budget -> DASH's RULER average minus the method's on the same samples, with a 95% paired
+    bootstrap interval (``dash.stats.paired_difference``; None where a row keeps no per-sample scores).
+    Random's seeds are averaged sample by sample; the bounds' one measurement stands for every budget."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["budget"]), []).append(row)
+    methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "dash"))
+    out: Dict[str, Dict[int, Optional[Dict]]] = {}
+    for budget in budgets:
+        if ("dash", budget) not in groups:
+            continue
+        dash = cell_scores(groups[("dash", budget)])
+        for method in methods:
+            group = groups.get((method, budget))
+            if group is None and method in BOUNDS:
+                group = next(g for (m, _), g in groups.items() if m == method)
+            if group is not None:
+                out.setdefault(method, {})[budget] = paired_difference(dash, cell_scores(group))
+    return out
+
+
+def noise_note(rows: Sequence[Dict], settings: Dict) -> str:
+    """How noisy one table cell is: samples per task and length, and the rows' standard errors."""
+    counts = sorted({len(scores) for row in rows for by_length in row.get("ruler_samples", {}).values()
+                     for scores in by_length.values()})
+    if not counts and settings.get("samples"):
+        counts = [settings["samples"]]
+    if not counts:
+        return ""
+    n = counts[0]
+    text = (f"RULER: {n if len(counts) == 1 else f'{counts[0]}-{counts[-1]}'} samples per task and length. A "
+            f"single-answer task's score at one length moves in steps of {100 / n:.0f} points, with a standard "
+            f"error of up to {50 / math.sqrt(n):.0f} points")
+    errors = [standard_error(cells) for cells in (cell_scores([row]) for row in rows) if cells]
+    if errors:
+        text += (f"; the standard error of a row's RULER average, from its per-sample scores, is "
+                 f"{100 * min(errors):.1f}-{100 * max(errors):.1f} points")
+    seeded = len({_row_key(row)[:2] for row in rows}) < len(rows)  # a method measured over several seeds
+    return text + (". ± : the spread over random's seeds." if seeded else ".")
 
 
 def plan_shards(budgets: Sequence[int], methods: Sequence[str]) -> List[Dict]:
     """The sharded comparison's work: per budget, the DASH search (the longest part) and the selectors; the
     bounds go with the first budget's selectors. Longest first, so that the last shards to start are short."""
-    bounds = [m for m in methods if m in ("teacher", "all_efficient")]
+    bounds = [m for m in methods if m in BOUNDS]
     selectors = [m for m in methods if m not in bounds]
     shards = [{"name": f"K{k}_dash", "budget": k, "dash": True, "methods": []} for k in budgets]
     for i, k in enumerate(budgets):
@@ -271,7 +399,8 @@ def summarize(rows: Sequence[Dict], budgets: Sequence[int]) -> Dict:
     return summary
 
 
-def markdown(summary: Dict, budgets: Sequence[int]) -> str:
+def markdown(summary: Dict, budgets: Sequence[int], paired: Optional[Dict] = None, note: str = "") -> str:
+    """The main table (RULER, perplexity), the note under it, then DASH minus each method with its interval."""
     lines = ["| method | " + " | ".join(f"K={k} RULER | K={k} ppl" for k in budgets) + " |",
              "| --- |" + " --- | --- |" * len(budgets)]
     for method, by_budget in summary.items():
@@ -281,6 +410,24 @@ def markdown(summary: Dict, budgets: Sequence[int]) -> str:
             spread = f" ± {100 * entry['ruler_std']:.1f}" if entry["runs"] > 1 else ""
             cells.append(f"{100 * entry['ruler']:.1f}{spread} | {entry['perplexity']:.2f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if note:
+        lines += ["", note]
+    if paired:
+        lines += ["", "DASH minus each method (RULER points, 95% paired bootstrap CI over the samples of each task "
+                  "and length; * : the CI excludes 0; — : no per-sample scores in these rows)", "",
+                  "| method | " + " | ".join(f"K={k}" for k in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+        for method, by_budget in paired.items():
+            cells = []
+            for k in budgets:
+                if k not in by_budget:  # not measured at this budget (or no DASH row)
+                    cells.append("")
+                elif by_budget[k] is None:
+                    cells.append("—")
+                else:
+                    d = by_budget[k]
+                    mark = " *" if d["excludes_zero"] else ""
+                    cells.append(f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -136,30 +136,40 @@ def test_baseline_hybrid_goes_through_the_export_path(tmp_path):
     assert hybrid.generate(_rows()[:1, :8], max_new_tokens=2, do_sample=False).shape == (1, 10)
 
 
-def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
-    import json
+class CharTokenizer:  # ids fit the tiny model's 97-token vocabulary
+    eos_token_id = 0
 
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [ord(c) % 97 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i) + 32) for i in ids)
+
+
+def _small_vocabulary(monkeypatch):
     import dash.ruler as ruler
-    from dash.compare import compare
-    from test_search import random_data
-
-    class CharTokenizer:  # ids fit the tiny model's 97-token vocabulary
-        eos_token_id = 0
-
-        def __call__(self, text, add_special_tokens=False, return_tensors=None):
-            ids = [ord(c) % 97 for c in text]
-            return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(int(i) + 32) for i in ids)
 
     words = [f"{a}{b}" for a in "abcdefgh" for b in "ijklmnop"]
     original = ruler.generate_samples
     monkeypatch.setattr(ruler, "generate_samples",
                         lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=words))
+
+
+def _compare_net():
     model = tiny_model("llama")
     model.config.max_position_embeddings = 4096
-    net = build_supernet(model, ["full", "swa4", "sink1_swa4"])
+    return build_supernet(model, ["full", "swa4", "sink1_swa4"])
+
+
+def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    from dash.compare import compare
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    net = _compare_net()
     rows = _rows()
     kwargs = dict(methods=["first", "random", "kl_restore", "teacher"], random_seeds=(0, 1), search_tokens=96,
                   search_batch=2, lengths=[700], tasks=["passkey"], samples=2, eval_batch=2, output_dir=str(tmp_path),
@@ -168,19 +178,90 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     measured = {(r["method"], r["budget"], r["seed"]) for r in out["rows"]}
     assert ("dash", 1, None) in measured and ("random", 2, 1) in measured and ("teacher", 1, None) in measured
     assert ("teacher", 2, None) not in measured  # the bounds do not depend on the budget
+    assert all(len(r["ruler_samples"]["passkey"]["700"]) == 2 for r in out["rows"])  # per-sample, for dash.stats
     table = (tmp_path / "compare.md").read_text()
     assert "| dash |" in table and "± " in table and (tmp_path / "compare.png").exists()
-    # a second run finds every row measured and recomputes none of them
+    assert "DASH minus each method" in table and "2 samples per task and length" in table
     saved = json.load(open(tmp_path / "compare.json"))
+    assert set(saved["paired"]) == {"first", "random", "kl_restore", "teacher"}
+    assert saved["paired"]["teacher"]["2"]["resamples"] > 0  # the bound's one row stands for every budget
+    # a second run finds every row measured and recomputes none of them
     monkeypatch.setattr("dash.compare.select", lambda *a, **k: pytest.fail("should have resumed"))
+    monkeypatch.setattr("dash.search.Search.run", lambda *a, **k: pytest.fail("should have resumed"))
+    monkeypatch.setattr("dash.compare._ruler", lambda *a, **k: pytest.fail("should have kept the scores"))
     again = compare(net, CharTokenizer(), random_data(), rows, rows, [1, 2], EFFICIENT, **kwargs)
-    assert len(again["rows"]) == len(saved["rows"])
+    assert again["rows"] == saved["rows"]
     # a shard of a sharded comparison: the selectors alone, no DASH search
     monkeypatch.undo()
-    monkeypatch.setattr(ruler, "generate_samples",
-                        lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=words))
+    _small_vocabulary(monkeypatch)
     monkeypatch.setattr("dash.search.Search.run", lambda *a, **k: pytest.fail("no search in a selectors shard"))
     shard = compare(net, CharTokenizer(), random_data(), rows, rows, [2], EFFICIENT,
                     **dict(kwargs, methods=["first"], output_dir=str(tmp_path / "shard")), include_dash=False)
     assert [(r["method"], r["budget"]) for r in shard["rows"]] == [("first", 2)]
     assert shard["rows"][0]["cost"]["concurrent"] == 1
+
+
+def test_compare_rescored_from_stored_choices_when_only_evaluation_changes(tmp_path, monkeypatch):
+    """More samples later: every hybrid is scored again from its stored choice, with no search or selector."""
+    import dash.compare as compare_module
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    net, rows = _compare_net(), _rows()
+    kwargs = dict(methods=["first", "random"], random_seeds=(0, 1), search_tokens=96, search_batch=2, lengths=[300],
+                  tasks=["passkey"], samples=1, output_dir=str(tmp_path), progress=False)
+    first = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT, **kwargs)
+    monkeypatch.setattr(compare_module, "select", lambda *a, **k: pytest.fail("the selection should be reused"))
+    monkeypatch.setattr("dash.search.Search.run", lambda *a, **k: pytest.fail("the search should be reused"))
+    more = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                                  **dict(kwargs, samples=3))
+    key = lambda r: (r["method"], r["seed"])  # noqa: E731
+    before, after = {key(r): r for r in first["rows"]}, {key(r): r for r in more["rows"]}
+    assert set(after) == set(before) == {("dash", None), ("first", None), ("random", 0), ("random", 1)}
+    for k, row in after.items():
+        assert row["choice"] == before[k]["choice"] and row["cost"] == before[k]["cost"] and row["reused_choice"]
+        assert len(row["ruler_samples"]["passkey"]["300"]) == 3
+        # samples are a function of their index: the first one is the same prompt, scored the same
+        assert row["ruler_samples"]["passkey"]["300"][0] == before[k]["ruler_samples"]["passkey"]["300"][0]
+
+
+def test_compare_selects_again_when_the_seed_changes(tmp_path, monkeypatch):
+    import dash.compare as compare_module
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    net, rows = _compare_net(), _rows()
+    kwargs = dict(methods=["first"], search_tokens=96, search_batch=2, lengths=[300], tasks=["passkey"], samples=1,
+                  output_dir=str(tmp_path), progress=False, include_dash=False)
+    compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT, **kwargs)
+    calls = []
+    real_select = compare_module.select
+    monkeypatch.setattr(compare_module, "select", lambda *a, **k: calls.append(a[1]) or real_select(*a, **k))
+    out = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                                 **dict(kwargs, seed=1))
+    assert calls == ["first"] and "reused_choice" not in out["rows"][0]
+
+
+def test_resume_rows_sorts_kept_rescored_and_redone(tmp_path):
+    import json
+
+    from dash.compare import resume_rows
+
+    settings = {"lengths": [1024], "tasks": ["passkey"], "samples": 10, "seed": 0, "eval_batch": 8,
+                "finetune_tokens": 0, "finetune_rank": 8, "finetune_lr": 2e-4}
+    row = {"method": "first", "budget": 3, "seed": None, "choice": ["full"]}
+    path = tmp_path / "compare.json"
+    assert resume_rows(str(path), settings) == ([], {})
+    path.write_text(json.dumps({"rows": [row], **settings}))
+    assert resume_rows(str(path), settings) == ([row], {})
+    for change in ({"samples": 20}, {"lengths": [2048]}, {"tasks": ["vt"]}, {"eval_batch": 1}):
+        assert resume_rows(str(path), dict(settings, **change)) == ([], {("first", 3, None): row}), change
+    for change in ({"seed": 1}, {"finetune_tokens": 1000}):
+        assert resume_rows(str(path), dict(settings, **change)) == ([], {}), change
+    # without fine-tuning its rank and learning rate do not matter; with it they do
+    assert resume_rows(str(path), dict(settings, finetune_rank=4)) == ([row], {})
+    path.write_text(json.dumps({"rows": [row], **dict(settings, finetune_tokens=1000)}))
+    assert resume_rows(str(path), dict(settings, finetune_tokens=1000, finetune_lr=1e-3)) == ([], {})
+    # a file written before samples and seed were recorded: seed 0 (the default), samples unknown
+    path.write_text(json.dumps({"rows": [row], "lengths": [1024], "tasks": ["passkey"], "finetune_tokens": 0}))
+    assert resume_rows(str(path), settings) == ([], {("first", 3, None): row})

@@ -62,10 +62,12 @@ def test_a_failed_shard_is_named_and_the_rest_is_kept(tmp_path):
 def test_merge_keeps_one_row_per_method_budget_seed(tmp_path):
     for name, seeds in [("a", [0, 1]), ("b", [1, 2])]:
         (tmp_path / name).mkdir()
-        rows = [{"method": "random", "budget": 3, "seed": s} for s in seeds]
+        rows = [{"method": "random", "budget": 3, "seed": s, "ruler_samples": {"vt": {"1024": [s, 1.0]}},
+                 "reused_choice": True} for s in seeds]
         (tmp_path / name / "compare.json").write_text(json.dumps({"rows": rows}))
     merged = merge_shard_rows([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "missing")])
     assert sorted(r["seed"] for r in merged) == [0, 1, 2]
+    assert all(r["ruler_samples"]["vt"]["1024"] == [r["seed"], 1.0] and r["reused_choice"] for r in merged)
 
 
 def test_shards_repeat_the_parents_settings():
@@ -78,6 +80,9 @@ def test_shards_repeat_the_parents_settings():
     for name in ("lengths", "samples", "candidates", "seed", "model", "search_tokens", "finetune_tokens"):
         assert getattr(shard, name) == getattr(parent, name), name
     assert shard.methods == [] and shard.skip_dash and shard.devices is None
+    default = parser.parse_args(["compare", "--devices", "cuda:0"])
+    assert default.samples == 10  # as compare()'s own default
+    assert parser.parse_args(["compare", *_shard_arguments(default), "--budgets", "3"]).samples == 10
 
 
 def test_an_interrupt_stops_the_shards_and_keeps_what_is_done(tmp_path, monkeypatch):

@@ -204,6 +204,18 @@ def test_compare_fine_tunes_every_hybrid_the_same_way(tmp_path, monkeypatch):
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
     saved = json.load(open(tmp_path / "compare.json"))
     assert saved["finetune_tokens"] == 96 and "fine-tuned on 96 tokens" in (tmp_path / "compare.md").read_text()
+    # more samples: every hybrid is scored again, its fine-tuning loaded from its completed checkpoint
+    monkeypatch.setattr(compare_module, "select", lambda *a, **k: pytest.fail("should have resumed"))
+    monkeypatch.setattr("dash.finetune.Finetune.loss", lambda *a, **k: pytest.fail("fine-tuned again"))
+    more = compare_module.compare(net, WordTokenizer(), random_data(), rows, rows, [1], Candidate(window=4, sink=1),
+                                  **{**kwargs, "samples": 2})
+    for row in more["rows"]:
+        assert row["reused_choice"] and row["finetune"] == by_method[row["method"]]["finetune"]
+        assert len(row["ruler_samples"]["passkey"]["96"]) == 2
+    assert adapted_at_scoring[3:] == adapted_at_scoring[:3]  # the same adapters were in place when scored
+    monkeypatch.undo()
+    monkeypatch.setattr(ruler, "generate_samples",
+                        lambda tok, task, length, n, seed=0: original(tok, task, length, n, seed, words=["ab"]))
     # rows measured with another fine-tuning budget are not reused
     monkeypatch.setattr(compare_module, "select", lambda *a, **k: pytest.fail("should have resumed"))
     with pytest.raises(pytest.fail.Exception):

@@ -69,6 +69,19 @@ def test_cost_regulariser_pushes_toward_the_budget(tmp_path):
     assert after < before  # expected number of full-attention layers went down
 
 
+def test_completed_search_returns_at_once_from_its_checkpoint(tmp_path, monkeypatch):
+    """`dash compare` reruns rely on it: a finished search is loaded, not trained again."""
+    done = make_search(tmp_path)
+    want = done.run(progress=False)
+    again = make_search(tmp_path)
+    monkeypatch.setattr(Search, "loss_terms", lambda *a, **k: pytest.fail("a completed search trained again"))
+    got = again.run(progress=False)
+    assert got["steps"] == want["steps"] and got["choice"] == want["choice"] and got["tokens"] == want["tokens"]
+    assert got["timing"]["steps_this_run"] == 0
+    for a, b in zip(done.net.arch_parameters(), again.net.arch_parameters()):
+        assert torch.equal(a, b)
+
+
 def test_killed_search_resumes_to_the_same_logits(tmp_path):
     straight = make_search(tmp_path / "a")
     straight.run(progress=False)
