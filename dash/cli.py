@@ -283,7 +283,10 @@ def _compare_parser(sub):
     p.add_argument("--devices", nargs="+", default=None, help="run the comparison as shards (per budget: the "
                    "DASH search, the selectors) in parallel, one process per named device (a device may be "
                    "named twice: two processes share it), then merge; resumable like one process")
-    p.add_argument("--candidates", nargs="+", default=None, help="as for `dash search` (softmax family)")
+    p.add_argument("--candidates", nargs="+", default=None, help="as for `dash search` (softmax family); "
+                   "default: full and the efficient operator, the two the selectors choose between, so that every "
+                   "hybrid has the same KV cache at a budget (more candidates let DASH's hybrid differ in cost: "
+                   "the table's KV column shows it)")
     p.add_argument("--efficient", default=None, help="the efficient operator of the baselines (default: the "
                    "sink + window candidate if any, else the first non-full one)")
     p.add_argument("--search-tokens", type=int, default=None, help="per search (default 12.3M GPU, 16K CPU)")
@@ -326,7 +329,7 @@ def _shard_arguments(args) -> list:
 def run_compare(args) -> dict:
     from .baselines import METHODS
     from .candidates import Candidate
-    from .compare import compare, run_sharded
+    from .compare import compare, comparison_candidates, run_sharded
     from .data import default_data
     from .models import load_model
     from .supernet import build_supernet
@@ -350,7 +353,11 @@ def run_compare(args) -> dict:
                                   dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
     search_tokens = args.search_tokens or (12_300_000 if on_gpu else CPU_DEFAULT_TOKENS)
     data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=args.seed, heldout_fraction=0.1)
-    net = build_supernet(model, args.candidates)
+    candidates = args.candidates
+    if candidates is None:  # the selectors' two operators: DASH chooses from exactly what they choose from
+        candidates = comparison_candidates(int(getattr(model.config, "max_position_embeddings", 8192)),
+                                           args.efficient)
+    net = build_supernet(model, candidates)
     if net.linear_parameters():
         raise SystemExit("dash compare runs softmax-family candidates (linear ones need a bank per method)")
     names = [c.name for c in net.candidates]
@@ -361,6 +368,8 @@ def run_compare(args) -> dict:
         efficient = sinks[0] if sinks else next(c for c in net.candidates if not c.is_full)
     if efficient.name not in names:
         raise SystemExit(f"--efficient {efficient.name} is not among the candidates {names}")
+    if "full" not in names:
+        raise SystemExit(f"--candidates must include full attention (the budget counts full layers), got {names}")
     calibration = data.train[: max(1, args.calibration_tokens // seq_len)].to(args.device)
     heldout = data.heldout[: max(1, 32768 // seq_len)].to(args.device)
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,

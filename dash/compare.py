@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .baselines import METHODS, _loss, select, set_choices
-from .candidates import Candidate
+from .candidates import Candidate, default_candidates
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
@@ -81,7 +81,9 @@ def _same_selection(saved: Dict, settings: Dict) -> bool:
         tokens = _saved(s, "finetune_tokens")
         return (tokens, s.get("finetune_rank"), s.get("finetune_lr")) if tokens else (0,)
 
-    return _saved(saved, "seed") == settings["seed"] and fine_tuning(saved) == fine_tuning(settings)
+    # files without "candidates" came from the 4-candidate default: their DASH hybrids are not comparable
+    return (_saved(saved, "seed") == settings["seed"] and fine_tuning(saved) == fine_tuning(settings)
+            and saved.get("candidates") == settings.get("candidates"))
 
 
 def resume_rows(path: str, settings: Dict):
@@ -111,6 +113,33 @@ def _finetune_folder(tokens: int, rank: int, lr: float, seed: int) -> str:
     name += "" if rank == FinetuneConfig.rank else f"_rank{rank}"
     name += "" if lr == FinetuneConfig.lr else f"_lr{lr:g}"
     return name + ("" if seed == 0 else f"_seed{seed}")
+
+
+def comparison_candidates(context: int, efficient: Optional[str] = None) -> List[Candidate]:
+    """`dash compare`'s default candidates: full attention and the selectors' efficient operator (``efficient``,
+    else the sink + window candidate of ``default_candidates(context)``). DASH then chooses from exactly what the
+    selectors choose from, and every hybrid of a budget keeps the same cache; a wider set lets DASH's hybrid buy
+    bigger windows with the same count of full layers (in the first GPU table, 2048-token windows in 11 or 12
+    layers: 19 to 44 % more cache at 8K than the selectors' hybrids)."""
+    if efficient is not None:
+        chosen = Candidate.parse(efficient)
+        if chosen.is_full:
+            raise ValueError(f"efficient must be a window or sink + window operator, got {efficient!r}")
+    else:
+        pool = default_candidates(context)
+        chosen = next((c for c in pool if c.sink), next(c for c in pool if not c.is_full))
+    return [Candidate(), chosen]
+
+
+def kv_cache_mib(config, choices: Sequence[Candidate], context: int) -> float:
+    """The hybrid's inference cache at ``context`` tokens (MiB, 16-bit K/V): what a budget buys, so that hybrids
+    drawn from different candidates are compared at their real cost."""
+    from .search import candidate_cache_bytes
+
+    heads_q = config.num_attention_heads
+    heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads_q
+    return sum(candidate_cache_bytes(c, context, heads_kv, heads_q, head_dim) for c in choices) / 2 ** 20
 
 
 def _with_concurrency(cost: Dict) -> Dict:
@@ -154,7 +183,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     path = os.path.join(output_dir, "compare.json")
     settings = {"lengths": list(lengths), "tasks": tasks, "samples": samples, "seed": seed,
                 "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
-                "finetune_lr": finetune_lr}
+                "finetune_lr": finetune_lr, "candidates": names}
+    context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
     done = {_row_key(r) for r in rows}
 
@@ -185,7 +215,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 tuner.remove(merge=False)
         row = {"method": method, "budget": budget, "seed": run_seed, "choice": [c.name for c in choices],
                "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": perplexity, "cost": cost,
-               "ruler_samples": per_sample_scores(ruler["records"])}  # paired comparisons: dash.stats
+               "ruler_samples": per_sample_scores(ruler["records"]),  # paired comparisons: dash.stats
+               "kv_cache_mib": kv_cache_mib(net.model.config, choices, context)}
         if earlier_row is not None:  # its choice and cost (and fine-tuning's) are the earlier run's
             row["reused_choice"] = True
             tuned = earlier_row.get("finetune", tuned)  # a resumed fine-tuning's own seconds would read ~0
@@ -214,7 +245,10 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         key = ("dash", budget, None)
         if include_dash and key not in done and not score_earlier(key):
             config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed)
-            folder = f"search_K{budget}" + ("" if seed == 0 else f"_seed{seed}")  # another seed, another search
+            # another candidate set or seed, another search (a checkpoint resumes only for its own)
+            default = names == [c.name for c in default_candidates(context)]
+            folder = f"search_K{budget}" + ("" if default else "_" + "+".join(names)) + \
+                ("" if seed == 0 else f"_seed{seed}")
             search = Search(net, search_data, config, os.path.join(output_dir, folder))
             summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
             from .export import discretise
@@ -394,21 +428,25 @@ def summarize(rows: Sequence[Dict], budgets: Sequence[int]) -> Dict:
         summary[method] = {}
         for budget, group in by_budget.items():
             scores = [r["ruler_average"] for r in group]
+            kv = [r["kv_cache_mib"] for r in group if r.get("kv_cache_mib") is not None]
             summary[method][budget] = {"ruler": mean(scores), "ruler_std": pstdev(scores) if len(scores) > 1 else 0.0,
-                                       "perplexity": mean(r["perplexity"] for r in group), "runs": len(group)}
+                                       "perplexity": mean(r["perplexity"] for r in group), "runs": len(group),
+                                       "kv_cache_mib": mean(kv) if len(kv) == len(group) else None}
     return summary
 
 
 def markdown(summary: Dict, budgets: Sequence[int], paired: Optional[Dict] = None, note: str = "") -> str:
     """The main table (RULER, perplexity), the note under it, then DASH minus each method with its interval."""
-    lines = ["| method | " + " | ".join(f"K={k} RULER | K={k} ppl" for k in budgets) + " |",
-             "| --- |" + " --- | --- |" * len(budgets)]
+    lines = ["| method | " + " | ".join(f"K={k} RULER | K={k} ppl | K={k} KV MiB" for k in budgets) + " |",
+             "| --- |" + " --- | --- | --- |" * len(budgets)]
     for method, by_budget in summary.items():
         cells = []
         for k in budgets:
             entry = by_budget.get(k) or next(iter(by_budget.values()))  # bounds: one entry for all budgets
             spread = f" ± {100 * entry['ruler_std']:.1f}" if entry["runs"] > 1 else ""
-            cells.append(f"{100 * entry['ruler']:.1f}{spread} | {entry['perplexity']:.2f}")
+            kv = entry.get("kv_cache_mib")
+            cells.append(f"{100 * entry['ruler']:.1f}{spread} | {entry['perplexity']:.2f} | "
+                         + ("—" if kv is None else f"{kv:.1f}"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if note:
         lines += ["", note]

@@ -181,6 +181,7 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     assert all(len(r["ruler_samples"]["passkey"]["700"]) == 2 for r in out["rows"])  # per-sample, for dash.stats
     table = (tmp_path / "compare.md").read_text()
     assert "| dash |" in table and "± " in table and (tmp_path / "compare.png").exists()
+    assert "K=1 KV MiB" in table and all(r["kv_cache_mib"] > 0 for r in out["rows"])
     assert "DASH minus each method" in table and "2 samples per task and length" in table
     saved = json.load(open(tmp_path / "compare.json"))
     assert set(saved["paired"]) == {"first", "random", "kl_restore", "teacher"}
@@ -256,7 +257,7 @@ def test_resume_rows_sorts_kept_rescored_and_redone(tmp_path):
     assert resume_rows(str(path), settings) == ([row], {})
     for change in ({"samples": 20}, {"lengths": [2048]}, {"tasks": ["vt"]}, {"eval_batch": 1}):
         assert resume_rows(str(path), dict(settings, **change)) == ([], {("first", 3, None): row}), change
-    for change in ({"seed": 1}, {"finetune_tokens": 1000}):
+    for change in ({"seed": 1}, {"finetune_tokens": 1000}, {"candidates": ["full", "sink64_swa512"]}):
         assert resume_rows(str(path), dict(settings, **change)) == ([], {}), change
     # without fine-tuning its rank and learning rate do not matter; with it they do
     assert resume_rows(str(path), dict(settings, finetune_rank=4)) == ([row], {})
@@ -265,3 +266,27 @@ def test_resume_rows_sorts_kept_rescored_and_redone(tmp_path):
     # a file written before samples and seed were recorded: seed 0 (the default), samples unknown
     path.write_text(json.dumps({"rows": [row], "lengths": [1024], "tasks": ["passkey"], "finetune_tokens": 0}))
     assert resume_rows(str(path), settings) == ([], {("first", 3, None): row})
+
+
+def test_kv_cache_of_a_hybrid_counts_what_each_layer_keeps():
+    """SmolLM2's shape at 8K: a full layer keeps 8192 tokens x 3 KV heads x 64 x 2 (K and V) x 2 bytes = 6 MiB,
+    64 sinks + a 512 window keep 576 tokens, a 2048 window 2048: a budget of full layers says nothing about
+    the windows, the cache does."""
+    from types import SimpleNamespace
+
+    from dash.compare import kv_cache_mib
+
+    config = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_size=576)
+    full, sink, wide = Candidate(), Candidate(window=512, sink=64), Candidate(window=2048)
+    assert kv_cache_mib(config, [full], 8192) == pytest.approx(6.0)
+    assert kv_cache_mib(config, [sink, wide], 8192) == pytest.approx(6.0 * (576 + 2048) / 8192)
+    assert kv_cache_mib(config, [full] * 6 + [sink] * 24, 8192) < kv_cache_mib(config, [full] * 6 + [wide] * 24, 8192)
+
+
+def test_comparison_candidates_are_the_selectors_two():
+    from dash.compare import comparison_candidates
+
+    assert [c.name for c in comparison_candidates(8192)] == ["full", "sink64_swa512"]
+    assert [c.name for c in comparison_candidates(8192, "swa1024")] == ["full", "swa1024"]
+    with pytest.raises(ValueError, match="efficient"):
+        comparison_candidates(8192, "full")
