@@ -15,7 +15,9 @@
 #                  (MODEL as above; COMPARE_DEVICES="cuda:0 cuda:0": a GPU named twice runs two shards;
 #                  COMPARE_BUDGETS, COMPARE_ARGS). Resumable: run the part again (a warm machine keeps
 #                  ~/runs/compare; a cold one restores .device-assets/compare_state.tgz, carried, which is
-#                  the compare_state.tgz a previous call returned)                     ~40 GPU-minutes in all
+#                  the compare_state.tgz a previous call returned). Default: every GPU named three times
+#                  (13 shards: 3 DASH searches, 3 x 3 selector groups, the bounds; SmolLM2 is host-bound)
+#                  ~2 hours of shard processes at 10 samples and 1K-8K: ~20 min on 4 GPUs
 #   TEST_ARGS="-x"   extra pytest arguments; TEST_K="gla and not recurrent": a pytest -k expression
 #                    (note: -k fp32 matches every case id; use case ids)
 #   LINEAR_ARGS="--shapes h16_d128_T4096 --modes fwd_bwd"   arguments of the linear benchmark
@@ -60,7 +62,7 @@ for part in ${PARTS:-tests bench}; do
       if [ ! -d "$HOME/runs/compare" ] && [ -f .device-assets/compare_state.tgz ]; then
         mkdir -p "$HOME/runs" && tar xzf .device-assets/compare_state.tgz -C "$HOME/runs"
       fi
-      devices="${COMPARE_DEVICES:-$(python -c "import torch; print(*[f'cuda:{i}' for i in range(torch.cuda.device_count())])")}"
+      devices="${COMPARE_DEVICES:-$(python -c "import torch; print(*[f'cuda:{i}' for _ in range(3) for i in range(torch.cuda.device_count())])")}"
       timeout -s INT "${COMPARE_TIMEOUT:-540}" python -m dash compare --model "${MODEL:?set MODEL to the SmolLM2 GGUF}" \
         --budgets ${COMPARE_BUDGETS:-3 6 9} --devices $devices --output "$HOME/runs/compare" ${COMPARE_ARGS:-} 2>&1 \
         | grep -v Warn > "$OUT/compare.log"

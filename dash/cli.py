@@ -271,6 +271,9 @@ def run_finetune(args) -> dict:
                            progress=not args.no_progress)
 
 
+COMPARE_LENGTHS = (1024, 2048, 4096, 8192)  # RULER's lengths up to 8K, as far as the model's context goes
+
+
 def _compare_parser(sub):
     from .finetune import FinetuneConfig
 
@@ -283,6 +286,8 @@ def _compare_parser(sub):
     p.add_argument("--devices", nargs="+", default=None, help="run the comparison as shards (per budget: the "
                    "DASH search, the selectors) in parallel, one process per named device (a device may be "
                    "named twice: two processes share it), then merge; resumable like one process")
+    p.add_argument("--selector-shards", type=int, default=3, help="with --devices: the selectors of each budget "
+                   "split into this many shards (scoring a hybrid, not choosing it, is most of their time)")
     p.add_argument("--candidates", nargs="+", default=None, help="as for `dash search` (softmax family); "
                    "default: full and the efficient operator, the two the selectors choose between, so that every "
                    "hybrid has the same KV cache at a budget (more candidates let DASH's hybrid differ in cost: "
@@ -292,7 +297,8 @@ def _compare_parser(sub):
     p.add_argument("--search-tokens", type=int, default=None, help="per search (default 12.3M GPU, 16K CPU)")
     p.add_argument("--seq-len", type=int, default=None, help="search and calibration length (default 4096 GPU)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="RULER prompt lengths (default: 1K, 2K, 4K and 8K, those the model's context holds)")
     p.add_argument("--tasks", nargs="+", default=None)
     p.add_argument("--samples", type=int, default=10, help="RULER samples per task and length (default 10: with "
                    "5, one task's score at one length moves in steps of 20 points and its binomial noise hides "
@@ -345,7 +351,10 @@ def run_compare(args) -> dict:
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
                     "seed": args.seed}
+        if args.selector_shards < 1:
+            raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
+                           selector_groups=args.selector_shards,
                            progress=not args.no_progress)
     on_gpu = args.device.startswith("cuda")
     seq_len = args.seq_len or (4096 if on_gpu else 1024)
@@ -370,11 +379,13 @@ def run_compare(args) -> dict:
         raise SystemExit(f"--efficient {efficient.name} is not among the candidates {names}")
     if "full" not in names:
         raise SystemExit(f"--candidates must include full attention (the budget counts full layers), got {names}")
+    context = int(getattr(model.config, "max_position_embeddings", 8192))
+    lengths = args.lengths or [n for n in COMPARE_LENGTHS if n <= context]
     calibration = data.train[: max(1, args.calibration_tokens // seq_len)].to(args.device)
     heldout = data.heldout[: max(1, 32768 // seq_len)].to(args.device)
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
                    methods=methods, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
-                   lengths=args.lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
+                   lengths=lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
                    eval_batch=args.eval_batch or (8 if on_gpu else 1),
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash)

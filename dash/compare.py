@@ -326,27 +326,42 @@ def noise_note(rows: Sequence[Dict], settings: Dict) -> str:
     return text + (". ± : the spread over random's seeds." if seeded else ".")
 
 
-def plan_shards(budgets: Sequence[int], methods: Sequence[str]) -> List[Dict]:
-    """The sharded comparison's work: per budget, the DASH search (the longest part) and the selectors; the
-    bounds go with the first budget's selectors. Longest first, so that the last shards to start are short."""
+def plan_shards(budgets: Sequence[int], methods: Sequence[str], selector_groups: int = 1) -> List[Dict]:
+    """The sharded comparison's work: per budget, the DASH search (the longest part) and the selectors, split
+    into ``selector_groups`` shards of about equal work (random counts once per seed); then the bounds, measured
+    once, in a shard of their own. Longest first, so that the last shards to start are short."""
+    if selector_groups < 1:
+        raise ValueError(f"selector_groups must be >= 1, got {selector_groups}")
     bounds = [m for m in methods if m in BOUNDS]
     selectors = [m for m in methods if m not in bounds]
+    groups: List[List[str]] = [[] for _ in range(min(selector_groups, max(1, len(selectors))))]
+    loads = [0] * len(groups)
+    for method in sorted(selectors, key=lambda m: -RANDOM_SEEDS_WEIGHT.get(m, 1)):  # heaviest first
+        lightest = loads.index(min(loads))
+        groups[lightest].append(method)
+        loads[lightest] += RANDOM_SEEDS_WEIGHT.get(method, 1)
     shards = [{"name": f"K{k}_dash", "budget": k, "dash": True, "methods": []} for k in budgets]
-    for i, k in enumerate(budgets):
-        chosen = selectors + (bounds if i == 0 else [])
-        if chosen:
-            shards.append({"name": f"K{k}_selectors", "budget": k, "dash": False, "methods": chosen})
+    for k in budgets:
+        for i, group in enumerate(g for g in groups if g):
+            chosen = [m for m in selectors if m in group]  # the methods' own order
+            name = f"K{k}_selectors" + (f"{i + 1}" if len(groups) > 1 else "")
+            shards.append({"name": name, "budget": k, "dash": False, "methods": chosen})
+    if bounds:
+        shards.append({"name": "bounds", "budget": budgets[0], "dash": False, "methods": bounds})
     return shards
+
+
+RANDOM_SEEDS_WEIGHT = {"random": 3}  # rows a selector adds per budget, where not one (its seeds)
 
 
 def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence[str], devices: Sequence[str],
                 output_dir: str, settings: Dict, *, poll_s: float = 5.0, progress: bool = True,
-                command=None) -> Dict:
+                command=None, selector_groups: int = 1) -> Dict:
     """Runs plan_shards' shards as ``dash compare`` processes, each on the next free device (a device named
     n times takes n shards at once), each in ``output_dir/shards/<name>`` with its log beside it; then merges
     their rows. Rerunning resumes every shard. ``shard_args``: the parent's arguments that every shard
     repeats (model, candidates, lengths, ...). ``command``: for tests, builds a shard's argv."""
-    shards = plan_shards(budgets, methods)
+    shards = plan_shards(budgets, methods, selector_groups)
     folder = os.path.join(output_dir, "shards")
     os.makedirs(folder, exist_ok=True)
 

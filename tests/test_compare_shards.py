@@ -8,16 +8,28 @@ from dash.baselines import METHODS
 from dash.compare import merge_shard_rows, plan_shards, run_sharded
 
 
-def test_plan_puts_the_bounds_with_the_first_budget_only():
+def test_plan_measures_the_bounds_once_and_splits_the_selectors():
     shards = plan_shards([3, 6, 9], METHODS)
     assert [s["name"] for s in shards] == ["K3_dash", "K6_dash", "K9_dash", "K3_selectors", "K6_selectors",
-                                           "K9_selectors"]
+                                           "K9_selectors", "bounds"]
     assert all(s["dash"] and not s["methods"] for s in shards[:3])
     bounds = {"teacher", "all_efficient"}
-    assert bounds <= set(shards[3]["methods"]) and not bounds & set(shards[4]["methods"] + shards[5]["methods"])
+    assert set(shards[-1]["methods"]) == bounds and shards[-1]["budget"] == 3  # measured once, at the first budget
     selectors = [m for m in METHODS if m not in bounds]
-    assert all(set(selectors) <= set(s["methods"]) for s in shards[3:])
+    assert all(s["methods"] == selectors for s in shards[3:6])
+    split = plan_shards([3, 6], METHODS, selector_groups=3)
+    names = [s["name"] for s in split]
+    assert names == ["K3_dash", "K6_dash", "K3_selectors1", "K3_selectors2", "K3_selectors3", "K6_selectors1",
+                     "K6_selectors2", "K6_selectors3", "bounds"]
+    for k in (3, 6):  # every selector exactly once per budget, in groups of about equal work
+        groups = [s["methods"] for s in split if s["budget"] == k and not s["dash"] and s["name"] != "bounds"]
+        assert sorted(m for g in groups for m in g) == sorted(selectors)
+        work = [sum(3 if m == "random" else 1 for m in g) for g in groups]
+        assert max(work) - min(work) <= 1, groups
     assert [s["name"] for s in plan_shards([2], [])] == ["K2_dash"]  # DASH alone
+    assert len(plan_shards([2], ["first"], selector_groups=4)) == 2  # no empty shards
+    with pytest.raises(ValueError, match="selector_groups"):
+        plan_shards([2], METHODS, selector_groups=0)
 
 
 def _fake_shard(shard, device, fail=()):
@@ -41,7 +53,7 @@ def test_sharded_run_uses_every_device_and_merges(tmp_path):
 
     out = run_sharded([], [1, 2], ["first", "teacher"], ["cuda:0", "cuda:1"], str(tmp_path), {"lengths": [64]},
                       poll_s=0.05, progress=False, command=command)
-    assert {d for _, d in seen} == {"cuda:0", "cuda:1"} and len(seen) == 4
+    assert {d for _, d in seen} == {"cuda:0", "cuda:1"} and len(seen) == 5  # 2 DASH, 2 selectors, the bounds
     measured = {(r["method"], r["budget"]) for r in out["rows"]}
     assert measured == {("dash", 1), ("dash", 2), ("first", 1), ("first", 2), ("teacher", 1)}
     saved = json.load(open(tmp_path / "compare.json"))
