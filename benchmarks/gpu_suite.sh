@@ -9,6 +9,7 @@
 #     search_step  Qwen2.5-3B-shaped search step vs its floor          ~3 min
 #     linear       gated linear attention / gated delta rule vs fla 0.6.0 and cuDNN (fla from carried
 #                  wheels in .whl/, see the device README)                                     ~4 min
+#     tune_linear  launch settings of the chunked GLA kernels, coordinate descent on the op's fwd+bwd  ~3 min
 #     smollm2      the default SmolLM2 search end to end (needs MODEL=path to the GGUF, see
 #                  ../shared/hooks/stage-smollm2-for-device.sh)        ~8 min
 #     compare      DASH vs the selector baselines (issue 5) on SmolLM2, sharded over the GPUs
@@ -49,6 +50,9 @@ for part in ${PARTS:-tests bench}; do
     linear)
       timeout "${LINEAR_TIMEOUT:-300}" python benchmarks/bench_linear_attention.py --out "$OUT/linear_attention.json" \
         ${LINEAR_ARGS:-} 2>&1 | grep -v Warn | tail -14 ;;
+    tune_linear)
+      timeout "${LINEAR_TIMEOUT:-300}" python benchmarks/tune_linear.py --out "$OUT/tune_gla.json" 2>&1 \
+        | grep -v Warn | tee "$OUT/tune_gla.log" | tail -4 ;;
     search_step)
       for shape in ${SEARCH_SHAPES:-qwen2.5-3b smollm2-135m}; do
         timeout "${SEARCH_TIMEOUT:-240}" python benchmarks/bench_search.py --shape "$shape" --profile \
