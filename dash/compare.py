@@ -143,7 +143,9 @@ def kv_cache_mib(config, choices: Sequence[Candidate], context: int) -> float:
 
 
 def _with_concurrency(cost: Dict) -> Dict:
-    return dict(cost, concurrent=int(os.environ.get("DASH_CONCURRENT", "1")))  # processes sharing the machine
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return dict(cost, concurrent=int(os.environ.get("DASH_CONCURRENT", "1")),  # processes sharing the machine
+                device=device)
 
 
 def _json(value, depth: int = 0) -> str:
@@ -280,6 +282,7 @@ def write_tables(rows: List[Dict], budgets: Sequence[int], settings: Dict, outpu
             f.write(f"Every hybrid fine-tuned on {settings['finetune_tokens']} tokens before scoring (LoRA rank "
                     f"{finetune_rank} on the non-full layers, distilled toward the teacher).\n\n")
         f.write(markdown(result, budgets, paired, noise_note(rows, settings)))
+        f.write("\n" + cost_table(rows) + "\n" + task_tables(rows, budgets))
     plot(result, budgets, os.path.join(output_dir, "compare.png"))
     return {"rows": rows, "summary": result, "paired": paired}
 
@@ -482,6 +485,49 @@ def markdown(summary: Dict, budgets: Sequence[int], paired: Optional[Dict] = Non
                     cells.append(f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cost_table(rows: Sequence[Dict]) -> str:
+    """What choosing each method's hybrid cost: tokens through the model (DASH: its search's training tokens;
+    selectors: calibration forward and backward passes), wall minutes per budget (mean; in a sharded run, of
+    a process that shared the machine with ``concurrent`` others) and the device."""
+    by_method: Dict[str, List[Dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row.get("cost") or {})
+    lines = ["Selection cost per hybrid (tokens through the model, wall minutes, device; mean over budgets and "
+             "seeds)", "", "| method | tokens | minutes | device | processes sharing it |", "| --- | --- | --- | --- | --- |"]
+    for method, costs in by_method.items():
+        tokens = mean(sum(c.get(k, 0) for k in ("search_tokens", "forward_tokens", "backward_tokens"))
+                      for c in costs)
+        minutes = mean(c.get("seconds", 0.0) for c in costs) / 60
+        devices = sorted({str(c["device"]) for c in costs if "device" in c}) or ["—"]
+        shared = sorted({c["concurrent"] for c in costs if "concurrent" in c})
+        lines.append(f"| {method} | {tokens / 1e6:.2f}M | {minutes:.2f} | {', '.join(devices)} | "
+                     f"{', '.join(map(str, shared)) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def task_tables(rows: Sequence[Dict], budgets: Sequence[int]) -> str:
+    """Per budget: every method's score on each RULER task (mean over lengths and, for random, seeds)."""
+    tasks = list(dict.fromkeys(t for row in rows for t in row.get("ruler", {})))
+    if not tasks:
+        return ""
+    out = []
+    for budget in budgets:
+        group: Dict[str, List[Dict]] = {}
+        for row in rows:
+            if row["budget"] == budget or row["method"] in BOUNDS:
+                group.setdefault(row["method"], []).append(row)
+        lines = [f"RULER per task at K={budget} (mean over lengths)", "",
+                 "| method | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+        for method, members in group.items():
+            cells = []
+            for task in tasks:
+                values = [v for r in members for v in r.get("ruler", {}).get(task, {}).values()]
+                cells.append(f"{100 * mean(values):.0f}" if values else "—")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def plot(summary: Dict, budgets: Sequence[int], path: str) -> None:

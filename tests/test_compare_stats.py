@@ -106,3 +106,18 @@ def test_old_rows_render_without_intervals(tmp_path):
     assert "| first | — |" in table.split("DASH minus each method")[1]
     assert paired_differences(rows, [3]) == {"first": {3: None}}
     assert paired_differences([rows[1]], [3]) == {}  # no DASH row: nothing to compare against
+
+
+def test_cost_and_per_task_tables():
+    from dash.compare import cost_table, task_tables
+
+    rows = [{"method": "dash", "budget": 3, "ruler": {"passkey": {"1024": 1.0, "2048": 0.5}, "vt": {"1024": 0.0}},
+             "cost": {"search_tokens": 12_300_000, "seconds": 300.0, "concurrent": 1, "device": "NVIDIA H200"}},
+            {"method": "first", "budget": 3, "ruler": {"passkey": {"1024": 0.0, "2048": 0.0}, "vt": {"1024": 1.0}},
+             "cost": {"forward_tokens": 0, "seconds": 0.0}},
+            {"method": "teacher", "budget": 3, "ruler": {"passkey": {"1024": 1.0, "2048": 1.0}}, "cost": {}}]
+    costs = cost_table(rows)
+    assert "| dash | 12.30M | 5.00 | NVIDIA H200 | 1 |" in costs and "| first | 0.00M | 0.00 | — | — |" in costs
+    tables = task_tables(rows, [3, 6])
+    assert "| dash | 75 | 0 |" in tables and "| first | 0 | 100 |" in tables
+    assert "| teacher | 100 | — |" in tables.split("K=6")[1]  # the bounds stand in every budget's table
