@@ -290,3 +290,23 @@ def test_comparison_candidates_are_the_selectors_two():
     assert [c.name for c in comparison_candidates(8192, "swa1024")] == ["full", "swa1024"]
     with pytest.raises(ValueError, match="efficient"):
         comparison_candidates(8192, "full")
+
+
+def test_compare_with_the_selectors_two_candidates(tmp_path, monkeypatch):
+    """`dash compare`'s default: DASH searches over full and the efficient operator only; every hybrid of a
+    budget then keeps the same cache, and DASH's search has its own folder (not the default set's)."""
+    from dash.compare import compare
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096
+    net = build_supernet(model, ["full", EFFICIENT.name])
+    rows = _rows()
+    out = compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT, methods=["first"],
+                  search_tokens=96, search_batch=2, lengths=[300], tasks=["passkey"], samples=1,
+                  output_dir=str(tmp_path), progress=False)
+    dash_row, first_row = (next(r for r in out["rows"] if r["method"] == m) for m in ("dash", "first"))
+    assert set(dash_row["choice"]) <= {"full", EFFICIENT.name} and dash_row["choice"].count("full") == 1
+    assert dash_row["kv_cache_mib"] == pytest.approx(first_row["kv_cache_mib"])
+    assert (tmp_path / f"search_K1_full+{EFFICIENT.name}").is_dir()
