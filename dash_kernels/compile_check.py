@@ -106,6 +106,7 @@ def builds(head_dim: int) -> Iterator[Build]:
         ("fwd walk", gdn._gdn_fwd_kernel,
          dict(values, BV=gdn.walk_value_tile(head_dim), HAS_H0=True, STORE_HT=True), 4),
         ("output", gdn._gdn_output_kernel, values, 4),
+        ("bwd local", gdn._gdn_bwd_local_kernel, dict(values, BV=min(gdn._block(head_dim), 64)), 4),
         ("bwd walk", gdn._gdn_bwd_walk_kernel,
          dict(values, BV=gdn.walk_value_tile(head_dim), HAS_DHT=True, STORE_DH0=True), 8),
         ("bwd partials", gdn._gdn_bwd_partials_kernel, bwd_values, 8),

@@ -6,9 +6,10 @@ last row, R_ij = exp(gc_i - gc_j) (j <= i, else 0), L = I + A with A_ij = beta_i
             U0 = Tinv (beta * V)                                                       once per chunk
   forward   U = U0 - W S,  S <- gC S + (K * gC / gamma)^T U            sequential over chunks, per value tile
   output    O = scale ((Q * gamma) S + (Q K^T * R) U)                              per chunk, in parallel
-  backward  reverse over chunks per value tile, carrying dS (the walk stores each chunk's dS'):
-            dU = scale (Q K^T * R)^T dO + (K * gC / gamma) dS',  dS = scale (Q * gamma)^T dO + gC dS' - W^T dU;
-            then per (chunk, value tile), in parallel: dU again,
+  backward  first, per (chunk, value tile) in parallel, the state-free part of dU: scale (Q K^T * R)^T dO;
+            then reverse over chunks per value tile, carrying dS (the walk stores each chunk's dS' and dU):
+            dU += (K * gC / gamma) dS',  dS = scale (Q * gamma)^T dO + gC dS' - W^T dU;
+            then per (chunk, value tile), in parallel,
             dV = beta * Tinv^T dU; partial sums over the value tile of dM = scale dO U^T, scale dO S^T, U dS'^T,
             dW = -dU S^T, (Tinv^T dU) . V, -(Tinv^T dU) U0^T, <dS', S>; then per chunk the rest through Tinv,
             A, R and gamma, and dg as the in-chunk reverse cumulative sum of d(gc).
@@ -169,12 +170,37 @@ def _gdn_output_kernel(Q, K, G, U, HS, O, T, H, NT, scale,
 
 
 @triton.jit
-def _gdn_bwd_walk_kernel(Q, K, G, W, DO, DHT, DS, DH0, T, H, NT, scale,
+def _gdn_bwd_local_kernel(Q, K, G, DO, DU, T, H, NT, scale,
+                          KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """DU [B*H, NT, BT, V] (fp32) = scale M^T dO, M = (Q K^T) * R: the part of dU that does not depend on the
+    state's gradient, per (value tile, chunk) in parallel, so that the reverse walk does not form it."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    t0 = n * BT
+    head_k = b * T * H * KD + h * KD
+    q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
+    k = _rows(K + head_k, t0, T, H, KD, BT, BK)
+    do = _rows(DO + b * T * H * VD + h * VD, t0, T, H, VD, BT, BV, i_v * BV)
+    r = _decays(G + b * T * H + h, t0, T, H, BT)[2]
+    m = _mm(q, tl.trans(k), K.dtype.element_ty, DOT_PRECISION) * r  # exact operands (the inputs)
+    idx = tl.arange(0, BT)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    tl.store(DU + ((bh * NT + n) * BT + idx[:, None]) * VD + offs_v[None, :],
+             tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale, mask=offs_v[None, :] < VD)
+
+
+@triton.jit
+def _gdn_bwd_walk_kernel(Q, K, G, W, DO, DU, DHT, DS, DH0, T, H, NT, scale,
                          KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The reverse walk for one value tile, only the recurrence: dS (the gradient of the state leaving each chunk)
-    into DS, dS <- gC dS + scale (Q * gamma)^T dO - W^T dU with dU = scale M^T dO + (K * gC / gamma) dS. Every
-    other gradient comes per chunk, in parallel, from DS (_gdn_bwd_partials_kernel)."""
+    into DS, dS <- gC dS + scale (Q * gamma)^T dO - W^T dU with dU = scale M^T dO (DU, formed in parallel
+    before) + (K * gC / gamma) dS; the whole dU goes back into DU. Every other gradient comes per chunk, in
+    parallel, from DS and DU (_gdn_bwd_partials_kernel)."""
     i_v = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -188,6 +214,7 @@ def _gdn_bwd_walk_kernel(Q, K, G, W, DO, DHT, DS, DH0, T, H, NT, scale,
     head = b * T * H + h
     idx = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
     for i in range(NT):
         n = NT - 1 - i
         t0 = n * BT
@@ -196,25 +223,27 @@ def _gdn_bwd_walk_kernel(Q, K, G, W, DO, DHT, DS, DH0, T, H, NT, scale,
         q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
         k = _rows(K + head_k, t0, T, H, KD, BT, BK)
         do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
-        gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
+        gc = tl.cumsum(_vec(G + head, t0, T, H, BT), 0)
+        g_last = tl.sum(tl.where(idx == BT - 1, gc, 0.0), 0)
         w = tl.load(W + chunk * BT * KD + idx[:, None] * KD + offs_k[None, :], mask=offs_k[None, :] < KD, other=0.0)
-        m = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * r  # (bf16 operands here: ptxas spills more)
-        du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
+        du_ptrs = DU + (chunk * BT + idx[:, None]) * VD + offs_v[None, :]
+        du = tl.load(du_ptrs, mask=offs_v[None, :] < VD, other=0.0) + \
             tl.dot(k * tl.exp(g_last - gc)[:, None], ds, input_precision=DOT_PRECISION)
-        ds = ds * tl.exp(g_last) + tl.dot(tl.trans(q * gamma[:, None]), do, input_precision=DOT_PRECISION) * scale \
-            - tl.dot(tl.trans(w), du, input_precision=DOT_PRECISION)
+        tl.store(du_ptrs, du, mask=offs_v[None, :] < VD)
+        ds = ds * tl.exp(g_last) + tl.dot(tl.trans(q * tl.exp(gc)[:, None]), do, input_precision=DOT_PRECISION) \
+            * scale - tl.dot(tl.trans(w), du, input_precision=DOT_PRECISION)
     if STORE_DH0:
         tl.store(DH0 + bh * KD * VD + state_offs, ds, mask=state_ok)
 
 
 @triton.jit
-def _gdn_bwd_partials_kernel(Q, K, V, G, BETA, TINV, W, HS, DS, DO, DV,
+def _gdn_bwd_partials_kernel(V, G, BETA, TINV, W, HS, DS, DO, DU, DV,
                              P_DM, P_DQ, P_DK, P_DW, P_DB, P_DL, P_DGC,
                              T, H, NT, scale,
                              KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                              BT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Per (value tile, chunk): dV and this tile's partial sums (P_*, [NV, B*H, NT, ...]) from the state S
-    entering the chunk (HS) and the gradient dS' of the state leaving it (DS)."""
+    entering the chunk (HS), the gradient dS' of the state leaving it (DS) and dU (DU, from the walk)."""
     i_v = tl.program_id(0)
     n = tl.program_id(1)
     bh = tl.program_id(2)
@@ -225,28 +254,24 @@ def _gdn_bwd_partials_kernel(Q, K, V, G, BETA, TINV, W, HS, DS, DO, DV,
     chunk = bh * NT + n
     part = i_v * nbh * NT + chunk  # this tile's slot in the partial-sum buffers
     state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
-    head_k = b * T * H * KD + h * KD
     head_v = b * T * H * VD + h * VD
     head = b * T * H + h
     idx = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
     mat_bt = idx[:, None] * BT + idx[None, :]
     mat_k = idx[:, None] * KD + offs_k[None, :]
     k_ok = offs_k[None, :] < KD
     s = tl.load(HS + chunk * KD * VD + state_offs, mask=state_ok, other=0.0)
     ds = tl.load(DS + chunk * KD * VD + state_offs, mask=state_ok, other=0.0)
-    q = _rows(Q + head_k, t0, T, H, KD, BT, BK)
-    k = _rows(K + head_k, t0, T, H, KD, BT, BK)
     v = _rows(V + head_v, t0, T, H, VD, BT, BV, i_v * BV)
     do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
     beta = _vec(BETA + head, t0, T, H, BT)
-    gc, gamma, r, g_last = _decays(G + head, t0, T, H, BT)
+    g_last = tl.sum(tl.where(idx == BT - 1, tl.cumsum(_vec(G + head, t0, T, H, BT), 0), 0.0), 0)
     tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
     u0 = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION)
     u = u0 - tl.dot(w, s, input_precision=DOT_PRECISION)
-    m = _mm(q, tl.trans(k), K.dtype.element_ty, DOT_PRECISION) * r  # exact operands (the inputs)
-    du = tl.dot(tl.trans(m), do, input_precision=DOT_PRECISION) * scale + \
-        tl.dot(k * tl.exp(g_last - gc)[:, None], ds, input_precision=DOT_PRECISION)
+    du = tl.load(DU + (chunk * BT + idx[:, None]) * VD + offs_v[None, :], mask=offs_v[None, :] < VD, other=0.0)
     dbv = tl.dot(tl.trans(tinv), du, input_precision=DOT_PRECISION)  # d(beta * V)
     _put_rows(DV + head_v, dbv * beta[:, None], t0, T, H, VD, BT, BV, i_v * BV)
     tl.store(P_DM + part * BT * BT + mat_bt, tl.dot(do, tl.trans(u), input_precision=DOT_PRECISION) * scale)
@@ -433,15 +458,20 @@ def gdn_chunk_bwd(q, k, v, g, beta, do, tinv, w, hs, scale, initial_state, d_fin
     dht = d_final.contiguous() if d_final is not None else dv
     # the recurrence alone walks the chunks (narrow value tiles: more programs); the rest runs per chunk
     ds = torch.empty(hs.shape, **f32)
+    du = torch.empty(bh, nt, bt, value_dim, **f32)
+    bvl = min(_block(value_dim), 64)
+    _gdn_bwd_local_kernel[(triton.cdiv(value_dim, bvl), nt, bh)](
+        q, k, g, do, du, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bvl, BT=bt,
+        DOT_PRECISION=prec, num_warps=4, num_stages=1)
     bvw = walk_value_tile(value_dim)
     _gdn_bwd_walk_kernel[(triton.cdiv(value_dim, bvw), bh)](
-        q, k, g, w, do, dht, ds, dh0, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bvw, BT=bt,
+        q, k, g, w, do, du, dht, ds, dh0, seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bvw, BT=bt,
         HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec, num_warps=8,
-        num_stages=1)  # ptxas (K 128): 8 warps spill 256 B a thread, 4 warps 912 B
+        num_stages=1)  # ptxas (K 128): 8 warps spill nothing (256 B before dU's state-free part moved out)
     _gdn_bwd_partials_kernel[(nv, nt, bh)](
-        q, k, v, g, beta, tinv, w, hs, ds, do, dv, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc,
+        v, g, beta, tinv, w, hs, ds, do, du, dv, p_dm, p_dq, p_dk, p_dw, p_db, p_dl, p_dgc,
         seq, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt, DOT_PRECISION=prec,
-        num_warps=8, num_stages=1)  # 8 warps: 112 B, 4 warps: 360 B
+        num_warps=8, num_stages=1)  # ptxas (K 128): 8 warps spill nothing
     dq, dk = torch.empty(q.shape, **f32), torch.empty(k.shape, **f32)
     dbeta = torch.empty(beta.shape, **f32)
     dgc = torch.empty(bh, nt, bt, **f32)
