@@ -1,7 +1,7 @@
 """Launch settings of the chunked gated-linear-attention kernels, tuned on the GPU in one run.
 
-Coordinate descent over ``dash_kernels.ops.gla.triton_chunk.LAUNCH`` (warps, pipeline stages per kernel) and
-the key slice of the intra-chunk kernels: each setting is timed as the whole op's forward+backward (median of
+Coordinate descent over ``dash_kernels.ops.gla.triton_chunk.LAUNCH`` (warps, pipeline stages per kernel), the
+key slice of the intra-chunk kernels and the state tile of the sequential walks: each setting is timed as the whole op's forward+backward (median of
 triton.testing.do_bench), so a kernel's change is judged by what it does to the op, and a setting that fails to
 compile (shared memory, registers) is skipped. The best settings are checked against the fp32 reference before
 they are reported; paste them into LAUNCH / key_slice.
@@ -89,15 +89,26 @@ def main():
         if ms < best * 0.99:
             best, shipped_slice = ms, triton_chunk.key_slice
     triton_chunk.key_slice = shipped_slice
+    shipped_walk = triton_chunk.walk_tiles  # the sequential walks: more, smaller state tiles hide more latency
+    for bk, bv in ((32, 32), (64, 64), (32, 64), (128, 32)):
+        triton_chunk.walk_tiles = lambda kd, vd, bk=bk, bv=bv: (min(triton_chunk._block(kd), bk),
+                                                                 min(triton_chunk._block(vd), bv))
+        ms = measure(f"walk_tiles {bk}x{bv}")
+        if ms < best * 0.99:
+            best, shipped_walk = ms, triton_chunk.walk_tiles
+    triton_chunk.walk_tiles = shipped_walk
     error = gla_error(*small)
     launch = {str(k): v for k, v in triton_chunk.LAUNCH.items()}
     key_slice = triton_chunk.key_slice(64)
-    print(f"best: {best:.3f} ms (as shipped {start:.3f}); key slice {key_slice}; worst rel. error {error:.2e}")
+    walk = triton_chunk.walk_tiles(128, 128)
+    print(f"best: {best:.3f} ms (as shipped {start:.3f}); key slice {key_slice}; walk tiles {walk} (K = V = 128); "
+          f"worst rel. error {error:.2e}")
     print(f"best LAUNCH: {launch}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": environment(), "shape": args.shape, "shipped_ms": start, "best_ms": best,
-                       "launch": launch, "key_slice": key_slice, "worst_rel_error": error, "trials": trials},
+                       "launch": launch, "key_slice": key_slice, "walk_tiles_k128_v128": walk,
+                       "worst_rel_error": error, "trials": trials},
                       f, indent=1)
 
 
