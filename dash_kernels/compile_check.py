@@ -28,7 +28,7 @@ POINTER_TYPES = {
     "ONE_PRODUCT": "*i8", "A": "*bf16",  # A: the GLA intra-chunk matrix (bf16 for bf16 inputs)
 }
 SCALARS_FP32 = ("qk_scale", "sm_scale", "scale")
-UNALIGNED_INTS = ("H", "NT", "HQ", "GROUP")  # head counts and chunk counts: any value
+UNALIGNED_INTS = ("H", "NT", "HQ", "GROUP", "TILE0", "N_TILES")  # head, chunk and tile counts: any value
 
 
 @dataclass
@@ -89,7 +89,8 @@ def builds(head_dim: int) -> Iterator[Build]:
         ("dstates", "dstates", gla_chunk._gla_dstates_kernel, dict(walk, HAS_DHT=True, STORE_DH0=True)),
         ("dv", "dv", gla_chunk._gla_bwd_dv_kernel, dict(dims, KS=ks)),
         *[(f"dqk path={path}", ("dqk", path), gla_chunk._gla_bwd_dqk_kernel,
-           {**{k: v for k, v in dims.items() if k != "BK"}, "KS": ks, "PATH": path, "PRECISE": "tf32x3"})
+           {**{k: v for k, v in dims.items() if k != "BK"}, "KS": ks, "PATH": path, "PRECISE": "tf32x3",
+            "V_WHOLE": (head_dim + 1) // dims["BV"] * dims["BV"], "BV_TAIL": 16})
           for path in (1, 0)],
     ]:
         wants = "" if name == "cumsum" or name == "intra path=0" else "mma"
@@ -127,7 +128,7 @@ def compile_build(build: Build, arch: int = 90):
     for param in fn.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-        elif param.name.isupper() and param.name not in ("T", "TP") + UNALIGNED_INTS:
+        elif param.name.isupper() and param.name not in ("T", "TP", "V0") + UNALIGNED_INTS:
             signature[param.name] = POINTER_TYPES.get(param.name, "*fp32")
         elif param.name in SCALARS_FP32:
             signature[param.name] = "fp32"

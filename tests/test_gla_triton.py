@@ -138,3 +138,14 @@ def test_bf16_decay_gradient_does_not_drift_with_length(monkeypatch):
     short, long = dg_error(128), dg_error(1024)
     # bf16 operands (what the tensor cores take) give ~6e-3 at any length here
     assert long < 1e-2 and long < 1.3 * short, (short, long)
+
+
+def test_value_columns_past_whole_tiles(monkeypatch):
+    """V = K + 1, as the search's candidate (a column of ones for its normaliser): whole value tiles and a
+    narrower tail tile, in every kernel that tiles the values."""
+    from dash_kernels.ops.gla import triton_chunk
+
+    monkeypatch.setattr(gla_interface, "TRITON_ALGORITHM", "chunk")
+    assert triton_chunk.value_tiles(129, 64) == [(0, 64, 2), (128, 16, 1)]
+    assert triton_chunk.value_tiles(24, 32) == [(0, 32, 1)] and triton_chunk.value_tiles(128, 64) == [(0, 64, 2)]
+    _check(*_inputs(1, 37, 2, 16, 65), True, tol=1e-5)

@@ -106,15 +106,15 @@ def _gla_intra_kernel(Q, K, GC, A, ONE_PRODUCT, T, TP, H, KD: tl.constexpr, BK: 
 
 
 @triton.jit
-def _gla_states_kernel(K, V, GC, H0, HS, HT, T, TP, H, NT,
+def _gla_states_kernel(K, V, GC, H0, HS, HT, T, TP, H, NT, V0,
                        KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                        HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """HS [B, H, N, K, V] (bf16 for bf16 inputs, else fp32): the state entering each chunk; HT the final state.
     One program per [BK, BV] state tile: the rows of a GLA state evolve independently (diagonal decay), so key
-    tiles split too."""
+    tiles split too. V0: the first value column of this launch's tiles (a narrower tail tile has its own)."""
     NKT: tl.constexpr = (KD + BK - 1) // BK
     k0 = (tl.program_id(0) % NKT) * BK
-    v0 = (tl.program_id(0) // NKT) * BV
+    v0 = V0 + (tl.program_id(0) // NKT) * BV
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -138,7 +138,7 @@ def _gla_states_kernel(K, V, GC, H0, HS, HT, T, TP, H, NT,
 
 
 @triton.jit
-def _gla_output_kernel(Q, V, GC, A, HS, O, T, TP, H, NT, scale,
+def _gla_output_kernel(Q, V, GC, A, HS, O, T, TP, H, NT, V0, scale,
                        KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                        DOT_PRECISION: tl.constexpr):
     i_v = tl.program_id(0)
@@ -150,28 +150,29 @@ def _gla_output_kernel(Q, V, GC, A, HS, O, T, TP, H, NT, scale,
     head_v = b * T * H * VD + h * VD
     q = _load_rows(Q + head_k, i_n * BT, T, H, KD, BT, BK)
     gc = _load_rows(GC + b * TP * H * KD + h * KD, i_n * BT, TP, H, KD, BT, BK)
-    v = _load_rows(V + head_v, i_n * BT, T, H, VD, BT, BV, i_v * BV)
-    state_offs, state_ok = state_tile(i_v * BV, KD, VD, BK, BV)
+    v = _load_rows(V + head_v, i_n * BT, T, H, VD, BT, BV, (V0 + i_v * BV))
+    state_offs, state_ok = state_tile((V0 + i_v * BV), KD, VD, BK, BV)
     h_n = tl.load(HS + (bh * NT + i_n) * KD * VD + state_offs, mask=state_ok, other=0.0).to(tl.float32)
     idx = tl.arange(0, BT)
     a = tl.load(A + (bh * NT + i_n) * BT * BT + idx[:, None] * BT + idx[None, :])
     dt = Q.dtype.element_ty
     o = _mm(q * tl.exp(gc), h_n, dt, DOT_PRECISION) + _mm(a, v, dt, DOT_PRECISION)
-    _store_rows(O + head_v, o * scale, i_n * BT, T, H, VD, BT, BV, i_v * BV)
+    _store_rows(O + head_v, o * scale, i_n * BT, T, H, VD, BT, BV, (V0 + i_v * BV))
 
 
 @triton.jit
-def _gla_dstates_kernel(Q, GC, DO, HS, DHT, DHS, DH0, CARRY, T, TP, H, NT, scale,
+def _gla_dstates_kernel(Q, GC, DO, HS, DHT, DHS, DH0, CARRY, T, TP, H, NT, V0, TILE0, N_TILES, scale,
                         KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                         HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """DHS [B, H, N, K, V] (HS's dtype): the gradient of the state leaving each chunk; DH0 that of the initial state.
-    One program per [BK, BV] tile, as in the forward walk. CARRY [B * H, V / BV, N, K]: this tile's part of
-    sum_v h_{n+1} * dh_n, what every later chunk adds to chunk n's decay gradient (zero for the last chunk)."""
+    One program per [BK, BV] tile, as in the forward walk (V0 as there). CARRY [B * H, N_TILES, N, K]: this
+    tile's part of sum_v h_{n+1} * dh_n, what every later chunk adds to chunk n's decay gradient (zero for the
+    last chunk); TILE0 is the index of this launch's first value tile among all N_TILES."""
     NKT: tl.constexpr = (KD + BK - 1) // BK
     i_k = tl.program_id(0) % NKT
-    i_v = tl.program_id(0) // NKT
+    i_v = TILE0 + tl.program_id(0) // NKT
     k0 = i_k * BK
-    v0 = i_v * BV
+    v0 = V0 + (tl.program_id(0) // NKT) * BV
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -183,8 +184,7 @@ def _gla_dstates_kernel(Q, GC, DO, HS, DHT, DHS, DH0, CARRY, T, TP, H, NT, scale
     head_gc = b * TP * H * KD + h * KD
     head_v = b * T * H * VD + h * VD
     keys = k0 + tl.arange(0, BK)
-    nvt = tl.num_programs(0) // NKT
-    carry_row = CARRY + (bh * nvt + i_v) * NT * KD + keys
+    carry_row = CARRY + (bh * N_TILES + i_v) * NT * KD + keys
     tl.store(carry_row + (NT - 1) * KD, tl.zeros([BK], dtype=tl.float32), mask=keys < KD)
     for i in range(NT):
         n = NT - 1 - i
@@ -202,7 +202,7 @@ def _gla_dstates_kernel(Q, GC, DO, HS, DHT, DHS, DH0, CARRY, T, TP, H, NT, scale
 
 
 @triton.jit
-def _gla_bwd_dv_kernel(K, GC, A, DHS, DO, DV, T, TP, H, NT, scale,
+def _gla_bwd_dv_kernel(K, GC, A, DHS, DO, DV, T, TP, H, NT, V0, scale,
                        KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                        KS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dv of one chunk and value tile: scale * A^T do + (k * exp(gl - gc)) dh_{n+1}, in v's dtype."""
@@ -212,7 +212,7 @@ def _gla_bwd_dv_kernel(K, GC, A, DHS, DO, DV, T, TP, H, NT, scale,
     b = bh // H
     h = bh % H
     t0 = i_n * BT
-    v0 = i_v * BV
+    v0 = V0 + i_v * BV
     head_k = b * T * H * KD + h * KD
     head_gc = b * TP * H * KD + h * KD
     head_v = b * T * H * VD + h * VD
@@ -231,8 +231,22 @@ def _gla_bwd_dv_kernel(K, GC, A, DHS, DO, DV, T, TP, H, NT, scale,
 
 
 @triton.jit
+def _dqk_value_tile(V, HS, DHS, DO, head_v, state, t0, k0, v0, T, H, KD: tl.constexpr, VD: tl.constexpr,
+                    BT: tl.constexpr, KS: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One value tile's share of do v^T (dA), do h^T (dq) and v dh^T (dk), for a key slice."""
+    do = _load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0)
+    v = _load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)
+    offs, ok = state_block(k0, v0, KD, VD, KS, BV)
+    return (_mm(do, tl.trans(v), DT, DOT_PRECISION),
+            _mm(do, tl.trans(tl.load(HS + state + offs, mask=ok, other=0.0)), DT, DOT_PRECISION),
+            _mm(v, tl.trans(tl.load(DHS + state + offs, mask=ok, other=0.0)), DT, DOT_PRECISION))
+
+
+@triton.jit
 def _gla_bwd_dqk_kernel(Q, K, V, GC, HS, DHS, DO, DQ, DK, DG, ONE_PRODUCT, CARRY, n_carry, T, TP, H, NT, scale,
                         KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, KS: tl.constexpr,
+                        V_WHOLE: tl.constexpr, BV_TAIL: tl.constexpr,
                         PATH: tl.constexpr, DOT_PRECISION: tl.constexpr, PRECISE: tl.constexpr):
     """dq, dk and dg of one chunk and slice of KS key columns, in the inputs' dtypes, for the chunks whose
     ONE_PRODUCT flag equals PATH. Every key column's dq, dk and dg depend on that column alone (and on dA, which
@@ -254,13 +268,14 @@ def _gla_bwd_dqk_kernel(Q, K, V, GC, HS, DHS, DO, DQ, DK, DG, ONE_PRODUCT, CARRY
         da = tl.zeros([BT, BT], dtype=tl.float32)
         dq = tl.zeros([BT, KS], dtype=tl.float32)
         dk = tl.zeros([BT, KS], dtype=tl.float32)
-        for v0 in range(0, VD, BV):
-            do = _load_rows(DO + head_v, t0, T, H, VD, BT, BV, v0)
-            v = _load_rows(V + head_v, t0, T, H, VD, BT, BV, v0)
-            offs, ok = state_block(k0, v0, KD, VD, KS, BV)
-            da += _mm(do, tl.trans(v), dt, DOT_PRECISION)
-            dq += _mm(do, tl.trans(tl.load(HS + state + offs, mask=ok, other=0.0)), dt, DOT_PRECISION)
-            dk += _mm(v, tl.trans(tl.load(DHS + state + offs, mask=ok, other=0.0)), dt, DOT_PRECISION)
+        for v0 in range(0, V_WHOLE, BV):  # whole value tiles, then the narrower tail (V = D + 1: one column)
+            part_a, part_q, part_k = _dqk_value_tile(V, HS, DHS, DO, head_v, state, t0, k0, v0, T, H, KD, VD, BT,
+                                                     KS, BV, dt, DOT_PRECISION)
+            da, dq, dk = da + part_a, dq + part_q, dk + part_k
+        if BV_TAIL > 0:
+            part_a, part_q, part_k = _dqk_value_tile(V, HS, DHS, DO, head_v, state, t0, k0, V_WHOLE, T, H, KD, VD,
+                                                     BT, KS, BV_TAIL, dt, DOT_PRECISION)
+            da, dq, dk = da + part_a, dq + part_q, dk + part_k
         da = tl.where(idx[:, None] >= idx[None, :], da * scale, 0.0)
         q = _load_rows(Q + head_k, t0, T, H, KD, BT, KS, k0)
         k = _load_rows(K + head_k, t0, T, H, KD, BT, KS, k0)
@@ -329,6 +344,17 @@ def key_slice(bt: int) -> int:
     return 16 if bt < 64 else 32
 
 
+def value_tiles(value_dim: int, width: int) -> list:
+    """(first column, tile width, tiles) of the launches that cover V value columns: whole tiles of ``width``,
+    then one narrower tail tile (at least 16 wide). The search's candidate carries V = D + 1 columns (a column of
+    ones for its normaliser): 129 columns as 2 tiles of 64 and one of 16, not 3 of 64."""
+    whole = (value_dim // width) * width
+    tiles = [(0, width, whole // width)] if whole else []
+    if value_dim > whole:
+        tiles.append((whole, _block(value_dim - whole), 1))
+    return tiles
+
+
 def walk_tiles(key_dim: int, value_dim: int) -> tuple:
     """State tile [BK, BV] of the sequential walks: small, so that B * H * (K / BK) * (V / BV) programs fill the
     GPU (each walk is a chain of dependent steps; at B 4, H 16, K = V = 128 this gives 512 programs, not 128)."""
@@ -386,12 +412,15 @@ def gla_chunk_fwd(q, k, v, g, scale, initial_state, output_final_state, bt):
                                                **LAUNCH[("intra", path)])
     h0 = initial_state.contiguous() if initial_state is not None else hs
     bkw, bvw = walk_tiles(key_dim, value_dim)
-    _gla_states_kernel[(triton.cdiv(key_dim, bkw) * triton.cdiv(value_dim, bvw), batch * heads)](
-        k, v, gc, h0, hs, final, seq, nt * bt, heads, nt, KD=key_dim, VD=value_dim, BK=bkw, BV=bvw, BT=bt,
-        HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec, **LAUNCH["states"])
-    _gla_output_kernel[(triton.cdiv(value_dim, bv), nt, batch * heads)](
-        q, v, gc, a, hs, o, seq, nt * bt, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
-        DOT_PRECISION=prec, **LAUNCH["output"])
+    for v0, width, count in value_tiles(value_dim, bvw):
+        _gla_states_kernel[(triton.cdiv(key_dim, bkw) * count, batch * heads)](
+            k, v, gc, h0, hs, final, seq, nt * bt, heads, nt, v0, KD=key_dim, VD=value_dim, BK=bkw, BV=width,
+            BT=bt, HAS_H0=initial_state is not None, STORE_HT=output_final_state, DOT_PRECISION=prec,
+            **LAUNCH["states"])
+    for v0, width, count in value_tiles(value_dim, bv):
+        _gla_output_kernel[(count, nt, batch * heads)](
+            q, v, gc, a, hs, o, seq, nt * bt, heads, nt, v0, scale, KD=key_dim, VD=value_dim, BK=bk, BV=width,
+            BT=bt, DOT_PRECISION=prec, **LAUNCH["output"])
     return o, (final if output_final_state else None), a, hs, one_product
 
 
@@ -412,24 +441,32 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
         if initial_state is not None else dhs
     dht = d_final.contiguous() if d_final is not None else dhs
     bkw, bvw = walk_tiles(key_dim, value_dim)
-    nkw, nvw = triton.cdiv(key_dim, bkw), triton.cdiv(value_dim, bvw)
+    walk = value_tiles(value_dim, bvw)
+    nvw = sum(count for _, _, count in walk)
     carry = torch.empty(batch * heads, nvw, nt, key_dim, device=dev, dtype=torch.float32)
-    _gla_dstates_kernel[(nkw * nvw, batch * heads)](
-        q, gc, do, hs, dht, dhs, dh0, carry, seq, nt * bt, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bkw,
-        BV=bvw, BT=bt, HAS_DHT=d_final is not None, STORE_DH0=initial_state is not None, DOT_PRECISION=prec,
-        **LAUNCH["dstates"])
+    tile0 = 0
+    for v0, width, count in walk:
+        _gla_dstates_kernel[(triton.cdiv(key_dim, bkw) * count, batch * heads)](
+            q, gc, do, hs, dht, dhs, dh0, carry, seq, nt * bt, heads, nt, v0, tile0, nvw, scale, KD=key_dim,
+            VD=value_dim, BK=bkw, BV=width, BT=bt, HAS_DHT=d_final is not None,
+            STORE_DH0=initial_state is not None, DOT_PRECISION=prec, **LAUNCH["dstates"])
+        tile0 += count
     if d_final is not None:  # the final state's gradient reaches every decay of the last chunk
         carry[:, 0, -1] += (d_final.float() * final_state).sum(-1).view(batch * heads, key_dim)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     dv = torch.empty_like(v)
-    _gla_bwd_dv_kernel[(triton.cdiv(value_dim, bv), nt, batch * heads)](
-        k, gc, a, dhs, do, dv, seq, nt * bt, heads, nt, scale, KD=key_dim, VD=value_dim, BK=bk, BV=bv, BT=bt,
-        KS=ks, DOT_PRECISION=prec, **LAUNCH["dv"])
+    tiles = value_tiles(value_dim, bv)
+    for v0, width, count in tiles:
+        _gla_bwd_dv_kernel[(count, nt, batch * heads)](
+            k, gc, a, dhs, do, dv, seq, nt * bt, heads, nt, v0, scale, KD=key_dim, VD=value_dim, BK=bk, BV=width,
+            BT=bt, KS=ks, DOT_PRECISION=prec, **LAUNCH["dv"])
+    v_whole = (value_dim // bv) * bv
+    tail = _block(value_dim - v_whole) if value_dim > v_whole else 0
     for path in (1, 0):
         _gla_bwd_dqk_kernel[(triton.cdiv(key_dim, ks), nt, batch * heads)](
             q, k, v, gc, hs, dhs, do, dq, dk, dg, one_product, carry, nvw, seq, nt * bt, heads, nt, scale,
-            KD=key_dim, VD=value_dim, BV=bv, BT=bt, KS=ks, PATH=path, DOT_PRECISION=prec,
-            PRECISE=_precise(prec), **LAUNCH[("dqk", path)])
+            KD=key_dim, VD=value_dim, BV=bv, BT=bt, KS=ks, V_WHOLE=v_whole, BV_TAIL=tail, PATH=path,
+            DOT_PRECISION=prec, PRECISE=_precise(prec), **LAUNCH[("dqk", path)])
     return dq, dk, dv, dg, (dh0 if initial_state is not None else None)
 
 
