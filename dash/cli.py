@@ -189,7 +189,8 @@ def _eval_parser(sub):
     p.add_argument("--tasks", nargs="+", default=None, help="RULER tasks (default: all)")
     p.add_argument("--samples", type=int, default=10, help="RULER samples per task and length")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="RULER prompts generated together (default 8 GPU, 1 CPU; shorter prompts are left-filled)")
+                   help="RULER prompts generated together (default on a GPU: all the samples of a task and length, "
+                   "one generate call each; 1 on the CPU; shorter prompts are left-filled)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -306,7 +307,8 @@ def _compare_parser(sub):
                    "differences hold). A rerun with other --samples, --lengths, --tasks or --eval-batch scores "
                    "the stored hybrids again, without searching or selecting again")
     p.add_argument("--eval-batch", type=int, default=None,
-                   help="RULER prompts generated together (default 8 GPU, 1 CPU; shorter prompts are left-filled)")
+                   help="RULER prompts generated together (default on a GPU: all the samples of a task and length, "
+                   "one generate call each; 1 on the CPU; shorter prompts are left-filled)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune every method's hybrid on this many "
                    "tokens before scoring, as `dash finetune` does (default 0: off)")
     p.add_argument("--finetune-rank", type=int, default=FinetuneConfig.rank, help="LoRA rank of that fine-tuning")
@@ -386,7 +388,7 @@ def run_compare(args) -> dict:
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
                    methods=methods, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
                    lengths=lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
-                   eval_batch=args.eval_batch or (8 if on_gpu else 1),
+                   eval_batch=args.eval_batch or (args.samples if on_gpu else 1),
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash)
 
@@ -423,7 +425,7 @@ def run_eval(args) -> dict:
     if suite in ("ruler", "all"):
         from .ruler import TASKS, evaluate, markdown_table
 
-        batch = getattr(args, "batch_size", None) or (8 if str(args.device).startswith("cuda") else 1)
+        batch = getattr(args, "batch_size", None) or (args.samples if str(args.device).startswith("cuda") else 1)
         ruler = evaluate(model, tokenizer, args.lengths, args.tasks or TASKS, args.samples, seed=args.seed,
                          progress=not getattr(args, "no_progress", False), batch_size=batch)
         result["ruler"] = ruler
