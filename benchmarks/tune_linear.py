@@ -1,7 +1,8 @@
 """Launch settings of the chunked gated-linear-attention kernels, tuned on the GPU in one run.
 
 Coordinate descent over ``dash_kernels.ops.gla.triton_chunk.LAUNCH`` (warps, pipeline stages per kernel), the
-key slice of the intra-chunk kernels and the state tile of the sequential walks: each setting is timed as the whole op's forward+backward (median of
+key slice of the intra-chunk kernels and the state tile of the sequential walks (and, for the gated delta rule,
+the block count of its chunk inverse): each setting is timed as the whole op's forward+backward (median of
 triton.testing.do_bench), so a kernel's change is judged by what it does to the op, and a setting that fails to
 compile (shared memory, registers) is skipped. The best settings are checked against the fp32 reference before
 they are reported; paste them into LAUNCH / key_slice.
@@ -45,6 +46,26 @@ def gla_error(q, k, v, g):
         return float((a.detach().float() - b.detach()).norm() / b.detach().norm().clamp_min(1e-12))
 
     return max([rel(o, o_ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)])
+
+
+def tune_gdn_inverse(q, k, v):
+    """The gated delta rule's forward+backward with its chunk inverse in 4 and in 8 diagonal blocks
+    (gated_delta.triton_chunk.INVERSE_BLOCKS): ms for each, the shipped setting restored."""
+    import torch.nn.functional as F
+
+    import dash_kernels
+    from dash_kernels.ops.gated_delta import triton_chunk as gdn
+
+    gen = torch.Generator(device=q.device).manual_seed(3)
+    g = F.logsigmoid(torch.randn(q.shape[:3], device=q.device, generator=gen) + 4.0).to(q.dtype)
+    beta = torch.sigmoid(torch.randn(q.shape[:3], device=q.device, generator=gen)).to(q.dtype)
+    shipped, out = gdn.INVERSE_BLOCKS, {}
+    for blocks in (4, 8):
+        gdn.INVERSE_BLOCKS = blocks
+        out[blocks] = time_method(lambda: dash_kernels.gated_delta_rule(q, k, v, g, beta, check_decay=False)[0],
+                                  (q, k, v, g, beta), "fwd_bwd", warmup=10, rep=60)
+    gdn.INVERSE_BLOCKS = shipped
+    return out
 
 
 def main():
@@ -98,17 +119,19 @@ def main():
             best, shipped_walk = ms, triton_chunk.walk_tiles
     triton_chunk.walk_tiles = shipped_walk
     error = gla_error(*small)
+    gdn = tune_gdn_inverse(q, k, v)
     launch = {str(k): v for k, v in triton_chunk.LAUNCH.items()}
     key_slice = triton_chunk.key_slice(64)
     walk = triton_chunk.walk_tiles(128, 128)
     print(f"best: {best:.3f} ms (as shipped {start:.3f}); key slice {key_slice}; walk tiles {walk} (K = V = 128); "
           f"worst rel. error {error:.2e}")
     print(f"best LAUNCH: {launch}")
+    print(f"gated delta rule fwd+bwd by chunk-inverse blocks: {gdn}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": environment(), "shape": args.shape, "shipped_ms": start, "best_ms": best,
                        "launch": launch, "key_slice": key_slice, "walk_tiles_k128_v128": walk,
-                       "worst_rel_error": error, "trials": trials},
+                       "worst_rel_error": error, "trials": trials, "gdn_inverse_blocks_ms": gdn},
                       f, indent=1)
 
 

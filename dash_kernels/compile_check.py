@@ -103,7 +103,8 @@ def builds(head_dim: int) -> Iterator[Build]:
     bwd_values = dict(values, BV=gdn.backward_value_tile(head_dim, head_dim))
     nv = -(-head_dim // bwd_values["BV"])
     for name, fn, constexprs, warps in [
-        ("prep", gdn._gdn_prep_kernel, dict(values, INV_PRECISION="tf32x3"), 4),
+        *[(f"prep blocks={nb}", gdn._gdn_prep_kernel, dict(values, INV_PRECISION="tf32x3", INV_BLOCKS=nb),
+           gdn.PREP_WARPS[nb]) for nb in (4, 8)],
         ("fwd walk", gdn._gdn_fwd_kernel,
          dict(values, BV=gdn.walk_value_tile(head_dim), HAS_H0=True, STORE_HT=True), 4),
         ("output", gdn._gdn_output_kernel, values, 4),

@@ -75,3 +75,18 @@ def test_strong_decay_and_full_writes():
     g = (g.detach() * 10 - 20 * torch.rand(g.shape, generator=torch.Generator().manual_seed(3))).requires_grad_(True)
     beta = torch.ones_like(beta).requires_grad_(True)
     _check(q, k, v, g, beta, s0, True, tol=1e-5)
+
+
+def test_chunk_inverse_in_eight_blocks(monkeypatch):
+    """The chunk inverse's other block count (a shorter chain of products, see _unit_lower_inverse), on the
+    awkward shapes, and with nearly parallel keys, where a product formula on A itself would cancel badly."""
+    from dash_kernels.ops.gated_delta import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "INVERSE_BLOCKS", 8)
+    for name in SHAPES:
+        _check(*_inputs(*SHAPES[name]), True, tol=1e-5)
+    q, k, v, g, beta, s0 = _inputs(1, 40, 1, 16, 8)
+    base = torch.randn(16, generator=torch.Generator().manual_seed(9))
+    k = F.normalize(base + 1e-3 * k.detach(), dim=-1).requires_grad_(True)
+    beta = torch.ones_like(beta).requires_grad_(True)
+    _check(q, k, v, g, beta, s0, True, tol=1e-5)

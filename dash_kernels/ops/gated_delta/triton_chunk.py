@@ -49,7 +49,8 @@ def _decays(G, t0, T, H, BT: tl.constexpr):
 
 @triton.jit
 def _gdn_prep_kernel(K, V, G, BETA, TINV, W, U, T, H, KD: tl.constexpr, VD: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, BT: tl.constexpr, DOT_PRECISION: tl.constexpr, INV_PRECISION: tl.constexpr):
+                     BV: tl.constexpr, BT: tl.constexpr, DOT_PRECISION: tl.constexpr, INV_PRECISION: tl.constexpr,
+                     INV_BLOCKS: tl.constexpr):
     """Per chunk: Tinv = (I + A)^-1, W = Tinv ((beta gamma) K) and U0 = Tinv (beta V) (all value columns)."""
     i_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -62,7 +63,7 @@ def _gdn_prep_kernel(K, V, G, BETA, TINV, W, U, T, H, KD: tl.constexpr, VD: tl.c
     idx = tl.arange(0, BT)
     kk = _mm(k, tl.trans(k), K.dtype.element_ty, DOT_PRECISION)  # exact operands: 16-bit products are exact
     a = tl.where(idx[:, None] > idx[None, :], beta[:, None] * r * kk, 0.0)
-    tinv = _unit_lower_inverse(a, BT, INV_PRECISION)
+    tinv = _unit_lower_inverse(a, BT, INV_PRECISION, INV_BLOCKS)
     w = tl.dot(tinv, k * (beta * gamma)[:, None], input_precision=DOT_PRECISION)
     chunk = bh * tl.num_programs(0) + i_n
     tl.store(TINV + chunk * BT * BT + idx[:, None] * BT + idx[None, :], tinv)
@@ -77,23 +78,31 @@ def _gdn_prep_kernel(K, V, G, BETA, TINV, W, U, T, H, KD: tl.constexpr, VD: tl.c
 
 
 @triton.jit
-def _unit_lower_inverse(a, BT: tl.constexpr, PRECISION: tl.constexpr):
-    """(I + A)^-1 for strictly lower A [BT, BT], in four diagonal blocks of SUB = BT / 4 rows: forward
+def _unit_lower_inverse(a, BT: tl.constexpr, PRECISION: tl.constexpr, NB: tl.constexpr):
+    """(I + A)^-1 for strictly lower A [BT, BT], in NB (4 or 8) diagonal blocks of SUB = BT / NB rows: forward
     substitution inside every block at once (SUB - 1 steps, one product each: rows of in-block index i only
-    read rows already final), then D^-1 with D = I + (A's block diagonal) and M = D^-1 (A's off-block part):
-    (I + A)^-1 = (I + M)^-1 D^-1 = (I - M + M^2 - M^3) D^-1, M being strictly block-lower (M^4 = 0)."""
-    SUB: tl.constexpr = BT // 4
+    read rows already final), then D^-1 with D = I + (A's block diagonal) and M = D^-1 (A's off-block part),
+    strictly block-lower, so M^NB = 0: (I + A)^-1 = (I + M)^-1 D^-1 = (I - M)(I + M^2)[(I + M^4)] D^-1.
+    NB 8 takes 7 + 6 products in a chain of about 12, against 15 + 4 for NB 4 (the substitution is the prep
+    kernel's latency), but spills at K 128 (56 B a thread at 8 warps); INVERSE_BLOCKS picks. The growth stays
+    in D^-1, which substitution forms exactly (a product formula on A itself, (I - A)(I + A^2)..., cancels
+    terms of thousands when the keys are nearly parallel)."""
+    SUB: tl.constexpr = BT // NB
     idx = tl.arange(0, BT)
-    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    diag = idx[:, None] == idx[None, :]  # I - X is formed as where(diag, 1 - X, -X): no identity tile kept live
     same = (idx[:, None] // SUB) == (idx[None, :] // SUB)
     a_diag = tl.where(same, a, 0.0)
-    dinv = eye
+    dinv = tl.where(diag, 1.0, 0.0)
     for i in range(1, SUB):
-        step = eye - tl.dot(a_diag, dinv, input_precision=PRECISION)
-        dinv = tl.where(((idx % SUB) == i)[:, None], step, dinv)
+        step = tl.dot(a_diag, dinv, input_precision=PRECISION)
+        dinv = tl.where(((idx % SUB) == i)[:, None], tl.where(diag, 1.0 - step, -step), dinv)
     m = tl.dot(dinv, tl.where(same, 0.0, a), input_precision=PRECISION)
     m2 = tl.dot(m, m, input_precision=PRECISION)
-    series = eye - m + m2 - tl.dot(m2, m, input_precision=PRECISION)
+    one_minus_m = tl.where(diag, 1.0 - m, -m)
+    series = one_minus_m + tl.dot(one_minus_m, m2, input_precision=PRECISION)  # (I - M)(I + M^2)
+    if NB == 8:
+        m4 = tl.dot(m2, m2, input_precision=PRECISION)
+        series = series + tl.dot(series, m4, input_precision=PRECISION)  # ... (I + M^4)
     return tl.dot(series, dinv, input_precision=PRECISION)
 
 
@@ -382,6 +391,12 @@ def _gdn_bwd_chunk_kernel(Q, K, G, BETA, TINV, W, P_DM, P_DQ, P_DK, P_DW, P_DB, 
     tl.store(DGC + chunk * BT + idx, dgc)
 
 
+# diagonal blocks of the chunk inverse (_unit_lower_inverse): 4 measured (H200, 0.69 ms prep at B 4, T 4096,
+# H 16, K 128); 8 shortens the chain by a third but spills, untimed (benchmarks/tune_linear.py times both)
+INVERSE_BLOCKS = 4
+PREP_WARPS = {4: 4, 8: 8}  # ptxas (K 128): 4 blocks at 4 warps spill nothing; 8 blocks at 8 warps 56 B (152 at 4)
+
+
 def chunk_size(interpreting: bool) -> int:
     return 16 if interpreting else 64
 
@@ -420,7 +435,8 @@ def gdn_chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, bt
     u = torch.empty(batch * heads, nt, bt, value_dim, **f32)
     _gdn_prep_kernel[(nt, batch * heads)](k, v, g, beta, tinv, w, u, seq, heads, KD=key_dim, VD=value_dim, BK=bk,
                                           BV=bv, BT=bt, DOT_PRECISION=prec, INV_PRECISION=inv_prec,
-                                          num_warps=4, num_stages=1)
+                                          INV_BLOCKS=INVERSE_BLOCKS, num_warps=PREP_WARPS[INVERSE_BLOCKS],
+                                          num_stages=1)
     hs = torch.empty(batch * heads, nt, key_dim, value_dim, **f32)
     final = torch.empty(batch, heads, key_dim, value_dim, **f32) if output_final_state else hs  # never written
     h0 = initial_state.contiguous() if initial_state is not None else hs
