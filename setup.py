@@ -53,7 +53,8 @@ def cuda_extensions():
         name="dash_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]},
+        # C++20: torch 2.14's headers refuse anything older ("C++20 or later compatible compiler is required")
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", *gencode]},
     )
     return [ext], {"build_ext": BuildExtension}
 
