@@ -284,6 +284,9 @@ def _compare_parser(sub):
     p.add_argument("--methods", nargs="*", default=None, help="selectors (default: all of dash.baselines; "
                    "none: DASH alone)")
     p.add_argument("--skip-dash", action="store_true", help="the selectors only, no DASH search")
+    p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
+                   "rounds of full-layer swaps that lower the search's KL on the calibration rows (dash.refine), "
+                   "as the row dash_refined; 0: off")
     p.add_argument("--devices", nargs="+", default=None, help="run the comparison as shards (per budget: the "
                    "DASH search, the selectors) in parallel, one process per named device (a device may be "
                    "named twice: two processes share it), then merge; resumable like one process")
@@ -328,6 +331,7 @@ def _shard_arguments(args) -> list:
                         ("--calibration-tokens", args.calibration_tokens), ("--lengths", args.lengths),
                         ("--tasks", args.tasks), ("--samples", args.samples), ("--eval-batch", args.eval_batch),
                         ("--finetune-tokens", args.finetune_tokens), ("--finetune-rank", args.finetune_rank),
+                        ("--refine-rounds", args.refine_rounds),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
         if value is not None:
             out += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
@@ -352,7 +356,7 @@ def run_compare(args) -> dict:
         os.makedirs(args.output, exist_ok=True)
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
-                    "seed": args.seed}
+                    "seed": args.seed, "refine_rounds": args.refine_rounds}
         if args.selector_shards < 1:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
@@ -388,7 +392,7 @@ def run_compare(args) -> dict:
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
                    methods=methods, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
                    lengths=lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
-                   eval_batch=args.eval_batch or (args.samples if on_gpu else 1),
+                   eval_batch=args.eval_batch or (args.samples if on_gpu else 1), refine_rounds=args.refine_rounds,
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash)
 

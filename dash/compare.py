@@ -83,7 +83,8 @@ def _same_selection(saved: Dict, settings: Dict) -> bool:
 
     # files without "candidates" came from the 4-candidate default: their DASH hybrids are not comparable
     return (_saved(saved, "seed") == settings["seed"] and fine_tuning(saved) == fine_tuning(settings)
-            and saved.get("candidates") == settings.get("candidates"))
+            and saved.get("candidates") == settings.get("candidates")
+            and saved.get("refine_rounds", 0) == settings.get("refine_rounds", 0))
 
 
 def resume_rows(path: str, settings: Dict):
@@ -169,14 +170,19 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             search_tokens: int = 12_300_000, search_batch: int = 2, lengths: Sequence[int] = (1024, 2048, 4096),
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
-            finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True) -> Dict:
-    """``include_dash=False``: the selectors only (a shard of ``run_sharded``)."""
+            finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
+            refine_rounds: int = 2) -> Dict:
+    """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``refine_rounds > 0`` adds the row
+    ``dash_refined``: DASH's hybrid after that many rounds of ``dash.refine`` (swaps of full layers while the
+    search's KL on the calibration rows drops), beside the searched one."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
     from .search import Search, SearchConfig
 
     if finetune_tokens < 0:
         raise ValueError(f"finetune_tokens must be >= 0 (0: no fine-tuning), got {finetune_tokens}")
+    if refine_rounds < 0:
+        raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
     if finetune_tokens:  # bad settings fail now, not after the first search
         FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr, rank=finetune_rank).validate()
     tasks = list(tasks or TASKS)
@@ -185,7 +191,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     path = os.path.join(output_dir, "compare.json")
     settings = {"lengths": list(lengths), "tasks": tasks, "samples": samples, "seed": seed,
                 "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
-                "finetune_lr": finetune_lr, "candidates": names}
+                "finetune_lr": finetune_lr, "candidates": names, "refine_rounds": refine_rounds}
     context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
     done = {_row_key(r) for r in rows}
@@ -244,8 +250,11 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         for state in net.states:  # every search starts from uniform logits
             with torch.no_grad():
                 state.alpha.zero_()
-        key = ("dash", budget, None)
-        if include_dash and key not in done and not score_earlier(key):
+        key, refined_key = ("dash", budget, None), ("dash_refined", budget, None)
+        need_dash = include_dash and key not in done and not score_earlier(key)
+        need_refined = (include_dash and refine_rounds > 0 and refined_key not in done
+                        and not score_earlier(refined_key))
+        if need_dash or need_refined:
             config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed)
             # another candidate set or seed, another search (a checkpoint resumes only for its own)
             default = names == [c.name for c in default_candidates(context)]
@@ -253,11 +262,21 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 ("" if seed == 0 else f"_seed{seed}")
             search = Search(net, search_data, config, os.path.join(output_dir, folder))
             summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
+            search_cost = {"search_tokens": summary["tokens"], "seconds": time.time() - started}
             from .export import discretise
 
             choices = discretise(net.probabilities(), net.candidates, budget)
-            score("dash", budget, None, choices, _with_concurrency({"search_tokens": summary["tokens"],
-                                                                    "seconds": time.time() - started}))
+            if need_dash:
+                score("dash", budget, None, choices, _with_concurrency(search_cost))
+            if need_refined:
+                from .refine import refine_full_layers
+
+                refined = refine_full_layers(net, choices, calibration, refine_rounds)
+                cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
+                            seconds=search_cost["seconds"] + refined["cost"]["seconds"],
+                            refine={"rounds": refine_rounds, "searched_kl": refined["searched_kl"],
+                                    "kl": refined["kl"], "swaps": refined["swaps"]})
+                score("dash_refined", budget, None, refined["choices"], _with_concurrency(cost))
         for method in methods:
             for run_seed in (random_seeds if method == "random" else (None,)):
                 if method in BOUNDS and budget != budgets[0]:

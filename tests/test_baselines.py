@@ -184,7 +184,7 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     assert "K=1 KV MiB" in table and all(r["kv_cache_mib"] > 0 for r in out["rows"])
     assert "DASH minus each method" in table and "2 samples per task and length" in table
     saved = json.load(open(tmp_path / "compare.json"))
-    assert set(saved["paired"]) == {"first", "random", "kl_restore", "teacher"}
+    assert set(saved["paired"]) == {"dash_refined", "first", "random", "kl_restore", "teacher"}
     assert saved["paired"]["teacher"]["2"]["resamples"] > 0  # the bound's one row stands for every budget
     # a second run finds every row measured and recomputes none of them
     monkeypatch.setattr("dash.compare.select", lambda *a, **k: pytest.fail("should have resumed"))
@@ -218,7 +218,8 @@ def test_compare_rescored_from_stored_choices_when_only_evaluation_changes(tmp_p
                                   **dict(kwargs, samples=3))
     key = lambda r: (r["method"], r["seed"])  # noqa: E731
     before, after = {key(r): r for r in first["rows"]}, {key(r): r for r in more["rows"]}
-    assert set(after) == set(before) == {("dash", None), ("first", None), ("random", 0), ("random", 1)}
+    assert set(after) == set(before) == {("dash", None), ("dash_refined", None), ("first", None), ("random", 0),
+                                         ("random", 1)}
     for k, row in after.items():
         assert row["choice"] == before[k]["choice"] and row["cost"] == before[k]["cost"] and row["reused_choice"]
         assert len(row["ruler_samples"]["passkey"]["300"]) == 3
@@ -310,3 +311,31 @@ def test_compare_with_the_selectors_two_candidates(tmp_path, monkeypatch):
     assert set(dash_row["choice"]) <= {"full", EFFICIENT.name} and dash_row["choice"].count("full") == 1
     assert dash_row["kv_cache_mib"] == pytest.approx(first_row["kv_cache_mib"])
     assert (tmp_path / f"search_K1_full+{EFFICIENT.name}").is_dir()
+    refined = next(r for r in out["rows"] if r["method"] == "dash_refined")  # refine_rounds defaults to 2
+    assert refined["choice"].count("full") == 1 and refined["cost"]["refine"]["kl"] <= \
+        refined["cost"]["refine"]["searched_kl"]
+    assert refined["kv_cache_mib"] == pytest.approx(dash_row["kv_cache_mib"])
+    assert "| dash_refined |" in (tmp_path / "compare.md").read_text()
+
+
+def test_refinement_keeps_the_budget_and_never_raises_the_kl():
+    from dash.refine import refine_full_layers
+
+    net, rows = _net(), _rows()
+    names = [c.name for c in net.candidates]
+    full, eff = net.candidates[0], EFFICIENT
+    start = [full if i == 0 else eff for i in range(len(net.states))]  # the first layer full
+    out = refine_full_layers(net, start, rows, rounds=2)
+    assert sum(c.is_full for c in out["choices"]) == 1 and all(c.name in names for c in out["choices"])
+    assert out["kl"] <= out["searched_kl"] and len(out["swaps"]) <= 2
+    if out["swaps"]:
+        assert out["choices"][out["swaps"][-1]["now_full"]].is_full
+    layers = len(net.states)
+    assert out["cost"]["forward_tokens"] == rows.numel() * (2 + (len(out["swaps"]) + (len(out["swaps"]) < 2))
+                                                            * (layers - 1))
+    same = refine_full_layers(net, start, rows, rounds=0)
+    assert [c.name for c in same["choices"]] == [c.name for c in start] and same["kl"] == same["searched_kl"]
+    with pytest.raises(ValueError, match="rounds"):
+        refine_full_layers(net, start, rows, rounds=-1)
+    with pytest.raises(ValueError, match="layers"):
+        refine_full_layers(net, start[:-1], rows)
