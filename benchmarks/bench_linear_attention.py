@@ -25,14 +25,16 @@ from bench_mixed_attention import environment, make_step, time_method
 from profile_kernels import kernel_times
 
 SHAPES = {
-    # name: (B, T, H, D)
+    # name: (B, T, H, D[, V]); V defaults to D
     "h16_d128_T4096": (4, 4096, 16, 128),
     "h16_d128_T16384": (4, 16384, 16, 128),
     "smollm2_h9_d64_T4096": (4, 4096, 9, 64),
+    # the search's GLA candidate: its values carry a column of ones for the normaliser (V = D + 1)
+    "search_gla_h16_d128_v129_T4096": (4, 4096, 16, 128, 129),
 }
 
 
-def make_inputs(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, seed=0):
+def make_inputs(batch, seq, heads, dim, value_dim=None, device="cuda", dtype=torch.bfloat16, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape):
@@ -40,7 +42,7 @@ def make_inputs(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, see
 
     q = rnd(batch, seq, heads, dim).to(dtype)
     k = F.normalize(rnd(batch, seq, heads, dim), dim=-1).to(dtype)
-    v = rnd(batch, seq, heads, dim).to(dtype)
+    v = rnd(batch, seq, heads, value_dim or dim).to(dtype)
     g_gla = F.logsigmoid(rnd(batch, seq, heads, dim) + 4.0).div(16).to(dtype)  # as the dash candidate's gate
     g_gdn = F.logsigmoid(rnd(batch, seq, heads) + 4.0).to(dtype)
     beta = torch.sigmoid(rnd(batch, seq, heads)).to(dtype)
