@@ -168,13 +168,17 @@ def test_gla_chunk_both_intra_paths_on_gpu(kd, vd):
         assert rel_err(a, b) < 2e-2
 
 
+@pytest.mark.parametrize("inverse_blocks", [4, 8])
 @pytest.mark.parametrize("seq,heads,kd,vd", [(16384, 4, 128, 128), (4096, 9, 64, 64)])
-def test_gated_delta_triton_long_sequences(seq, heads, kd, vd):
-    """Gated delta rule (Triton, chunked WY) in bf16 against the fp32 chunked reference on the GPU itself."""
+def test_gated_delta_triton_long_sequences(seq, heads, kd, vd, inverse_blocks, monkeypatch):
+    """Gated delta rule (Triton, chunked WY) in bf16 against the fp32 chunked reference on the GPU itself, with
+    either block count of the chunk inverse (gated_delta.triton_chunk.INVERSE_BLOCKS)."""
     import torch.nn.functional as F
 
     from dash_kernels import gated_delta_rule
-    from dash_kernels.ops.gated_delta import gated_delta_chunked
+    from dash_kernels.ops.gated_delta import gated_delta_chunked, triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "INVERSE_BLOCKS", inverse_blocks)
 
     gen = torch.Generator(device="cuda").manual_seed(seq + 1)
     q = torch.randn(1, seq, heads, kd, device="cuda", generator=gen)
@@ -193,7 +197,7 @@ def test_gated_delta_triton_long_sequences(seq, heads, kd, vd):
     report = [f"o {rel_err(o, o_ref):.2e}", f"final {rel_err(final, final_ref):.2e}"]
     names = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
     report += [f"{n} {rel_err(a, b):.2e}" for n, a, b in zip(names, grads, grads_ref)]
-    print(f"gdn T{seq} H{heads} K{kd} V{vd}:", "; ".join(report), flush=True)
+    print(f"gdn T{seq} H{heads} K{kd} V{vd} inverse blocks {inverse_blocks}:", "; ".join(report), flush=True)
     assert rel_err(o, o_ref) < 1e-2 and rel_err(final, final_ref) < 1e-2
     for a, b in zip(grads, grads_ref):
         assert rel_err(a, b) < 2e-2
