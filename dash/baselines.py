@@ -57,6 +57,12 @@ def _positions(net: Supernet, efficient: Candidate) -> tuple:
     return names.index("full"), names.index(efficient.name)
 
 
+def teacher_hidden_states(net: Supernet, rows: torch.Tensor) -> List[torch.Tensor]:
+    """The teacher's last hidden states of each calibration row (the targets of the 'kl' loss)."""
+    with torch.no_grad(), net.teacher():
+        return [net.model.base_model(row[None], use_cache=False).last_hidden_state[0] for row in rows]
+
+
 def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch.Tensor]], kind: str) -> float:
     """Mean next-token NLL (kind 'nll') or KL(teacher || model) ('kl') over the calibration rows."""
     import torch.nn.functional as F
@@ -186,10 +192,7 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
             set_choices(net, [eff if i == layer else full for i in range(num_layers)])
             scores.append(_loss(net, rows, None, "nll"))
     elif method == "kl_restore":
-        teacher_hidden = []
-        with torch.no_grad(), net.teacher():
-            for row in rows:
-                teacher_hidden.append(net.model.base_model(row[None], use_cache=False).last_hidden_state[0])
+        teacher_hidden = teacher_hidden_states(net, rows)
         set_choices(net, [eff] * num_layers)
         base = _loss(net, rows, teacher_hidden, "kl")
         scores = []

@@ -368,10 +368,10 @@ def run_compare(args) -> dict:
                                   dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
     search_tokens = args.search_tokens or (12_300_000 if on_gpu else CPU_DEFAULT_TOKENS)
     data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=args.seed, heldout_fraction=0.1)
+    context = int(getattr(model.config, "max_position_embeddings", 8192))
     candidates = args.candidates
     if candidates is None:  # the selectors' two operators: DASH chooses from exactly what they choose from
-        candidates = comparison_candidates(int(getattr(model.config, "max_position_embeddings", 8192)),
-                                           args.efficient)
+        candidates = comparison_candidates(context, args.efficient)
     net = build_supernet(model, candidates)
     if net.linear_parameters():
         raise SystemExit("dash compare runs softmax-family candidates (linear ones need a bank per method)")
@@ -385,7 +385,6 @@ def run_compare(args) -> dict:
         raise SystemExit(f"--efficient {efficient.name} is not among the candidates {names}")
     if "full" not in names:
         raise SystemExit(f"--candidates must include full attention (the budget counts full layers), got {names}")
-    context = int(getattr(model.config, "max_position_embeddings", 8192))
     lengths = args.lengths or [n for n in COMPARE_LENGTHS if n <= context]
     calibration = data.train[: max(1, args.calibration_tokens // seq_len)].to(args.device)
     heldout = data.heldout[: max(1, 32768 // seq_len)].to(args.device)

@@ -136,10 +136,9 @@ def kv_cache_mib(config, choices: Sequence[Candidate], context: int) -> float:
     """The hybrid's inference cache at ``context`` tokens (MiB, 16-bit K/V): what a budget buys, so that hybrids
     drawn from different candidates are compared at their real cost."""
     from .search import candidate_cache_bytes
+    from .supernet import attention_shape
 
-    heads_q = config.num_attention_heads
-    heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads_q
+    heads_q, heads_kv, head_dim = attention_shape(config)
     return sum(candidate_cache_bytes(c, context, heads_kv, heads_q, head_dim) for c in choices) / 2 ** 20
 
 

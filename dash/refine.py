@@ -15,18 +15,13 @@ calibration: 145 passes, seconds on a GPU).
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 
-from .baselines import _loss, set_choices
+from .baselines import _loss, set_choices, teacher_hidden_states
 from .candidates import Candidate
 from .supernet import Supernet
-
-
-def teacher_hidden_states(net: Supernet, rows: torch.Tensor) -> List[torch.Tensor]:
-    with torch.no_grad(), net.teacher():
-        return [net.model.base_model(row[None], use_cache=False).last_hidden_state[0] for row in rows]
 
 
 def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.Tensor, rounds: int = 2,

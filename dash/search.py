@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .candidates import Candidate
 from .data import PackedData
-from .supernet import Supernet
+from .supernet import Supernet, attention_shape
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
 LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
@@ -72,10 +72,7 @@ def layer_costs(net: Supernet, config: SearchConfig) -> torch.Tensor:
     """[C] cost of each candidate in the budget's unit (full layers, or cache bytes at the budget context)."""
     if config.budget_kind == "full_layers":
         return torch.tensor([1.0 if c.is_full else 0.0 for c in net.candidates])
-    model_cfg = net.model.config
-    heads_q = model_cfg.num_attention_heads
-    heads_kv = getattr(model_cfg, "num_key_value_heads", None) or heads_q
-    head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // heads_q
+    heads_q, heads_kv, head_dim = attention_shape(net.model.config)
     return torch.tensor([float(candidate_cache_bytes(c, config.budget_context, heads_kv, heads_q, head_dim))
                          for c in net.candidates])
 

@@ -199,11 +199,16 @@ def attention_layers(model: nn.Module) -> list:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-def attach_states(layers, config, candidates_of, per_kv_group: bool, device) -> None:
-    """Give every attention layer its DashLayerState (and the input stash a linear candidate needs)."""
+def attention_shape(config) -> tuple:
+    """(query heads, KV heads, head dim) of a transformers config."""
     heads_q = config.num_attention_heads
     heads_kv = getattr(config, "num_key_value_heads", None) or heads_q
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads_q
+    return heads_q, heads_kv, getattr(config, "head_dim", None) or config.hidden_size // heads_q
+
+
+def attach_states(layers, config, candidates_of, per_kv_group: bool, device) -> None:
+    """Give every attention layer its DashLayerState (and the input stash a linear candidate needs)."""
+    heads_q, heads_kv, head_dim = attention_shape(config)
     for layer in layers:
         cands = candidates_of(layer)
         layer.dash = DashLayerState(cands, heads_q, heads_kv, per_kv_group, teacher_window(layer, config),

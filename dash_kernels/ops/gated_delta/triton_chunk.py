@@ -276,7 +276,7 @@ def _gdn_bwd_partials_kernel(V, G, BETA, TINV, W, HS, DS, DO, DU, DV,
     v = _rows(V + head_v, t0, T, H, VD, BT, BV, i_v * BV)
     do = _rows(DO + head_v, t0, T, H, VD, BT, BV, i_v * BV)
     beta = _vec(BETA + head, t0, T, H, BT)
-    g_last = tl.sum(tl.where(idx == BT - 1, tl.cumsum(_vec(G + head, t0, T, H, BT), 0), 0.0), 0)
+    g_last = _decays(G + head, t0, T, H, BT)[3]
     tinv, w = _load_chunk_mats(TINV, W, chunk, KD, BK, BT)
     u0 = tl.dot(tinv, v * beta[:, None], input_precision=DOT_PRECISION)
     u = u0 - tl.dot(w, s, input_precision=DOT_PRECISION)

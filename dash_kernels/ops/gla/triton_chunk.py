@@ -348,11 +348,14 @@ def value_tiles(value_dim: int, width: int) -> list:
     """(first column, tile width, tiles) of the launches that cover V value columns: whole tiles of ``width``,
     then one narrower tail tile (at least 16 wide). The search's candidate carries V = D + 1 columns (a column of
     ones for its normaliser): 129 columns as 2 tiles of 64 and one of 16, not 3 of 64."""
+    whole, tail = value_split(value_dim, width)
+    return ([(0, width, whole // width)] if whole else []) + ([(whole, tail, 1)] if tail else [])
+
+
+def value_split(value_dim: int, width: int) -> tuple:
+    """(columns in whole tiles of ``width``, width of the tail tile or 0)."""
     whole = (value_dim // width) * width
-    tiles = [(0, width, whole // width)] if whole else []
-    if value_dim > whole:
-        tiles.append((whole, _block(value_dim - whole), 1))
-    return tiles
+    return whole, (_block(value_dim - whole) if value_dim > whole else 0)
 
 
 def walk_tiles(key_dim: int, value_dim: int) -> tuple:
@@ -460,8 +463,7 @@ def gla_chunk_bwd(q, k, v, g, do, a, hs, scale, initial_state, final_state, d_fi
         _gla_bwd_dv_kernel[(count, nt, batch * heads)](
             k, gc, a, dhs, do, dv, seq, nt * bt, heads, nt, v0, scale, KD=key_dim, VD=value_dim, BK=bk, BV=width,
             BT=bt, KS=ks, DOT_PRECISION=prec, **LAUNCH["dv"])
-    v_whole = (value_dim // bv) * bv
-    tail = _block(value_dim - v_whole) if value_dim > v_whole else 0
+    v_whole, tail = value_split(value_dim, bv)
     for path in (1, 0):
         _gla_bwd_dqk_kernel[(triton.cdiv(key_dim, ks), nt, batch * heads)](
             q, k, v, gc, hs, dhs, do, dq, dk, dg, one_product, carry, nvw, seq, nt * bt, heads, nt, scale,
