@@ -16,7 +16,7 @@ from dataclasses import fields
 
 import torch
 
-from .search import SearchConfig
+from .search import OBJECTIVES, SearchConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_TOKENS = 16_384  # a smoke-sized search that finishes in minutes on a laptop CPU
@@ -44,6 +44,9 @@ def _search_parser(sub):
     p.add_argument("--bank", help="linear-candidate bank from `dash align` (needed with 'gla' or 'gdn' candidates)")
     p.add_argument("--compile-modules", action="store_true", default=None,
                    help="torch.compile the norms and MLPs (the stateless modules): fewer kernel launches a step")
+    p.add_argument("--objective", choices=list(OBJECTIVES), help="token weighting of the search's KL (default "
+                   "long_range: each token's KL times the all-efficient model's KL to the teacher there, so that "
+                   "tokens needing long context count most; uniform: the plain mean; see dash.search)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -284,9 +287,12 @@ def _compare_parser(sub):
     p.add_argument("--methods", nargs="*", default=None, help="selectors (default: all of dash.baselines; "
                    "none: DASH alone)")
     p.add_argument("--skip-dash", action="store_true", help="the selectors only, no DASH search")
-    p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
-                   "rounds of full-layer swaps that lower the search's KL on the calibration rows (dash.refine), "
-                   "as the row dash_refined; 0: off")
+    p.add_argument("--search-objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES),
+                   help="one DASH search per objective (`dash search --objective`): the first's row is 'dash', "
+                   "the others' 'dash_<objective>' (default: long_range, and uniform as the ablation)")
+    p.add_argument("--refine-rounds", type=int, default=0, help="also score DASH's hybrid refined by this many "
+                   "rounds of full-layer swaps that lower the uniform KL on the calibration rows (dash.refine), "
+                   "as the row dash_refined (default 0: off; on SmolLM2 two rounds found no swap at K 3, 6, 9)")
     p.add_argument("--devices", nargs="+", default=None, help="run the comparison as shards (per budget: the "
                    "DASH search, the selectors) in parallel, one process per named device (a device may be "
                    "named twice: two processes share it), then merge; resumable like one process")
@@ -360,7 +366,7 @@ def run_compare(args) -> dict:
         if args.selector_shards < 1:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
-                           selector_groups=args.selector_shards,
+                           selector_groups=args.selector_shards, search_objectives=args.search_objectives,
                            progress=not args.no_progress)
     on_gpu = args.device.startswith("cuda")
     seq_len = args.seq_len or (4096 if on_gpu else 1024)
@@ -393,7 +399,8 @@ def run_compare(args) -> dict:
                    lengths=lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
                    eval_batch=args.eval_batch or (args.samples if on_gpu else 1), refine_rounds=args.refine_rounds,
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
-                   finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash)
+                   finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
+                   search_objectives=args.search_objectives)
 
 
 def run_eval(args) -> dict:

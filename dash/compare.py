@@ -1,7 +1,8 @@
 """DASH against the selector baselines at several budgets: one command, one table.
 
-For every budget K (full-attention layers): a DASH search (its own budget regulariser, the same search-token
-budget for all K), then every selector of ``dash.baselines`` (random over several seeds), each hybrid scored by
+For every budget K (full-attention layers): a DASH search per objective (``dash.search``: row ``dash`` the default
+``long_range`` token weighting, ``dash_uniform`` the plain mean KL as the ablation; its own budget regulariser, the
+same search-token budget for all K), then every selector of ``dash.baselines`` (random over several seeds), each hybrid scored by
 RULER-style tasks and held-out perplexity on the same samples. Every hybrid is evaluated in place through the
 supernet with one-hot logits, which computes exactly what its exported model computes (the export path turns
 the same choices into the model directory). Writes ``compare.json``, ``compare.md`` and ``compare.png``.
@@ -43,6 +44,7 @@ import torch
 
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate, default_candidates
+from .search import OBJECTIVES
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
@@ -69,6 +71,11 @@ def _ruler(net, tokenizer, lengths, tasks, samples, seed, batch_size) -> Dict:
 # resumes from its checkpoint at once; the selectors take seconds) and fine-tuned again.
 EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
 LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0}  # files written before these were recorded
+def dash_method(objective: str) -> str:
+    """The row name of DASH's hybrid searched with ``objective``: ``dash`` for the default, ``dash_<objective>``."""
+    return "dash" if objective == OBJECTIVES[0] else f"dash_{objective}"
+
+
 BOUNDS = ("teacher", "all_efficient")  # they do not depend on the budget: measured once, at the first budget
 
 
@@ -170,16 +177,21 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
             finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
-            refine_rounds: int = 2) -> Dict:
-    """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``refine_rounds > 0`` adds the row
-    ``dash_refined``: DASH's hybrid after that many rounds of ``dash.refine`` (swaps of full layers while the
-    search's KL on the calibration rows drops), beside the searched one."""
+            refine_rounds: int = 0, search_objectives: Sequence[str] = OBJECTIVES) -> Dict:
+    """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
+    search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
+    ``refine_rounds > 0`` adds the row ``dash_refined``: the default objective's hybrid after that many rounds of
+    ``dash.refine`` (swaps of full layers while the uniform KL on the calibration rows drops); off by default: on
+    SmolLM2 (K 3, 6, 9) it found no swap."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
     from .search import Search, SearchConfig
 
     if finetune_tokens < 0:
         raise ValueError(f"finetune_tokens must be >= 0 (0: no fine-tuning), got {finetune_tokens}")
+    unknown = [o for o in search_objectives if o not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"search_objectives {unknown} unknown; choose from {OBJECTIVES}")
     if refine_rounds < 0:
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
     if finetune_tokens:  # bad settings fail now, not after the first search
@@ -245,37 +257,40 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         return True
 
     for budget in budgets:
-        started = time.time()
-        for state in net.states:  # every search starts from uniform logits
-            with torch.no_grad():
-                state.alpha.zero_()
-        key, refined_key = ("dash", budget, None), ("dash_refined", budget, None)
-        need_dash = include_dash and key not in done and not score_earlier(key)
-        need_refined = (include_dash and refine_rounds > 0 and refined_key not in done
-                        and not score_earlier(refined_key))
-        if need_dash or need_refined:
-            config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed)
-            # another candidate set or seed, another search (a checkpoint resumes only for its own)
-            default = names == [c.name for c in default_candidates(context)]
-            folder = f"search_K{budget}" + ("" if default else "_" + "+".join(names)) + \
-                ("" if seed == 0 else f"_seed{seed}")
-            search = Search(net, search_data, config, os.path.join(output_dir, folder))
-            summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
-            search_cost = {"search_tokens": summary["tokens"], "seconds": time.time() - started}
-            from .export import discretise
+        for objective in (search_objectives if include_dash else ()):
+            for state in net.states:  # every search starts from uniform logits
+                with torch.no_grad():
+                    state.alpha.zero_()
+            method = dash_method(objective)
+            key, refined_key = (method, budget, None), ("dash_refined", budget, None)
+            need_dash = key not in done and not score_earlier(key)
+            need_refined = (method == "dash" and refine_rounds > 0 and refined_key not in done
+                            and not score_earlier(refined_key))
+            if need_dash or need_refined:
+                config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed,
+                                      objective=objective)
+                # another candidate set, objective or seed, another search (a checkpoint resumes only for its own)
+                default = names == [c.name for c in default_candidates(context)]
+                folder = f"search_K{budget}_{objective}" + ("" if default else "_" + "+".join(names)) + \
+                    ("" if seed == 0 else f"_seed{seed}")
+                search = Search(net, search_data, config, os.path.join(output_dir, folder))
+                summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
+                # the loop's seconds over every run of it (a resumed, finished search takes ~0 s now)
+                search_cost = {"search_tokens": summary["tokens"], "seconds": summary["timing"]["total_search_s"]}
+                from .export import discretise
 
-            choices = discretise(net.probabilities(), net.candidates, budget)
-            if need_dash:
-                score("dash", budget, None, choices, _with_concurrency(search_cost))
-            if need_refined:
-                from .refine import refine_full_layers
+                choices = discretise(net.probabilities(), net.candidates, budget)
+                if need_dash:
+                    score(method, budget, None, choices, _with_concurrency(search_cost))
+                if need_refined:
+                    from .refine import refine_full_layers
 
-                refined = refine_full_layers(net, choices, calibration, refine_rounds)
-                cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
-                            seconds=search_cost["seconds"] + refined["cost"]["seconds"],
-                            refine={"rounds": refine_rounds, "searched_kl": refined["searched_kl"],
-                                    "kl": refined["kl"], "swaps": refined["swaps"]})
-                score("dash_refined", budget, None, refined["choices"], _with_concurrency(cost))
+                    refined = refine_full_layers(net, choices, calibration, refine_rounds)
+                    cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
+                                seconds=search_cost["seconds"] + refined["cost"]["seconds"],
+                                refine={"rounds": refine_rounds, "searched_kl": refined["searched_kl"],
+                                        "kl": refined["kl"], "swaps": refined["swaps"]})
+                    score("dash_refined", budget, None, refined["choices"], _with_concurrency(cost))
         for method in methods:
             for run_seed in (random_seeds if method == "random" else (None,)):
                 if method in BOUNDS and budget != budgets[0]:
@@ -347,10 +362,12 @@ def noise_note(rows: Sequence[Dict], settings: Dict) -> str:
     return text + (". ± : the spread over random's seeds." if seeded else ".")
 
 
-def plan_shards(budgets: Sequence[int], methods: Sequence[str], selector_groups: int = 1) -> List[Dict]:
-    """The sharded comparison's work: per budget, the DASH search (the longest part) and the selectors, split
-    into ``selector_groups`` shards of about equal work (random counts once per seed); then the bounds, measured
-    once, in a shard of their own. Longest first, so that the last shards to start are short."""
+def plan_shards(budgets: Sequence[int], methods: Sequence[str], selector_groups: int = 1,
+                search_objectives: Sequence[str] = OBJECTIVES) -> List[Dict]:
+    """The sharded comparison's work: per budget, a DASH search per objective (the longest part; ``"dash"``
+    names the shard's objective, None for a shard without a search) and the selectors, split into
+    ``selector_groups`` shards of about equal work (random counts once per seed); then the bounds, measured once,
+    in a shard of their own. Longest first, so that the last shards to start are short."""
     if selector_groups < 1:
         raise ValueError(f"selector_groups must be >= 1, got {selector_groups}")
     bounds = [m for m in methods if m in BOUNDS]
@@ -361,14 +378,15 @@ def plan_shards(budgets: Sequence[int], methods: Sequence[str], selector_groups:
         lightest = loads.index(min(loads))
         groups[lightest].append(method)
         loads[lightest] += RANDOM_SEEDS_WEIGHT.get(method, 1)
-    shards = [{"name": f"K{k}_dash", "budget": k, "dash": True, "methods": []} for k in budgets]
+    shards = [{"name": f"K{k}_{dash_method(objective)}", "budget": k, "dash": objective, "methods": []}
+              for objective in search_objectives for k in budgets]
     for k in budgets:
         for i, group in enumerate(g for g in groups if g):
             chosen = [m for m in selectors if m in group]  # the methods' own order
             name = f"K{k}_selectors" + (f"{i + 1}" if len(groups) > 1 else "")
-            shards.append({"name": name, "budget": k, "dash": False, "methods": chosen})
+            shards.append({"name": name, "budget": k, "dash": None, "methods": chosen})
     if bounds:
-        shards.append({"name": "bounds", "budget": budgets[0], "dash": False, "methods": bounds})
+        shards.append({"name": "bounds", "budget": budgets[0], "dash": None, "methods": bounds})
     return shards
 
 
@@ -377,12 +395,12 @@ RANDOM_SEEDS_WEIGHT = {"random": 3}  # rows a selector adds per budget, where no
 
 def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence[str], devices: Sequence[str],
                 output_dir: str, settings: Dict, *, poll_s: float = 5.0, progress: bool = True,
-                command=None, selector_groups: int = 1) -> Dict:
+                command=None, selector_groups: int = 1, search_objectives: Sequence[str] = OBJECTIVES) -> Dict:
     """Runs plan_shards' shards as ``dash compare`` processes, each on the next free device (a device named
     n times takes n shards at once), each in ``output_dir/shards/<name>`` with its log beside it; then merges
     their rows. Rerunning resumes every shard. ``shard_args``: the parent's arguments that every shard
     repeats (model, candidates, lengths, ...). ``command``: for tests, builds a shard's argv."""
-    shards = plan_shards(budgets, methods, selector_groups)
+    shards = plan_shards(budgets, methods, selector_groups, search_objectives)
     folder = os.path.join(output_dir, "shards")
     os.makedirs(folder, exist_ok=True)
 
@@ -393,7 +411,7 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
         args = [sys.executable, "-m", "dash", "compare", *shard_args, "--budgets", str(shard["budget"]),
                 "--device", local, "--output", os.path.join(folder, shard["name"]), "--no-progress"]
         args += ["--methods", *shard["methods"]] if shard["methods"] else ["--methods"]
-        return args + ([] if shard["dash"] else ["--skip-dash"])
+        return args + (["--search-objectives", shard["dash"]] if shard["dash"] else ["--skip-dash"])
 
     queue, free, running, failed, interrupted = list(shards), list(devices), [], [], False
     try:
@@ -517,10 +535,11 @@ def cost_table(rows: Sequence[Dict]) -> str:
     for method, costs in by_method.items():
         tokens = mean(sum(c.get(k, 0) for k in ("search_tokens", "forward_tokens", "backward_tokens"))
                       for c in costs)
-        minutes = mean(c.get("seconds", 0.0) for c in costs) / 60
+        seconds = [c.get("seconds", 0.0) for c in costs]  # None: not recorded (the rows say why)
+        minutes = "not recorded" if None in seconds else f"{mean(seconds) / 60:.2f}"
         devices = sorted({str(c["device"]) for c in costs if "device" in c}) or ["—"]
         shared = sorted({c["concurrent"] for c in costs if "concurrent" in c})
-        lines.append(f"| {method} | {tokens / 1e6:.2f}M | {minutes:.2f} | {', '.join(devices)} | "
+        lines.append(f"| {method} | {tokens / 1e6:.2f}M | {minutes} | {', '.join(devices)} | "
                      f"{', '.join(map(str, shared)) or '—'} |")
     return "\n".join(lines) + "\n"
 

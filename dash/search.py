@@ -6,6 +6,15 @@ each recomputed in backward, so full-vocabulary fp32 logits never exist for the 
 choice, with the mixture temperature annealed from ``tau_start`` to ``tau_end``. The run
 checkpoints its logits, optimizer and history; a killed run resumes to the same final logits as an
 uninterrupted one (batches are a pure function of the seed and the step).
+
+Token weighting (``objective``). ``"uniform"``: the mean KL over tokens. ``"long_range"`` (default): each token's
+KL is weighted by how much the teacher's prediction there needs context beyond the efficient candidates, measured
+as KL(teacher || all-efficient model) at that token (one extra no-grad forward a step, every layer its cheapest
+candidate), normalised to mean 1 over the batch. Why: under the uniform mean, the many tokens that a window
+predicts slightly worse outweigh the few that only full attention gets right (a recalled key, a passkey digit), so
+the search ranks layers much as a perplexity selector does; on SmolLM2 the uniform search chose the same layers as
+``ppl_drop`` at K 3 and lost RULER points to ``kl_restore`` at K 9 (benchmarks/NOTES.md). The weights are those
+key tokens' soft version (as LongPPL's long-short difference picks key tokens, arXiv 2410.23771).
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ from .data import PackedData
 from .supernet import Supernet, attention_shape
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
+OBJECTIVES = ("long_range", "uniform")  # token weighting of the search's KL (module docstring)
 LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
 
 
@@ -44,8 +54,11 @@ class SearchConfig:
     checkpoint_every: int = 50
     seed: int = 0
     compile_modules: bool = False  # torch.compile the stateless modules (norms, MLPs): fewer launches a step
+    objective: str = "long_range"  # or "uniform": the KL's token weighting (module docstring)
 
     def validate(self, num_layers: int) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.budget_kind not in BUDGET_KINDS:
             raise ValueError(f"budget_kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
         if self.budget_kind == "full_layers" and self.budget is not None and not 0 <= self.budget <= num_layers:
@@ -86,22 +99,56 @@ def expected_cost(net: Supernet, costs: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _kl_chunk(student_h, teacher_logits_h, head_weight, head_bias):
+def _token_kl(student_h, teacher_h, head_weight, head_bias):
+    """[N] KL(teacher || student) per token, from the last hidden states through the LM head."""
     student = F.linear(student_h, head_weight, head_bias).float()
-    teacher = F.linear(teacher_logits_h, head_weight, head_bias).float()
+    teacher = F.linear(teacher_h, head_weight, head_bias).float()
     t_logp = torch.log_softmax(teacher, -1)
-    return (t_logp.exp() * (t_logp - torch.log_softmax(student, -1))).sum()
+    return (t_logp.exp() * (t_logp - torch.log_softmax(student, -1))).sum(-1)
 
 
-def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int) -> torch.Tensor:
-    """Mean per-token KL(teacher || student), chunked over tokens and recomputed in backward."""
+def _kl_chunk(student_h, teacher_h, head_weight, head_bias, weights):
+    per_token = _token_kl(student_h, teacher_h, head_weight, head_bias)
+    return (per_token if weights is None else per_token * weights).sum()
+
+
+def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int,
+                    weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean per-token KL(teacher || student), each token's times ``weights`` ([N] over the flattened tokens) when
+    given; chunked over tokens and recomputed in backward."""
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
     t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if weights is not None and weights.shape != (s.shape[0],):
+        raise ValueError(f"weights must have shape ({s.shape[0]},) (one per token), got {tuple(weights.shape)}")
     total = s.new_zeros((), dtype=torch.float32)
     for start in range(0, s.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_kl_chunk, s[part], t[part], lm_head.weight, lm_head.bias, use_reentrant=False)
+        total = total + checkpoint(_kl_chunk, s[part], t[part], lm_head.weight, lm_head.bias,
+                                   None if weights is None else weights[part], use_reentrant=False)
     return total / s.shape[0]
+
+
+@torch.no_grad()
+def long_range_weights(efficient_hidden, teacher_hidden, lm_head, chunk_tokens: int) -> torch.Tensor:
+    """[N] token weights of the ``long_range`` objective: KL(teacher || all-efficient model) per token, over its
+    mean (a batch where the efficient model matches the teacher everywhere gets uniform weights)."""
+    e = efficient_hidden.reshape(-1, efficient_hidden.shape[-1])
+    t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    gap = torch.cat([_token_kl(e[i:i + chunk_tokens], t[i:i + chunk_tokens], lm_head.weight, lm_head.bias)
+                     for i in range(0, e.shape[0], chunk_tokens)]).clamp_min(0.0)
+    mean = gap.mean()
+    return gap / mean if float(mean) > 1e-12 else torch.ones_like(gap)
+
+
+def efficient_reference(net: Supernet) -> list:
+    """Each layer's cheapest candidate (least inference cache at 8K; the first of equals): the all-efficient model
+    whose gap to the teacher weights the ``long_range`` objective."""
+    heads_q, heads_kv, head_dim = attention_shape(net.model.config)
+    others = [i for i, c in enumerate(net.candidates) if not c.is_full]
+    if not others:
+        raise ValueError("the long_range objective needs an efficient (non-full) candidate")
+    cheapest = min(others, key=lambda i: candidate_cache_bytes(net.candidates[i], 8192, heads_kv, heads_q, head_dim))
+    return [cheapest] * len(net.states)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -155,10 +202,12 @@ class Search:
             compile_stateless_modules(net.model)
         # on the logits' device once (a per-layer host-to-device copy would stall every step)
         self.costs = layer_costs(net, config).to(net.arch_parameters()[0].device)
+        self.efficient = efficient_reference(net) if config.objective == "long_range" else None
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
         self.optimizer = torch.optim.Adam(net.arch_parameters(), lr=config.lr)
         self.history: list = []
         self.step = 0
+        self.elapsed_s = 0.0  # search-loop seconds of every run so far (a resumed run adds to it)
         os.makedirs(output_dir, exist_ok=True)
 
     @property
@@ -172,7 +221,8 @@ class Search:
     def save(self) -> None:
         state = {"step": self.step, "alphas": [a.detach().cpu() for a in self.net.arch_parameters()],
                  "optimizer": self.optimizer.state_dict(), "history": self.history,
-                 "config": asdict(self.config), "candidates": [c.name for c in self.net.candidates]}
+                 "config": asdict(self.config), "candidates": [c.name for c in self.net.candidates],
+                 "elapsed_s": self.elapsed_s}
         save_checkpoint(self.state_path, state)
 
     def try_resume(self) -> bool:
@@ -186,7 +236,12 @@ class Search:
             for alpha, saved in zip(self.net.arch_parameters(), state["alphas"]):
                 alpha.copy_(saved.to(alpha.device))
         self.optimizer.load_state_dict(state["optimizer"])
+        saved_objective = state.get("config", {}).get("objective", "uniform")  # older checkpoints: uniform
+        if saved_objective != self.config.objective:
+            raise ValueError(f"{self.state_path} was made with objective {saved_objective!r}, "
+                             f"not {self.config.objective!r}")
         self.step, self.history = state["step"], state["history"]
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
         return True
 
     def loss_terms(self, input_ids: torch.Tensor) -> dict:
@@ -194,8 +249,14 @@ class Search:
         base, head = model.base_model, model.get_output_embeddings()
         with torch.no_grad(), self.net.teacher():
             teacher_hidden = base(input_ids, use_cache=False).last_hidden_state
+        weights = None
+        if self.config.objective == "long_range":
+            with torch.no_grad(), self.net.fixed(self.efficient):
+                efficient_hidden = base(input_ids, use_cache=False).last_hidden_state
+            weights = long_range_weights(efficient_hidden, teacher_hidden, head, self.config.kl_chunk_tokens)
+            del efficient_hidden
         student_hidden = base(input_ids, use_cache=False).last_hidden_state
-        kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens)
+        kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens, weights)
         cost = expected_cost(self.net, self.costs)
         overshoot = torch.relu(cost - self.config.budget) / max(self.config.budget, 1e-9)
         entropy = torch.stack([-(p * p.clamp_min(1e-12).log()).sum(-1).mean()
@@ -222,7 +283,7 @@ class Search:
         end = self.steps if stop_after is None else min(self.steps, self.step + stop_after)
         bar = tqdm(total=self.steps, initial=self.step, disable=not progress, unit="step",
                    desc="dash search" + (" (resumed)" if resumed else ""))
-        started = time.time()
+        started, earlier_s = time.time(), self.elapsed_s
         first = self.step
         pending = []  # per-step records still on the GPU: reading them every step would stall the queue
         while self.step < end:
@@ -248,13 +309,16 @@ class Search:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", tok_s=f"{rate:.0f}",
                                 full=sum(c == "full" for c in self.net.discrete_choice()))
             if checkpoint_now:
+                self.elapsed_s = earlier_s + time.time() - started
                 self.save()
         bar.close()
         self.net.set_temperature(self.temperature(max(0, self.step - 1)))  # as at the last step, resumed or not
         loop_s = time.time() - started
+        self.elapsed_s = earlier_s + loop_s
         summary = {"steps": self.step, "total_steps": self.steps, "tokens": self.step * tokens_per_step,
                    "choice": self.net.discrete_choice(), "probabilities": self.net.probabilities().tolist(),
-                   "timing": {"search_s": loop_s, "steps_this_run": self.step - first,
+                   "timing": {"search_s": loop_s, "total_search_s": self.elapsed_s,
+                              "steps_this_run": self.step - first,
                               "tokens_per_s": (self.step - first) * tokens_per_step / max(loop_s, 1e-9)}}
         with open(os.path.join(self.output_dir, "history.json"), "w") as f:
             json.dump({"summary": summary, "history": self.history}, f)

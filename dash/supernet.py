@@ -14,6 +14,7 @@ import contextlib
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dash_kernels import mixed_attention
@@ -64,6 +65,7 @@ class DashLayerState(nn.Module):
         self.align_losses = {}  # kind -> relative error of this batch
         self.score_candidate = None  # with teacher_mode: also score this candidate index against the teacher
         self.candidate_error = None  # ... its relative output error (selector baselines)
+        self.forced = None  # a candidate index: compute exactly that candidate, whatever alpha says (Supernet.fixed)
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.alpha.float() / self.tau, dim=-1)
@@ -71,6 +73,9 @@ class DashLayerState(nn.Module):
     def mixture_weights(self) -> torch.Tensor:
         """``[C]`` or ``[Hq, C]`` weights for ``mixed_attention`` (KV groups expanded to query heads)."""
         probs = self.probabilities()
+        if self.forced is not None:
+            probs = F.one_hot(torch.tensor(self.forced, device=probs.device), probs.shape[-1]).to(probs.dtype) \
+                .expand_as(probs)
         if probs.dim() == 2:
             probs = probs.repeat_interleave(self.heads_q // self.heads_kv, dim=0)
         return probs
@@ -278,6 +283,19 @@ class Supernet:
         finally:
             for s in self.states:
                 s.teacher_mode = False
+
+    @contextlib.contextmanager
+    def fixed(self, choices: Sequence[int]):
+        """Within this block layer i computes exactly candidate ``choices[i]`` (the logits are untouched)."""
+        if len(choices) != len(self.states):
+            raise ValueError(f"choices has {len(choices)} entries, the model {len(self.states)} layers")
+        for s, index in zip(self.states, choices):
+            s.forced = int(index)
+        try:
+            yield self
+        finally:
+            for s in self.states:
+                s.forced = None
 
     def __call__(self, *args, **kwargs):
         kwargs.setdefault("use_cache", False)

@@ -5,11 +5,13 @@ import sys
 import pytest
 
 from dash.baselines import METHODS
-from dash.compare import merge_shard_rows, plan_shards, run_sharded
+from dash.compare import dash_method, merge_shard_rows, plan_shards, run_sharded
+
+ONE = ("long_range",)  # one DASH search per budget
 
 
 def test_plan_measures_the_bounds_once_and_splits_the_selectors():
-    shards = plan_shards([3, 6, 9], METHODS)
+    shards = plan_shards([3, 6, 9], METHODS, search_objectives=ONE)
     assert [s["name"] for s in shards] == ["K3_dash", "K6_dash", "K9_dash", "K3_selectors", "K6_selectors",
                                            "K9_selectors", "bounds"]
     assert all(s["dash"] and not s["methods"] for s in shards[:3])
@@ -17,7 +19,7 @@ def test_plan_measures_the_bounds_once_and_splits_the_selectors():
     assert set(shards[-1]["methods"]) == bounds and shards[-1]["budget"] == 3  # measured once, at the first budget
     selectors = [m for m in METHODS if m not in bounds]
     assert all(s["methods"] == selectors for s in shards[3:6])
-    split = plan_shards([3, 6], METHODS, selector_groups=3)
+    split = plan_shards([3, 6], METHODS, selector_groups=3, search_objectives=ONE)
     names = [s["name"] for s in split]
     assert names == ["K3_dash", "K6_dash", "K3_selectors1", "K3_selectors2", "K3_selectors3", "K6_selectors1",
                      "K6_selectors2", "K6_selectors3", "bounds"]
@@ -26,15 +28,18 @@ def test_plan_measures_the_bounds_once_and_splits_the_selectors():
         assert sorted(m for g in groups for m in g) == sorted(selectors)
         work = [sum(3 if m == "random" else 1 for m in g) for g in groups]
         assert max(work) - min(work) <= 1, groups
-    assert [s["name"] for s in plan_shards([2], [])] == ["K2_dash"]  # DASH alone
-    assert len(plan_shards([2], ["first"], selector_groups=4)) == 2  # no empty shards
+    assert [s["name"] for s in plan_shards([2], [], search_objectives=ONE)] == ["K2_dash"]  # DASH alone
+    # the default: a search per objective, the uniform KL's as the ablation row dash_uniform
+    both = plan_shards([2], [])
+    assert [(s["name"], s["dash"]) for s in both] == [("K2_dash", "long_range"), ("K2_dash_uniform", "uniform")]
+    assert len(plan_shards([2], ["first"], selector_groups=4, search_objectives=ONE)) == 2  # no empty shards
     with pytest.raises(ValueError, match="selector_groups"):
         plan_shards([2], METHODS, selector_groups=0)
 
 
 def _fake_shard(shard, device, fail=()):
     """A shard process that writes one row per method (and DASH's), as `dash compare` would."""
-    methods = shard["methods"] + (["dash"] if shard["dash"] else [])
+    methods = shard["methods"] + ([dash_method(shard["dash"])] if shard["dash"] else [])
     rows = [{"method": m, "budget": shard["budget"], "seed": None, "ruler_average": 0.5, "ruler": {},
              "perplexity": 10.0, "cost": {"device": device}} for m in methods]
     script = (f"import json, os, sys; os.makedirs({shard['folder']!r}, exist_ok=True); "
@@ -52,7 +57,7 @@ def test_sharded_run_uses_every_device_and_merges(tmp_path):
         return _fake_shard(shard, device)
 
     out = run_sharded([], [1, 2], ["first", "teacher"], ["cuda:0", "cuda:1"], str(tmp_path), {"lengths": [64]},
-                      poll_s=0.05, progress=False, command=command)
+                      poll_s=0.05, progress=False, command=command, search_objectives=ONE)
     assert {d for _, d in seen} == {"cuda:0", "cuda:1"} and len(seen) == 5  # 2 DASH, 2 selectors, the bounds
     measured = {(r["method"], r["budget"]) for r in out["rows"]}
     assert measured == {("dash", 1), ("dash", 2), ("first", 1), ("first", 2), ("teacher", 1)}
@@ -68,7 +73,7 @@ def test_a_failed_shard_is_named_and_the_rest_is_kept(tmp_path):
     with pytest.raises(RuntimeError, match="K1_dash"):
         run_sharded([], [1], ["first"], ["cpu"], str(tmp_path), {}, poll_s=0.05, progress=False, command=command)
     rows = json.load(open(tmp_path / "compare.json"))["rows"]  # what finished is merged all the same
-    assert {r["method"] for r in rows} == {"dash", "first"}
+    assert {r["method"] for r in rows} == {"dash", "dash_uniform", "first"}
 
 
 def test_merge_keeps_one_row_per_method_budget_seed(tmp_path):

@@ -11,7 +11,7 @@ import transformers  # noqa: E402
 
 from dash import build_supernet  # noqa: E402
 from dash.data import PackedData, pack, read_documents, synthetic_documents  # noqa: E402
-from dash.search import Search, SearchConfig, distillation_kl  # noqa: E402
+from dash.search import Search, SearchConfig, distillation_kl, efficient_reference, long_range_weights  # noqa: E402
 from test_supernet import tiny_model  # noqa: E402
 
 
@@ -37,6 +37,62 @@ def test_chunked_kl_matches_the_direct_computation():
                                         log_target=True, reduction="sum") / 14
     for chunk in (3, 100):
         torch.testing.assert_close(distillation_kl(s, t, head, chunk), direct)
+
+
+def test_weighted_kl_and_the_long_range_weights():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    s, t = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    per_token = torch.nn.functional.kl_div(torch.log_softmax(head(s), -1), torch.log_softmax(head(t), -1),
+                                           log_target=True, reduction="none").sum(-1).flatten()
+    w = torch.rand(14)
+    torch.testing.assert_close(distillation_kl(s, t, head, 3, w), (w * per_token).sum() / 14)
+    torch.testing.assert_close(distillation_kl(s, t, head, 3, torch.ones(14)), distillation_kl(s, t, head, 3))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        distillation_kl(s, t, head, 3, torch.ones(13))
+    # the weights: the efficient model's KL to the teacher per token, mean 1; where it matches, uniform
+    e = t.clone()
+    e[0, 3] = torch.randn(8) * 4  # the one token where the efficient model is off
+    weights = long_range_weights(e, t, head, 4)
+    assert weights.shape == (14,) and weights.mean().item() == pytest.approx(1.0)
+    assert weights.argmax().item() == 3 and weights[3] > 10 * weights[torch.arange(14) != 3].max()
+    torch.testing.assert_close(long_range_weights(t, t, head, 4), torch.ones(14))
+
+
+def test_fixed_choice_computes_that_hybrid_and_leaves_the_logits():
+    from dash.baselines import set_choices
+
+    net = build_supernet(tiny_model("llama"), ["full", "swa4", "sink1_swa4"])
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    alphas = [a.detach().clone() for a in net.arch_parameters()]
+    assert efficient_reference(net) == [1, 1, 1]  # swa4: the least cache (sink1_swa4 keeps one more row)
+    with torch.no_grad(), net.fixed([0, 1, 2]):
+        got = net(ids).logits
+    assert all(torch.equal(a, b) for a, b in zip(alphas, net.arch_parameters()))
+    assert all(s.forced is None for s in net.states)
+    set_choices(net, [0, 1, 2])
+    with torch.no_grad():
+        want = net(ids).logits
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="3 layers"):
+        with net.fixed([0]):
+            pass
+
+
+def test_objectives_search_apart_and_a_resume_keeps_the_time(tmp_path):
+    uniform = make_search(tmp_path / "u", objective="uniform").run(progress=False)
+    weighted = make_search(tmp_path / "w").run(progress=False)  # long_range, the default
+    assert uniform["probabilities"] != weighted["probabilities"]
+    with pytest.raises(ValueError, match="objective 'long_range', not 'uniform'"):
+        make_search(tmp_path / "w", objective="uniform").run(progress=False)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        make_search(tmp_path / "x", objective="mean")
+    first = make_search(tmp_path / "r")
+    first.run(progress=False, stop_after=4)
+    spent = torch.load(first.state_path, weights_only=False)["elapsed_s"]  # as of its last checkpoint
+    again = make_search(tmp_path / "r").run(progress=False)  # resumed: its time adds to the first run's
+    assert spent > 0
+    assert again["timing"]["total_search_s"] == pytest.approx(spent + again["timing"]["search_s"])
 
 
 def test_teacher_mode_is_the_unmodified_model():
