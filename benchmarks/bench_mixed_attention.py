@@ -3,6 +3,7 @@
 For each shape and candidate set, times (median of triton.testing.do_bench, after warm-up),
 forward and forward+backward, bf16:
   fused          dash_kernels.mixed_attention (backend chosen by --backend, default triton)
+  fused_cuda     the same with backend="cuda" (the CUDA C++ forward of csrc/, Triton's backward), where built
   flex_separate  (a) the same candidates run separately through FlexAttention, weighted and summed
   sdpa_cudnn     (b) cuDNN SDPA, one causal attention
   sdpa_flash     (c) flash SDPA, one causal attention
@@ -72,6 +73,7 @@ def build_methods(case: Case, q, k, v, w, backend="triton"):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     import dash_kernels
+    from dash_kernels.backends import cuda_extension_available
 
     windows, sinks = CANDIDATE_SETS[case.cand_set]
     seq = case.seq
@@ -117,8 +119,13 @@ def build_methods(case: Case, q, k, v, w, backend="triton"):
                 return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         return run
 
+    def fused_cuda():  # the CUDA C++ forward (csrc/), Triton's backward
+        return dash_kernels.mixed_attention(q, k, v, w, windows, sinks, backend="cuda")
+
+    extra = {"fused_cuda": (fused_cuda, (q, k, v, w))} if cuda_extension_available() else {}
     return {
         "fused": (fused, (q, k, v, w)),
+        **extra,
         "flex_separate": (flex_separate, (qh, kh, vh, w)),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), (qh, kh, vh)),
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), (qh, kh, vh)),
@@ -193,6 +200,11 @@ def run(cases, modes, backend="triton", methods=None, on_row=None):
                 row["speedup_vs_flex_separate"] = ms.get("flex_separate", math.nan) / ms["fused"]
                 row["ratio_to_flex_causal"] = ms["fused"] / ms.get("flex_causal", math.nan)
                 row["ratio_to_cudnn_causal"] = ms["fused"] / ms.get("sdpa_cudnn", math.nan)
+            if "fused_cuda" in ms:
+                flops = causal_flops(case.batch, case.seq, heads_q, head_dim, mode)
+                row["fused_cuda_causal_equiv_tflops"] = flops / ms["fused_cuda"] * 1e-9
+                row["cuda_ratio_to_cudnn_causal"] = ms["fused_cuda"] / ms.get("sdpa_cudnn", math.nan)
+                row["cuda_ratio_to_triton"] = ms["fused_cuda"] / ms.get("fused", math.nan)
             rows.append(row)
             print(format_row(row), flush=True)
             if on_row:
@@ -213,9 +225,9 @@ def format_row(row):
 
 
 def table(rows):
-    head = ("| shape | T | B | set | mode | fused ms | (a) flex separate | (b) cuDNN | (c) flash | (d) flex causal "
-            "| (a)/fused | fused/(d) | fused/cuDNN |")
-    lines = [head, "|" + " --- |" * 13]
+    head = ("| shape | T | B | set | mode | fused ms | CUDA fused ms | (a) flex separate | (b) cuDNN | (c) flash "
+            "| (d) flex causal | (a)/fused | fused/(d) | fused/cuDNN | CUDA/cuDNN | CUDA TFLOP/s-eq |")
+    lines = [head, "|" + " --- |" * 16]
     for r in rows:
         ms = r["ms"]
 
@@ -223,9 +235,11 @@ def table(rows):
             return f"{ms[name]:.3f}" if name in ms else "n/a"
         lines.append(
             f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['candidates']} | {r['mode']} | {cell('fused')} | "
-            f"{cell('flex_separate')} | {cell('sdpa_cudnn')} | {cell('sdpa_flash')} | {cell('flex_causal')} | "
-            f"{r.get('speedup_vs_flex_separate', math.nan):.2f} | {r.get('ratio_to_flex_causal', math.nan):.2f} | "
-            f"{r.get('ratio_to_cudnn_causal', math.nan):.2f} |")
+            f"{cell('fused_cuda')} | {cell('flex_separate')} | {cell('sdpa_cudnn')} | {cell('sdpa_flash')} | "
+            f"{cell('flex_causal')} | {r.get('speedup_vs_flex_separate', math.nan):.2f} | "
+            f"{r.get('ratio_to_flex_causal', math.nan):.2f} | {r.get('ratio_to_cudnn_causal', math.nan):.2f} | "
+            f"{r.get('cuda_ratio_to_cudnn_causal', math.nan):.2f} | "
+            f"{r.get('fused_cuda_causal_equiv_tflops', math.nan):.0f} |")
     return "\n".join(lines)
 
 

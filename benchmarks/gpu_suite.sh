@@ -2,6 +2,8 @@
 # What the GPU must confirm, in parts that each fit one device call (10-minute command limit).
 # Writes logs and JSON under $OUT (or ./gpu_out); prints short tables last.
 #   PARTS="tests bench"          which parts, in order (default: tests bench)
+#     build        the CUDA extension in place (setup.py build_ext --inplace; the tests and bench then
+#                  include backend "cuda"); a warm machine keeps it between calls   ~2 min
 #     tests        GPU correctness tests (tests/test_gpu.py)          ~7 min
 #     tune         tile-config sweep per head dim                      ~5 min
 #     profile      CUDA time per kernel, fused vs one Flex attention   ~2 min
@@ -35,6 +37,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 python -m dash_kernels | tee -a "$OUT/gpu.txt"
 for part in ${PARTS:-tests bench}; do
   case "$part" in
+    build)
+      MAX_JOBS="${MAX_JOBS:-16}" timeout 420 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+        && echo "built: $(ls dash_kernels/_C*.so)" || { echo "BUILD FAILED"; tail -30 "$OUT/build.log"; }
+      grep -E "registers|spill" "$OUT/build.log" | head -8
+      python -m dash_kernels | tail -3 ;;
     tests)
       timeout "${TEST_TIMEOUT:-420}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py ${TEST_ARGS:-} ${TEST_K:+-k "$TEST_K"} \
         2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20 ;;

@@ -1,4 +1,4 @@
-"""GPU correctness: Triton kernels vs an fp32 reference at real lengths (run with `pytest -m gpu`).
+"""GPU correctness: the Triton and CUDA kernels vs an fp32 reference at real lengths (run with `pytest -m gpu`).
 
 bf16/fp16 error is judged FlashAttention's way: the kernel's error against the fp32 reference
 must stay within a small multiple of what a plain low-precision PyTorch implementation scores
@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from dash_kernels import mixed_attention, mixed_attention_reference
+from dash_kernels.backends import cuda_extension_available
 from helpers import make_inputs, rel_err
 
 pytestmark = pytest.mark.gpu
+# the CUDA C++ forward (csrc/), where the extension is built (`pip install --no-build-isolation .`); its backward
+# is Triton's, fed by the CUDA forward's O and LSE
+BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_extension_available(),
+                                                                     reason="dash_kernels._C not built"))]
 
 CASES = {
     # name: (B, T, Hq, Hkv, D, dtype, windows, sinks, per_head)
@@ -24,6 +29,8 @@ CASES = {
     "windows_wider_than_T": (1, 257, 16, 2, 128, torch.bfloat16, [300, 1, None], [0, 1, 0], False),
     "t1": (3, 1, 16, 2, 128, torch.bfloat16, [1, None], [1, 0], False),
     "t17_d64": (2, 17, 9, 3, 64, torch.float16, [5, None], [1, 0], False),
+    "eight_candidates_T2000": (1, 2000, 8, 2, 128, torch.bfloat16, [None, 1, 64, 65, 300, 300, 2048, 129],
+                               [0, 0, 1, 0, 0, 64, 0, 200], True),
 }
 
 
@@ -44,15 +51,16 @@ def _dw_condition_scale(q, k, v, w, windows, sinks, dy):
     return (scale if w.dim() == 2 else scale.sum(0)).norm()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_vs_fp32_reference(name):
+def test_kernels_vs_fp32_reference(name, backend):
     batch, seq, hq, hkv, d, dtype, windows, sinks, per_head = CASES[name]
     q, k, v, w = make_inputs(batch, seq, hq, hkv, d, len(windows), per_head=per_head, dtype=dtype,
                              device="cuda", seed=zlib.crc32(name.encode()) % 1000)
     inputs = (q, k, v, w)
     # dY from a seeded generator: the case is the same on every run
     dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).cuda()
-    y = mixed_attention(q, k, v, w, windows, sinks, backend="triton")
+    y = mixed_attention(q, k, v, w, windows, sinks, backend=backend)
     got = (y, *_grads(y, inputs, dy))
     del y
     y_ref = mixed_attention_reference(q, k, v, w, windows, sinks)  # fp32 compute
@@ -79,8 +87,34 @@ def test_triton_vs_fp32_reference(name):
         floor = 1e-6 if label == "dw" else 1e-4  # normalised dw errors sit near 1e-5
         if err > 2 * err_plain + 2 * quantum + floor:
             failures.append(f"{label}: kernel {err:.3e} vs plain {err_plain:.3e} (quantum {quantum:.1e})")
-    print(name, "; ".join(report), flush=True)
-    assert not failures, f"{name}: " + "; ".join(failures)
+    print(name, backend, "; ".join(report), flush=True)
+    assert not failures, f"{name} ({backend}): " + "; ".join(failures)
+
+
+@pytest.mark.skipif(not cuda_extension_available(), reason="dash_kernels._C not built")
+@pytest.mark.parametrize("name", ["dash_set_T1000_fp16_d128", "no_full_T3001_bf16", "eight_candidates_T2000", "t1"])
+def test_cuda_forward_keeps_the_triton_contract(name):
+    """O and LSE, which the shared backward reads, agree with the Triton forward's (sorted order, base 2)."""
+    from dash_kernels.ops.mixed_attention import cuda_op, triton_op
+    from dash_kernels.ops.mixed_attention.spec import make_plan
+
+    batch, seq, hq, hkv, d, dtype, windows, sinks, per_head = CASES[name]
+    q, k, v, w = make_inputs(batch, seq, hq, hkv, d, len(windows), per_head=per_head, dtype=dtype, device="cuda")
+    plan = make_plan(windows, sinks)
+    scale = d ** -0.5
+    with torch.no_grad():
+        y_c, o_c, lse_c = cuda_op.mixed_attention_fwd(q, k, v, w, plan, scale)
+        y_t, o_t, lse_t = triton_op.mixed_attention_fwd(q, k, v, w, plan, scale)
+    torch.cuda.synchronize()
+    errors = {"y": rel_err(y_c, y_t), "o": rel_err(o_c, o_t), "lse": (lse_c - lse_t).abs().max().item()}
+    print(name, errors, flush=True)
+    assert errors["y"] < 1e-2 and errors["o"] < 1e-2 and errors["lse"] < 1e-2, errors
+
+
+def test_cuda_backend_refuses_what_it_does_not_take():
+    q, k, v, w = make_inputs(1, 64, 2, 1, 32, 2, dtype=torch.bfloat16, device="cuda")  # D 32
+    with pytest.raises(ValueError, match="backend='cuda' is unavailable for these inputs"):
+        mixed_attention(q, k, v, w, [None, 8], backend="cuda")
 
 
 def test_fp32_inputs_are_accurate():

@@ -57,17 +57,21 @@ def _validate_tensors(q, k, v, weights, num_candidates: int):
         )
 
 
-def _pick_backend(backend: str, q: torch.Tensor) -> str:
+def _pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, num_candidates: int) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     chosen = backends.choose(backend, q.device, q.shape[-1], MAX_HEAD_DIM, "head dim", "D")
     if chosen is not None:
+        # "auto" stays on Triton until the CUDA kernel is measured faster on the GPU (benchmarks/NOTES.md)
         return chosen
     if backend == "cuda":
-        raise ValueError(
-            "backend='cuda' is unavailable: the CUDA C++ extension (dash_kernels._C) is not built in this "
-            "install; use 'auto', 'triton' or 'reference'"
-        )
+        from .cuda_op import unsupported_reason
+
+        reason = unsupported_reason(q, k, num_candidates)
+        if reason:
+            raise ValueError(f"backend='cuda' is unavailable for these inputs: {reason}; use 'auto', 'triton' "
+                             "or 'reference'")
+        return "cuda"
     raise ValueError(f"backend must be one of 'auto', 'triton', 'reference' or 'cuda', got {backend!r}")
 
 
@@ -91,7 +95,8 @@ def mixed_attention(
         windows: C entries, each an int ``W >= 1`` or ``None`` (full causal attention).
         sinks: None, or C ints ``S >= 0``: candidate c also sees keys ``j < S_c``.
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (``"cuda"`` once the extension is built).
+        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` | ``"cuda"`` (the CUDA C++ forward, where the
+            extension is built: bf16/fp16, D 64 or 128, up to 8 candidates; the backward is Triton's).
 
     Candidate c lets query t see key j iff ``j <= t`` and (``W_c is None`` or ``t - j < W_c`` or
     ``j < S_c``). Returns ``Y[b, t, h] = sum_c weights[(h,) c] * O_c[b, t, h]`` in q's dtype,
@@ -103,10 +108,10 @@ def mixed_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    chosen = _pick_backend(backend, q)
+    chosen = _pick_backend(backend, q, k, plan.num_candidates)
     if chosen == "reference":
         return mixed_attention_reference(q, k, v, weights, plan.windows, plan.sinks, scale=scale)
     from .op import mixed_attention_fwd
 
-    y, _, _ = mixed_attention_fwd(q, k, v, weights, plan.encoded_windows, list(plan.sinks), float(scale))
+    y, _, _ = mixed_attention_fwd(q, k, v, weights, plan.encoded_windows, list(plan.sinks), float(scale), chosen)
     return y

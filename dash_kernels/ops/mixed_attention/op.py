@@ -1,8 +1,10 @@
-"""torch.library registration of the Triton backend: custom ops, fake kernels, autograd.
+"""torch.library registration of the kernel backends: custom ops, fake kernels, autograd.
 
 ``dash_kernels::mixed_attention_fwd`` returns (Y, O, LSE); O and LSE are the per-candidate
-outputs and base-2 log-sum-exps the backward needs. ``torch.compile`` sees opaque ops
-with exact output shapes (the fake kernels) and an autograd formula.
+outputs and base-2 log-sum-exps the backward needs. ``backend`` picks the forward kernel
+("triton" or "cuda": both return the same O and LSE); the backward is Triton's for both until
+the CUDA backward lands. ``torch.compile`` sees opaque ops with exact output shapes (the fake
+kernels) and an autograd formula.
 """
 from __future__ import annotations
 
@@ -21,13 +23,17 @@ def _plan_of(windows: List[int], sinks: List[int]):
 @torch.library.custom_op("dash_kernels::mixed_attention_fwd", mutates_args=())
 def mixed_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
-    windows: List[int], sinks: List[int], scale: float,
+    windows: List[int], sinks: List[int], scale: float, backend: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cuda":
+        from . import cuda_op
+
+        return cuda_op.mixed_attention_fwd(q, k, v, weights, _plan_of(windows, sinks), scale)
     return triton_op.mixed_attention_fwd(q, k, v, weights, _plan_of(windows, sinks), scale)
 
 
 @mixed_attention_fwd.register_fake
-def _(q, k, v, weights, windows, sinks, scale):
+def _(q, k, v, weights, windows, sinks, scale, backend="triton"):
     batch, seq, heads_q, head_dim = q.shape
     num_c = len(windows)
     return (
@@ -60,7 +66,7 @@ def _(dy, q, k, v, weights, o, lse, windows, sinks, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, weights, windows, sinks, scale = inputs
+    q, k, v, weights, windows, sinks, scale, _backend = inputs
     _, o, lse = output
     ctx.save_for_backward(q, k, v, weights, o, lse)
     ctx.candidates = (windows, sinks, scale)
@@ -73,7 +79,7 @@ def _backward(ctx, dy, _do, _dlse):
         dy = torch.zeros_like(q)
     windows, sinks, scale = ctx.candidates
     dq, dk, dv, dw = mixed_attention_bwd(dy, q, k, v, weights, o, lse, windows, sinks, scale)
-    return dq, dk, dv, dw, None, None, None
+    return dq, dk, dv, dw, None, None, None, None
 
 
 mixed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

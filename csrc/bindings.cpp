@@ -1,0 +1,27 @@
+// dash_kernels._C: registers the CUDA kernels as torch operators (namespace dash_kernels_cuda), reached from
+// Python through torch.ops; the fake (meta) kernels and autograd live in dash_kernels/ops/*/op.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace dash {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& w,
+                                                                  c10::IntArrayRef windows, c10::IntArrayRef sinks,
+                                                                  double scale);
+}  // namespace dash
+
+TORCH_LIBRARY(dash_kernels_cuda, m) {
+  m.def("mixed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor w, int[] windows, int[] sinks, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dash_kernels_cuda, CUDA, m) { m.impl("mixed_attention_fwd", &dash::mixed_attention_fwd); }
+
+// An importable module (the operators register when the library loads).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "DASH CUDA kernels (see torch.ops.dash_kernels_cuda)",
+                                      -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,56 @@
+"""Launcher of the CUDA C++ forward (csrc/mixed_attention, built as ``dash_kernels._C``).
+
+It returns what the Triton forward returns (Y, O [C, B, T, Hq, D], LSE [B, Hq, C, T] base 2, sorted candidate
+order), so the backward of either backend consumes it; until the CUDA backward lands, ``backend="cuda"`` runs
+the CUDA forward and the Triton backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...backends import cuda_extension_available
+from .spec import CandidatePlan
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_CANDIDATES = 8  # csrc/mixed_attention/fwd_kernel.cuh: kMaxCandidates
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, num_candidates: int) -> Optional[str]:
+    """None when the CUDA kernel takes these inputs, else why not (for the error of backend='cuda')."""
+    if not cuda_extension_available():
+        return "the CUDA C++ extension (dash_kernels._C) is not built in this install (see README: CUDA extension)"
+    if q.device.type != "cuda":
+        return f"it needs CUDA tensors, got device '{q.device}'"
+    major, _ = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return f"it needs compute capability 8.0 or newer, got {major}.x"
+    if q.dtype not in DTYPES:
+        return f"it supports dtypes bfloat16 and float16, got {q.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"it supports head dims {HEAD_DIMS}, got D = {q.shape[-1]}"
+    if num_candidates > MAX_CANDIDATES:
+        return f"it takes at most {MAX_CANDIDATES} candidates, got {num_candidates}"
+    if q.shape[0] * q.shape[2] > 65535:
+        return f"it takes B * Hq <= 65535, got {q.shape[0] * q.shape[2]}"
+    return None
+
+
+def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
+    """The kernel loads 16-byte row chunks: a last-dim-contiguous, 16-byte-aligned view, else a copy."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in x.stride()[:3]):
+        return x
+    return x.contiguous()
+
+
+def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
+    """(Y, O, LSE) from the CUDA kernel; see the module docstring."""
+    from . import triton_op
+    from ... import _C  # noqa: F401  registers torch.ops.dash_kernels_cuda
+
+    w, _, _ = triton_op._tables(plan, weights, q.shape[2], q.device)
+    return torch.ops.dash_kernels_cuda.mixed_attention_fwd(
+        _rows_aligned(q), _rows_aligned(k), _rows_aligned(v), w, list(plan.sorted_windows),
+        list(plan.sorted_sinks), float(scale))
