@@ -3,7 +3,7 @@
 For each shape and candidate set, times (median of triton.testing.do_bench, after warm-up),
 forward and forward+backward, bf16:
   fused          dash_kernels.mixed_attention (backend chosen by --backend, default triton)
-  fused_cuda     the same with backend="cuda" (the CUDA C++ forward of csrc/, Triton's backward), where built
+  fused_cuda     the same with backend="cuda" (the CUDA C++ kernels of csrc/), where built
   flex_separate  (a) the same candidates run separately through FlexAttention, weighted and summed
   sdpa_cudnn     (b) cuDNN SDPA, one causal attention
   sdpa_flash     (c) flash SDPA, one causal attention
@@ -119,7 +119,7 @@ def build_methods(case: Case, q, k, v, w, backend="triton"):
                 return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         return run
 
-    def fused_cuda():  # the CUDA C++ forward (csrc/), Triton's backward
+    def fused_cuda():  # the CUDA C++ kernels (csrc/)
         return dash_kernels.mixed_attention(q, k, v, w, windows, sinks, backend="cuda")
 
     extra = {"fused_cuda": (fused_cuda, (q, k, v, w))} if cuda_extension_available() else {}

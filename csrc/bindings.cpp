@@ -10,14 +10,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
                                                                   const at::Tensor& v, const at::Tensor& w,
                                                                   c10::IntArrayRef windows, c10::IntArrayRef sinks,
                                                                   double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
+    const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+    const at::Tensor& o, const at::Tensor& lse, c10::IntArrayRef windows, c10::IntArrayRef sinks, double scale);
 }  // namespace dash
 
 TORCH_LIBRARY(dash_kernels_cuda, m) {
   m.def("mixed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor w, int[] windows, int[] sinks, float scale) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("mixed_attention_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor w, Tensor o, Tensor lse, int[] windows, "
+        "int[] sinks, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(dash_kernels_cuda, CUDA, m) { m.impl("mixed_attention_fwd", &dash::mixed_attention_fwd); }
+TORCH_LIBRARY_IMPL(dash_kernels_cuda, CUDA, m) {
+  m.impl("mixed_attention_fwd", &dash::mixed_attention_fwd);
+  m.impl("mixed_attention_bwd", &dash::mixed_attention_bwd);
+}
 
 // An importable module (the operators register when the library loads).
 PyMODINIT_FUNC PyInit__C(void) {

@@ -14,8 +14,7 @@ from dash_kernels.backends import cuda_extension_available
 from helpers import make_inputs, rel_err
 
 pytestmark = pytest.mark.gpu
-# the CUDA C++ forward (csrc/), where the extension is built (`pip install --no-build-isolation .`); its backward
-# is Triton's, fed by the CUDA forward's O and LSE
+# the CUDA C++ kernels (csrc/), where the extension is built (`pip install --no-build-isolation .`)
 BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_extension_available(),
                                                                      reason="dash_kernels._C not built"))]
 
@@ -93,8 +92,9 @@ def test_kernels_vs_fp32_reference(name, backend):
 
 @pytest.mark.skipif(not cuda_extension_available(), reason="dash_kernels._C not built")
 @pytest.mark.parametrize("name", ["dash_set_T1000_fp16_d128", "no_full_T3001_bf16", "eight_candidates_T2000", "t1"])
-def test_cuda_forward_keeps_the_triton_contract(name):
-    """O and LSE, which the shared backward reads, agree with the Triton forward's (sorted order, base 2)."""
+def test_cuda_kernels_keep_the_triton_contract(name):
+    """The forward's O and LSE (sorted order, base 2) and the backward's dq, dk, dv, delta agree with Triton's on
+    the same inputs, so either backward may consume either forward."""
     from dash_kernels.ops.mixed_attention import cuda_op, triton_op
     from dash_kernels.ops.mixed_attention.spec import make_plan
 
@@ -107,8 +107,14 @@ def test_cuda_forward_keeps_the_triton_contract(name):
         y_t, o_t, lse_t = triton_op.mixed_attention_fwd(q, k, v, w, plan, scale)
     torch.cuda.synchronize()
     errors = {"y": rel_err(y_c, y_t), "o": rel_err(o_c, o_t), "lse": (lse_c - lse_t).abs().max().item()}
-    print(name, errors, flush=True)
-    assert errors["y"] < 1e-2 and errors["o"] < 1e-2 and errors["lse"] < 1e-2, errors
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=dtype).cuda()
+    with torch.no_grad():
+        grads_c = cuda_op.mixed_attention_bwd(dy, q, k, v, w, o_t, lse_t, plan, scale)
+        grads_t = triton_op.mixed_attention_bwd(dy, q, k, v, w, o_t, lse_t, plan, scale)
+    for label, a, b in zip(("dq", "dk", "dv", "delta"), grads_c, grads_t):
+        errors[label] = rel_err(a, b)
+    print(name, {key: f"{value:.2e}" for key, value in errors.items()}, flush=True)
+    assert all(value < 1e-2 for value in errors.values()), errors
 
 
 def test_cuda_backend_refuses_what_it_does_not_take():

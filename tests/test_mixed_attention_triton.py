@@ -120,6 +120,7 @@ def test_low_precision_error_relative_to_plain_implementation(dtype):
 
 
 def test_opcheck():
+    import dash_kernels.ops.mixed_attention.op  # noqa: F401  registers the op (run alone, nothing else has)
     q, k, v, w = make_inputs(1, 20, 2, 1, 16, 3, per_head=True, device=DEVICE)
     torch.library.opcheck(
         torch.ops.dash_kernels.mixed_attention_fwd.default,

@@ -1,8 +1,8 @@
-"""Launcher of the CUDA C++ forward (csrc/mixed_attention, built as ``dash_kernels._C``).
+"""Launchers of the CUDA C++ kernels (csrc/mixed_attention, built as ``dash_kernels._C``).
 
-It returns what the Triton forward returns (Y, O [C, B, T, Hq, D], LSE [B, Hq, C, T] base 2, sorted candidate
-order), so the backward of either backend consumes it; until the CUDA backward lands, ``backend="cuda"`` runs
-the CUDA forward and the Triton backward.
+They keep the Triton launchers' contract: the forward returns (Y, O [C, B, T, Hq, D], LSE [B, Hq, C, T] base 2,
+sorted candidate order), the backward (dq, dk, dv, delta [B, Hq, C, T]), so either backward consumes either
+forward's O and LSE.
 """
 from __future__ import annotations
 
@@ -53,4 +53,15 @@ def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
     w, _, _ = triton_op._tables(plan, weights, q.shape[2], q.device)
     return torch.ops.dash_kernels_cuda.mixed_attention_fwd(
         _rows_aligned(q), _rows_aligned(k), _rows_aligned(v), w, list(plan.sorted_windows),
+        list(plan.sorted_sinks), float(scale))
+
+
+def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale: float):
+    """(dq, dk, dv, delta) from the CUDA kernels; see the module docstring."""
+    from . import triton_op
+    from ... import _C  # noqa: F401
+
+    w, _, _ = triton_op._tables(plan, weights, q.shape[2], q.device)
+    return torch.ops.dash_kernels_cuda.mixed_attention_bwd(
+        dy, _rows_aligned(q), _rows_aligned(k), _rows_aligned(v), w, o, lse, list(plan.sorted_windows),
         list(plan.sorted_sinks), float(scale))

@@ -95,8 +95,8 @@ def mixed_attention(
         windows: C entries, each an int ``W >= 1`` or ``None`` (full causal attention).
         sinks: None, or C ints ``S >= 0``: candidate c also sees keys ``j < S_c``.
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` | ``"cuda"`` (the CUDA C++ forward, where the
-            extension is built: bf16/fp16, D 64 or 128, up to 8 candidates; the backward is Triton's).
+        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` | ``"cuda"`` (the CUDA C++ kernels, where the
+            extension is built: bf16/fp16, D 64 or 128, up to 8 candidates).
 
     Candidate c lets query t see key j iff ``j <= t`` and (``W_c is None`` or ``t - j < W_c`` or
     ``j < S_c``). Returns ``Y[b, t, h] = sum_c weights[(h,) c] * O_c[b, t, h]`` in q's dtype,

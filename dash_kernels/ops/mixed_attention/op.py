@@ -1,10 +1,9 @@
 """torch.library registration of the kernel backends: custom ops, fake kernels, autograd.
 
 ``dash_kernels::mixed_attention_fwd`` returns (Y, O, LSE); O and LSE are the per-candidate
-outputs and base-2 log-sum-exps the backward needs. ``backend`` picks the forward kernel
-("triton" or "cuda": both return the same O and LSE); the backward is Triton's for both until
-the CUDA backward lands. ``torch.compile`` sees opaque ops with exact output shapes (the fake
-kernels) and an autograd formula.
+outputs and base-2 log-sum-exps the backward needs. ``backend`` picks the kernels ("triton" or
+"cuda": the same O, LSE and gradients contract). ``torch.compile`` sees opaque ops with exact
+output shapes (the fake kernels) and an autograd formula.
 """
 from __future__ import annotations
 
@@ -47,9 +46,15 @@ def _(q, k, v, weights, windows, sinks, scale, backend="triton"):
 def mixed_attention_bwd(
     dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
     o: torch.Tensor, lse: torch.Tensor, windows: List[int], sinks: List[int], scale: float,
+    backend: str = "triton",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = _plan_of(windows, sinks)
-    dq, dk, dv, delta = triton_op.mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan, scale)
+    if backend == "cuda":
+        from . import cuda_op
+
+        dq, dk, dv, delta = cuda_op.mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan, scale)
+    else:
+        dq, dk, dv, delta = triton_op.mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan, scale)
     # dw[h, c] = sum_{b, t} <dY, O_c>; back to the caller's candidate order and weight shape
     dw = delta.sum(dim=(0, 3))  # [Hq, C] sorted
     inverse = triton_op.plan_tables(plan, dw.device)["inverse"]
@@ -61,15 +66,15 @@ def mixed_attention_bwd(
 
 
 @mixed_attention_bwd.register_fake
-def _(dy, q, k, v, weights, o, lse, windows, sinks, scale):
+def _(dy, q, k, v, weights, o, lse, windows, sinks, scale, backend="triton"):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), weights.new_empty(weights.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, weights, windows, sinks, scale, _backend = inputs
+    q, k, v, weights, windows, sinks, scale, backend = inputs
     _, o, lse = output
     ctx.save_for_backward(q, k, v, weights, o, lse)
-    ctx.candidates = (windows, sinks, scale)
+    ctx.candidates = (windows, sinks, scale, backend)
     ctx.set_materialize_grads(False)  # O and LSE are internal: no zero-filled gradients for them
 
 
@@ -77,8 +82,8 @@ def _backward(ctx, dy, _do, _dlse):
     q, k, v, weights, o, lse = ctx.saved_tensors
     if dy is None:  # only O or LSE of the raw op was used: they carry no gradient
         dy = torch.zeros_like(q)
-    windows, sinks, scale = ctx.candidates
-    dq, dk, dv, dw = mixed_attention_bwd(dy, q, k, v, weights, o, lse, windows, sinks, scale)
+    windows, sinks, scale, backend = ctx.candidates
+    dq, dk, dv, dw = mixed_attention_bwd(dy, q, k, v, weights, o, lse, windows, sinks, scale, backend)
     return dq, dk, dv, dw, None, None, None, None
 
 

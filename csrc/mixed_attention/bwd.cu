@@ -1,0 +1,146 @@
+// Host side of the CUDA backward: the region table, the three launches, the GQA group sums.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "bwd_kernel.cuh"
+
+namespace dash {
+
+namespace {
+
+template <typename T, int D>
+void launch_bwd(const BwdParams& params, int row_tiles, int batch_heads, cudaStream_t stream) {
+  using Tile = BwdTile<D>;
+  const dim3 grid(row_tiles, batch_heads);
+  mixed_attention_bwd_prep_kernel<T><<<dim3((params.seq + 3) / 4, batch_heads), 128, 0, stream>>>(params, D);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto dkdv = mixed_attention_bwd_dkdv_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Tile::kSmemBytes)));
+  dkdv<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto dq = mixed_attention_bwd_dq_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(Tile::kSmemBytes)));
+  dq<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// dy [B, T, Hq, D]; q, k, v, w, windows, sinks as for the forward; o, lse the forward's. Returns (dq, dk, dv,
+// delta [B, Hq, C, T]) like the Triton backward (dw = delta summed over batch and tokens, by the caller).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
+    const at::Tensor& dy_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+    const at::Tensor& o_in, const at::Tensor& lse_in, c10::IntArrayRef windows, c10::IntArrayRef sinks,
+    double scale) {
+  const int64_t batch = q.size(0), seq = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
+  const int64_t heads_kv = k.size(2), num_c = static_cast<int64_t>(windows.size());
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "the CUDA backend supports head dims 64 and 128, got ", head_dim);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "the CUDA backend supports bfloat16 and float16, got ", q.scalar_type());
+  TORCH_CHECK(num_c >= 1 && num_c <= kMaxCandidates, "1 to ", kMaxCandidates, " candidates, got ", num_c);
+  TORCH_CHECK(dy_in.sizes() == q.sizes(), "dy must have q's shape");
+  TORCH_CHECK(o_in.dim() == 5 && o_in.size(0) == num_c, "o must be [C, B, T, Hq, D]");
+  TORCH_CHECK(lse_in.dim() == 4 && lse_in.size(2) == num_c, "lse must be [B, Hq, C, T]");
+  for (const auto* x : {&q, &k, &v})
+    TORCH_CHECK(x->stride(3) == 1 && reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0 && x->stride(0) % 8 == 0 &&
+                    x->stride(1) % 8 == 0 && x->stride(2) % 8 == 0,
+                "q, k, v rows must be 16-byte aligned and contiguous in the head dim");
+  c10::cuda::CUDAGuard guard(q.device());
+  const auto dy = dy_in.to(q.scalar_type()).contiguous();
+  const auto o = o_in.contiguous();
+  const auto lse = lse_in.contiguous();
+
+  BwdParams params{};
+  std::vector<int> band_edges, sink_edges;
+  for (int64_t c = 0; c < num_c; ++c) {
+    TORCH_CHECK(c == 0 || windows[c] >= windows[c - 1], "windows must come sorted ascending (the plan's order)");
+    if (windows[c] < kFullWindow) {
+      if (band_edges.empty() || band_edges.back() != windows[c]) band_edges.push_back(static_cast<int>(windows[c]));
+    } else {
+      params.has_full = 1;
+    }
+    if (sinks[c] > 0) sink_edges.push_back(static_cast<int>(sinks[c]));
+  }
+  std::sort(sink_edges.begin(), sink_edges.end());
+  sink_edges.erase(std::unique(sink_edges.begin(), sink_edges.end()), sink_edges.end());
+  const int nb = static_cast<int>(band_edges.size()), ns = static_cast<int>(sink_edges.size());
+  const int num_regions = (nb + 1) * (ns + 1);
+  // the membership table of spec._plan: region (band, level) is seen by candidate c iff its window reaches past
+  // the band's smallest distance, or its sink covers the level's keys
+  for (int band = 0; band <= nb; ++band) {
+    const int64_t band_lo = band == 0 ? 0 : band_edges[band - 1];
+    for (int level = 0; level <= ns; ++level) {
+      const int64_t sink_hi = level == 0 ? 0 : sink_edges[ns - level];
+      int bits = 0;
+      for (int64_t c = 0; c < num_c; ++c)
+        if (windows[c] > band_lo || (sink_hi > 0 && sinks[c] >= sink_hi)) bits |= 1 << c;
+      params.membership[band * (ns + 1) + level] = bits;
+    }
+  }
+  std::copy(band_edges.begin(), band_edges.end(), params.band_edges);
+  std::copy(sink_edges.begin(), sink_edges.end(), params.sink_edges);
+  params.num_bands = nb;
+  params.num_sinks = ns;
+  params.num_regions = num_regions;
+  params.widest = nb ? band_edges.back() : 1;
+  params.max_sink = ns ? sink_edges.back() : 0;
+
+  auto f32 = q.options().dtype(at::kFloat);
+  auto delta = at::empty({batch, heads_q, num_c, seq}, f32);
+  auto ref = at::empty({batch, heads_q, num_regions, seq}, f32);
+  auto coef_a = at::empty_like(ref), coef_b = at::empty_like(ref);
+  auto dq = at::empty({batch, seq, heads_q, head_dim}, q.options());
+  auto dk = at::empty({batch, seq, heads_q, head_dim}, f32);  // per query head; summed per group below
+  auto dv = at::empty({batch, seq, heads_q, head_dim}, f32);
+
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.dy = dy.data_ptr();
+  params.o = o.data_ptr();
+  params.lse = lse.data_ptr<float>();
+  params.w = w.data_ptr<float>();
+  params.delta = delta.data_ptr<float>();
+  params.ref = ref.data_ptr<float>();
+  params.coef_a = coef_a.data_ptr<float>();
+  params.coef_b = coef_b.data_ptr<float>();
+  params.dq = dq.data_ptr();
+  params.dk = dk.data_ptr<float>();
+  params.dv = dv.data_ptr<float>();
+  for (int i = 0; i < 3; ++i) {
+    params.q_stride[i] = q.stride(i);
+    params.k_stride[i] = k.stride(i);
+    params.v_stride[i] = v.stride(i);
+  }
+  params.batch = static_cast<int>(batch);
+  params.seq = static_cast<int>(seq);
+  params.heads_q = static_cast<int>(heads_q);
+  params.group = static_cast<int>(heads_q / heads_kv);
+  params.num_c = static_cast<int>(num_c);
+  params.scale = static_cast<float>(scale);
+  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int row_tiles = static_cast<int>((seq + 63) / 64), bh = static_cast<int>(batch * heads_q);
+  if (q.scalar_type() == at::kBFloat16) {
+    if (head_dim == 64) launch_bwd<__nv_bfloat16, 64>(params, row_tiles, bh, stream);
+    else launch_bwd<__nv_bfloat16, 128>(params, row_tiles, bh, stream);
+  } else {
+    if (head_dim == 64) launch_bwd<__half, 64>(params, row_tiles, bh, stream);
+    else launch_bwd<__half, 128>(params, row_tiles, bh, stream);
+  }
+  const int64_t group = heads_q / heads_kv;
+  auto dk_out = dk.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(k.scalar_type());
+  auto dv_out = dv.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(v.scalar_type());
+  return {dq, dk_out, dv_out, delta};
+}
+
+}  // namespace dash
