@@ -8,6 +8,7 @@ Environment:
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -28,6 +29,15 @@ def cuda_extensions():
     if not sources:
         _note("no CUDA sources in csrc/ yet: installing the Triton and reference backends only.")
         return [], {}
+    nvcc = shutil.which("nvcc")
+    if nvcc and not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        # torch guesses CUDA_HOME as nvcc's grandparent: /usr/local for a /usr/local/bin/nvcc wrapper, which has
+        # no lib64/libcudart.so to link; take the first candidate that has one
+        guesses = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+        for home in guesses:
+            if os.path.exists(os.path.join(home, "lib64", "libcudart.so")):
+                os.environ["CUDA_HOME"] = home
+                break
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

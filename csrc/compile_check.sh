@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every csrc/ translation unit for sm_90a without a GPU or a CUDA build of torch installed: the headers
-# come from a CUDA torch wheel (TORCH_WHEEL, unpacked once), nvcc from the machine. CI runs this so that a
-# broken csrc/ fails there even though nothing runs it. Usage: TORCH_WHEEL=/path/torch-*.whl csrc/compile_check.sh
+# come from a CUDA torch wheel (TORCH_WHEEL, unpacked once), nvcc from the machine. The quick check while
+# editing (CI builds and loads the whole extension instead), with ptxas's register and spill report.
+# Usage: TORCH_WHEEL=/path/torch-*.whl csrc/compile_check.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 wheel="${TORCH_WHEEL:?set TORCH_WHEEL to a CUDA build of torch (.whl) for its headers}"

@@ -73,5 +73,6 @@ def report() -> dict:
     return {
         "reference": "available",
         "triton": triton_state,
-        "cuda": "available" if cuda_extension_available() else "not built (see README: CUDA extension)",
+        "cuda": ("not built (see README: CUDA extension)" if not cuda_extension_available()
+                 else "available" if gpu else "built; no CUDA device"),
     }
