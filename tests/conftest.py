@@ -6,6 +6,12 @@ import torch
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors. Must be set before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:  # imported now, under that setting: a test that first imports it with TRITON_INTERPRET=0 (a clear-error
+        # test does) would leave every later kernel compiled for a GPU, failing the interpreter tests after it
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
 
 
 def pytest_configure(config):
