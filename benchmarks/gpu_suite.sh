@@ -4,6 +4,7 @@
 #   PARTS="tests bench"          which parts, in order (default: tests bench)
 #     build        the CUDA extension in place (setup.py build_ext --inplace; the tests and bench then
 #                  include backend "cuda"); a warm machine keeps it between calls   ~2 min
+#     sanitize     the CUDA backend under compute-sanitizer memcheck and racecheck, small shapes  ~2 min
 #     tests        GPU correctness tests (tests/test_gpu.py)          ~7 min
 #     tune         tile-config sweep per head dim                      ~5 min
 #     profile      CUDA time per kernel, fused vs one Flex attention   ~2 min
@@ -42,6 +43,11 @@ for part in ${PARTS:-tests bench}; do
         && echo "built: $(ls dash_kernels/_C*.so)" || { echo "BUILD FAILED"; tail -30 "$OUT/build.log"; }
       grep -E "registers|spill" "$OUT/build.log" | head -8
       python -m dash_kernels | tail -3 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 200 compute-sanitizer --tool "$tool" python benchmarks/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1
+        echo "$tool: exit $?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|worst" "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
+      done ;;
     tests)
       timeout "${TEST_TIMEOUT:-420}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py ${TEST_ARGS:-} ${TEST_K:+-k "$TEST_K"} \
         2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20 ;;
