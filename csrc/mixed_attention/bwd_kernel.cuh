@@ -119,6 +119,12 @@ struct BwdTile {
                                        2 * size_t(kRows) * kLdA * 4;
 };
 
+template <typename T, int D>
+__device__ __forceinline__ void load_bwd_tile(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
+  using Tile = BwdTile<D>;
+  load_rows<T, D, Tile::kRows, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
+}
+
 // C[16 rows of this warp, 64] = A[rows, D] B[64, D]^T (both row-major 16-bit tiles) into fp32 shared memory.
 template <typename T, int D>
 __device__ __forceinline__ void warp_abt(const T* sA, const T* sB, float* sC) {
@@ -204,8 +210,8 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dkdv
   const int64_t dy_stride_t = int64_t(p.heads_q) * D;
 
   for (int idx = threadIdx.x; idx < N * Tile::kLdA; idx += Tile::kThreads) sDk[idx] = sDv[idx] = 0.f;
-  load_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
-  load_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
+  load_bwd_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
+  load_bwd_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
   const int j1 = min(j0 + N, p.seq) - 1;
   const int row = threadIdx.x >> 1, half = threadIdx.x & 1;  // this thread: key j0 + row, half the queries
   for (int m0 = (j0 / N) * N; m0 < p.seq; m0 += N) {
@@ -215,8 +221,8 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dkdv
       continue;
     }
     __syncthreads();  // the previous tile's Q, dY are consumed
-    load_tile<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
-    load_tile<T, D>(sDy, dy, dy_stride_t, m0, p.seq);
+    load_bwd_tile<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
+    load_bwd_tile<T, D>(sDy, dy, dy_stride_t, m0, p.seq);
     __syncthreads();
     warp_abt<T, D>(sK, sQ, sS);   // S^T [keys, queries]
     warp_abt<T, D>(sV, sDy, sDp);  // dP^T
@@ -271,16 +277,16 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dq_k
   const int64_t dy_stride_t = int64_t(p.heads_q) * D;
 
   for (int idx = threadIdx.x; idx < N * Tile::kLdA; idx += Tile::kThreads) sDq[idx] = 0.f;
-  load_tile<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
-  load_tile<T, D>(sDy, dy, dy_stride_t, m0, p.seq);
+  load_bwd_tile<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
+  load_bwd_tile<T, D>(sDy, dy, dy_stride_t, m0, p.seq);
   const int m1 = min(m0 + N, p.seq) - 1;
   const int row = threadIdx.x >> 1, half = threadIdx.x & 1;  // this thread: query m0 + row, half the keys
   for (int j0 = 0; j0 <= m1; j0 += N) {
     const int j1 = min(j0 + N, p.seq) - 1;
     if (!tile_visible(p, m0, m1, j0, j1)) continue;
     __syncthreads();
-    load_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
-    load_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
+    load_bwd_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
+    load_bwd_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
     __syncthreads();
     warp_abt<T, D>(sQ, sK, sS);   // S [queries, keys]
     warp_abt<T, D>(sDy, sV, sDp);  // dP

@@ -87,18 +87,24 @@ struct FwdTile {
                                        2 * size_t(kBlockM) * kLdA * 4 + 2 * size_t(kBlockM) * 4;
 };
 
-// Loads rows [row0, row0 + 64) of one head of a [B, T, H, D] tensor into shared memory, zeros past T
-// (a zero V row keeps 0 * V finite where a probability is 0).
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
-  using Tile = FwdTile<D>;
+// Loads rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into shared memory (row pitch LD), zeros
+// past T (a zero V row keeps 0 * V finite where a probability is 0). All THREADS threads of the block take part.
+template <typename T, int D, int ROWS, int LD, int THREADS>
+__device__ __forceinline__ void load_rows(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
   constexpr int kChunks = D / 8;  // 16-byte chunks a row
-  for (int idx = threadIdx.x; idx < Tile::kBlockM * kChunks; idx += Tile::kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += THREADS) {
     const int row = idx / kChunks, chunk = idx % kChunks;
     uint4 value = make_uint4(0, 0, 0, 0);
     if (row0 + row < seq) value = *reinterpret_cast<const uint4*>(base + (row0 + row) * stride_t + chunk * 8);
-    *reinterpret_cast<uint4*>(dst + row * Tile::kLdH + chunk * 8) = value;
+    *reinterpret_cast<uint4*>(dst + row * LD + chunk * 8) = value;
   }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
+  using Tile = FwdTile<D>;
+  static_assert(Tile::kBlockM == Tile::kBlockN, "Q, K and V tiles share one loader");
+  load_rows<T, D, Tile::kBlockM, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
 }
 
 // One sub-step of the walk for this thread's row: take in the keys of the current tile that ``include``

@@ -50,7 +50,7 @@ def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
     from . import triton_op
     from ... import _C  # noqa: F401  registers torch.ops.dash_kernels_cuda
 
-    w, _, _ = triton_op._tables(plan, weights, q.shape[2], q.device)
+    w, _, _ = triton_op.sorted_tables(plan, weights, q.shape[2], q.device)
     return torch.ops.dash_kernels_cuda.mixed_attention_fwd(
         _rows_aligned(q), _rows_aligned(k), _rows_aligned(v), w, list(plan.sorted_windows),
         list(plan.sorted_sinks), float(scale))
@@ -61,7 +61,7 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
     from . import triton_op
     from ... import _C  # noqa: F401
 
-    w, _, _ = triton_op._tables(plan, weights, q.shape[2], q.device)
+    w, _, _ = triton_op.sorted_tables(plan, weights, q.shape[2], q.device)
     return torch.ops.dash_kernels_cuda.mixed_attention_bwd(
         dy, _rows_aligned(q), _rows_aligned(k), _rows_aligned(v), w, o, lse, list(plan.sorted_windows),
         list(plan.sorted_sinks), float(scale))

@@ -85,8 +85,9 @@ def plan_tables(plan: CandidatePlan, device: torch.device) -> dict:
     }
 
 
-def _tables(plan: CandidatePlan, weights: torch.Tensor, heads_q: int, device):
-    """Sorted per-head weights [Hq, C] fp32, the int table, and the region membership."""
+def sorted_tables(plan: CandidatePlan, weights: torch.Tensor, heads_q: int, device):
+    """Sorted per-head weights [Hq, C] fp32, the int table, and the region membership (every backend's launcher
+    takes the weights in this form)."""
     tables = plan_tables(plan, torch.device(device))
     w = weights.detach().to(device=device, dtype=torch.float32)
     w = w.expand(heads_q, -1) if w.dim() == 1 else w
@@ -103,7 +104,7 @@ def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
     heads_kv = k.shape[2]
     num_c = plan.num_candidates
     has_sink = plan.max_sink > 0
-    w, cand, _ = _tables(plan, weights, heads_q, q.device)
+    w, cand, _ = sorted_tables(plan, weights, heads_q, q.device)
     y = torch.empty(batch, seq, heads_q, head_dim, device=q.device, dtype=q.dtype)
     o = torch.empty(num_c, batch, seq, heads_q, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads_q, num_c, seq, device=q.device, dtype=torch.float32)
@@ -134,7 +135,7 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
     heads_kv = k.shape[2]
     num_c, num_r = plan.num_candidates, plan.num_regions
     nb, ns = len(plan.band_edges), len(plan.sink_edges)
-    w, cand, membership = _tables(plan, weights, heads_q, q.device)
+    w, cand, membership = sorted_tables(plan, weights, heads_q, q.device)
     dy = dy.contiguous()
     block_d = _block_d(head_dim)
     delta = torch.empty(batch, heads_q, num_c, seq, device=q.device, dtype=torch.float32)
