@@ -54,17 +54,26 @@ def cuda_extensions():
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
             archs = f"{major}.{minor}"
-    gencode = []
+    gencode, built = [], []
     for arch in archs.replace(";", " ").replace(",", " ").split():
         num = arch.replace(".", "")
+        if int(num) < 80:  # bf16 tensor-core fragments need sm_80
+            _note(f"compute capability {arch} is below 8.0, which the CUDA kernels need: not built for it.")
+            continue
         suffix = "a" if num == "90" else ""  # wgmma / setmaxnreg need sm_90a
         gencode += [f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}"]
+        built.append(num)
+    if not built:
+        _note("no architecture of 8.0 or newer to build for: skipping the CUDA extension.")
+        return [], {}
+    # the extension reports what it was built for (torch.ops.dash_kernels_cuda.built_archs)
+    defines = [f"-DDASH_BUILT_ARCHS={','.join(built)}"]
     ext = CUDAExtension(
         name="dash_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         # C++20: torch 2.14's headers refuse anything older ("C++20 or later compatible compiler is required")
-        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", *gencode]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", *defines], "nvcc": ["-O3", "-std=c++20", *gencode, *defines]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -4,6 +4,12 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
+
+// compute capabilities (major * 10 + minor) this build has machine code for; setup.py defines it
+#ifndef DASH_BUILT_ARCHS
+#define DASH_BUILT_ARCHS 90
+#endif
 
 namespace dash {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -13,6 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
     const at::Tensor& dy, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
     const at::Tensor& o, const at::Tensor& lse, c10::IntArrayRef windows, c10::IntArrayRef sinks, double scale);
+int64_t shared_memory_bytes(int64_t head_dim);
+
+std::vector<int64_t> built_archs() { return {DASH_BUILT_ARCHS}; }
 }  // namespace dash
 
 TORCH_LIBRARY(dash_kernels_cuda, m) {
@@ -20,6 +29,8 @@ TORCH_LIBRARY(dash_kernels_cuda, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("mixed_attention_bwd(Tensor dy, Tensor q, Tensor k, Tensor v, Tensor w, Tensor o, Tensor lse, int[] windows, "
         "int[] sinks, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("shared_memory_bytes(int head_dim) -> int", &dash::shared_memory_bytes);
+  m.def("built_archs() -> int[]", &dash::built_archs);
 }
 
 TORCH_LIBRARY_IMPL(dash_kernels_cuda, CUDA, m) {
@@ -29,7 +40,7 @@ TORCH_LIBRARY_IMPL(dash_kernels_cuda, CUDA, m) {
 
 // An importable module (the operators register when the library loads).
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "DASH CUDA kernels (see torch.ops.dash_kernels_cuda)",
-                                      -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                                      "DASH CUDA kernels (see torch.ops.dash_kernels_cuda)", -1, nullptr};
   return PyModule_Create(&module);
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bwd_kernel.cuh"
+#include "host_checks.h"
 
 namespace dash {
 
@@ -21,14 +22,12 @@ void launch_bwd(const BwdParams& params, int row_tiles, int batch_heads, cudaStr
   mixed_attention_bwd_prep_kernel<T><<<dim3((params.seq + 3) / 4, batch_heads), 128, 0, stream>>>(params, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto dkdv = mixed_attention_bwd_dkdv_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(Tile::kSmemBytes)));
+  set_shared_memory(dkdv, Tile::kSmemBytes);
   dkdv<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto dq = mixed_attention_bwd_dq_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(Tile::kSmemBytes)));
-  dq<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
+  set_shared_memory(dq, Tile::kSmemBytesDq);
+  dq<<<grid, Tile::kThreads, Tile::kSmemBytesDq, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -40,27 +39,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
     const at::Tensor& dy_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
     const at::Tensor& o_in, const at::Tensor& lse_in, c10::IntArrayRef windows, c10::IntArrayRef sinks,
     double scale) {
+  const int64_t num_c = static_cast<int64_t>(windows.size());
+  check_attention_inputs(q, k, v, w, num_c, kMaxCandidates);
+  TORCH_CHECK(static_cast<int64_t>(sinks.size()) == num_c, "one sink per window");
   const int64_t batch = q.size(0), seq = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
-  const int64_t heads_kv = k.size(2), num_c = static_cast<int64_t>(windows.size());
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "the CUDA backend supports head dims 64 and 128, got ", head_dim);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "the CUDA backend supports bfloat16 and float16, got ", q.scalar_type());
-  TORCH_CHECK(num_c >= 1 && num_c <= kMaxCandidates, "1 to ", kMaxCandidates, " candidates, got ", num_c);
-  TORCH_CHECK(dy_in.sizes() == q.sizes(), "dy must have q's shape");
-  TORCH_CHECK(o_in.dim() == 5 && o_in.size(0) == num_c, "o must be [C, B, T, Hq, D]");
-  TORCH_CHECK(lse_in.dim() == 4 && lse_in.size(2) == num_c, "lse must be [B, Hq, C, T]");
-  for (const auto* x : {&q, &k, &v})
-    TORCH_CHECK(x->stride(3) == 1 && reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0 && x->stride(0) % 8 == 0 &&
-                    x->stride(1) % 8 == 0 && x->stride(2) % 8 == 0,
-                "q, k, v rows must be 16-byte aligned and contiguous in the head dim");
+  const int64_t heads_kv = k.size(2);
+  TORCH_CHECK(dy_in.sizes() == q.sizes() && dy_in.device() == q.device(), "dy must have q's shape and device");
+  TORCH_CHECK(o_in.sizes() == at::IntArrayRef({num_c, batch, seq, heads_q, head_dim}) &&
+                  o_in.scalar_type() == q.scalar_type() && o_in.device() == q.device(),
+              "o must be the forward's [C, B, T, Hq, D] output in q's dtype");
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({batch, heads_q, num_c, seq}) && lse_in.scalar_type() == at::kFloat &&
+                  lse_in.device() == q.device(),
+              "lse must be the forward's [B, Hq, C, T] float32 output");
   c10::cuda::CUDAGuard guard(q.device());
-  const auto dy = dy_in.to(q.scalar_type()).contiguous();
+  auto dy = dy_in.to(q.scalar_type()).contiguous();
+  if (reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 != 0) dy = dy.clone();  // a view at an odd offset
   const auto o = o_in.contiguous();
   const auto lse = lse_in.contiguous();
 
   BwdParams params{};
   std::vector<int> band_edges, sink_edges;
   for (int64_t c = 0; c < num_c; ++c) {
+    TORCH_CHECK(windows[c] >= 1 && windows[c] <= kFullWindow, "windows[", c, "] must be in [1, 2^30], got ",
+                windows[c]);
     TORCH_CHECK(c == 0 || windows[c] >= windows[c - 1], "windows must come sorted ascending (the plan's order)");
     if (windows[c] < kFullWindow) {
       if (band_edges.empty() || band_edges.back() != windows[c]) band_edges.push_back(static_cast<int>(windows[c]));
@@ -141,6 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   auto dk_out = dk.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(k.scalar_type());
   auto dv_out = dv.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(v.scalar_type());
   return {dq, dk_out, dv_out, delta};
+}
+
+// The most dynamic shared memory a block of the forward or the backward takes at this head dim (the Python side
+// compares it with the device's per-block limit before choosing this backend).
+int64_t shared_memory_bytes(int64_t head_dim) {
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "the CUDA backend supports head dims 64 and 128, got ", head_dim);
+  return head_dim == 64 ? std::max(FwdTile<64>::kSmemBytes, BwdTile<64>::kSmemBytes)
+                        : std::max(FwdTile<128>::kSmemBytes, BwdTile<128>::kSmemBytes);
 }
 
 }  // namespace dash

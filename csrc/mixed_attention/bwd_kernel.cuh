@@ -117,6 +117,7 @@ struct BwdTile {
   // four 16-bit tiles, two fp32 score tiles, two 16-bit probability tiles, two fp32 accumulators
   static constexpr size_t kSmemBytes = 4 * kHalfTile + 2 * size_t(kRows) * kLdS * 4 + 2 * size_t(kRows) * kLdP * 2 +
                                        2 * size_t(kRows) * kLdA * 4;
+  static constexpr size_t kSmemBytesDq = kSmemBytes - size_t(kRows) * kLdA * 4;  // one accumulator, not two
 };
 
 template <typename T, int D>

@@ -9,28 +9,17 @@
 #include <vector>
 
 #include "fwd_kernel.cuh"
+#include "host_checks.h"
 
 namespace dash {
 
 namespace {
 
-void check_head_tensor(const at::Tensor& x, const char* name, int64_t head_dim) {
-  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 4, name, " must be [B, T, H, D], got ", x.dim(), " dims");
-  TORCH_CHECK(x.size(3) == head_dim, name, " has head dim ", x.size(3), ", expected ", head_dim);
-  TORCH_CHECK(x.stride(3) == 1, name, " must be contiguous in its last (head) dim, got stride ", x.stride(3));
-  // 16-byte vector loads of every row
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
-                  x.stride(2) % 8 == 0,
-              name, " rows must be 16-byte aligned (strides multiples of 8 elements)");
-}
-
 template <typename T, int D>
 void launch(const FwdParams& params, int num_row_tiles, int batch_heads, cudaStream_t stream) {
   using Tile = FwdTile<D>;
   auto kernel = mixed_attention_fwd_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(Tile::kSmemBytes)));
+  set_shared_memory(kernel, Tile::kSmemBytes);
   kernel<<<dim3(num_row_tiles, batch_heads), Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -44,30 +33,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
                                                                   const at::Tensor& v, const at::Tensor& w,
                                                                   c10::IntArrayRef windows, c10::IntArrayRef sinks,
                                                                   double scale) {
-  const int64_t head_dim = q.size(-1);
-  TORCH_CHECK(head_dim == 64 || head_dim == 128, "the CUDA backend supports head dims 64 and 128, got ", head_dim);
-  check_head_tensor(q, "q", head_dim);
-  check_head_tensor(k, "k", head_dim);
-  check_head_tensor(v, "v", head_dim);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "the CUDA backend supports bfloat16 and float16, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "q, k and v must share one dtype");
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1), "k and v must match q in batch and length");
-  const int64_t heads_q = q.size(2), heads_kv = k.size(2);
-  TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, "Hq (", heads_q, ") must be a multiple of Hkv (", heads_kv,
-              ")");
   const int64_t num_c = static_cast<int64_t>(windows.size());
-  TORCH_CHECK(num_c >= 1 && num_c <= kMaxCandidates, "the CUDA backend takes 1 to ", kMaxCandidates,
-              " candidates, got ", num_c);
+  check_attention_inputs(q, k, v, w, num_c, kMaxCandidates);
   TORCH_CHECK(static_cast<int64_t>(sinks.size()) == num_c, "one sink per window");
-  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(0) == heads_q &&
-                  w.size(1) == num_c && w.is_contiguous(),
-              "w must be a contiguous [Hq, C] float32 CUDA tensor");
-  const int64_t batch = q.size(0), seq = q.size(1);
-  TORCH_CHECK(seq >= 1 && batch >= 1, "empty inputs");
-  TORCH_CHECK(seq < (int64_t(1) << 30), "sequence too long");
+  const int64_t head_dim = q.size(3), batch = q.size(0), seq = q.size(1), heads_q = q.size(2), heads_kv = k.size(2);
 
   c10::cuda::CUDAGuard guard(q.device());
   auto y = at::empty({batch, seq, heads_q, head_dim}, q.options());
@@ -119,7 +88,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   const int row_tiles = static_cast<int>((seq + 63) / 64);
-  TORCH_CHECK(batch * heads_q <= 65535, "B * Hq must be <= 65535 for the CUDA backend, got ", batch * heads_q);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int bh = static_cast<int>(batch * heads_q);
   if (q.scalar_type() == at::kBFloat16) {

@@ -24,9 +24,13 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, num_candidates: int) ->
         return "the CUDA C++ extension (dash_kernels._C) is not built in this install (see README: CUDA extension)"
     if q.device.type != "cuda":
         return f"it needs CUDA tensors, got device '{q.device}'"
-    major, _ = torch.cuda.get_device_capability(q.device)
-    if major < 8:
-        return f"it needs compute capability 8.0 or newer, got {major}.x"
+    from ... import _C  # noqa: F401  registers torch.ops.dash_kernels_cuda
+
+    major, minor = torch.cuda.get_device_capability(q.device)
+    built = list(torch.ops.dash_kernels_cuda.built_archs())
+    if major * 10 + minor not in built:
+        return (f"it was built for compute capabilities {[f'{a // 10}.{a % 10}' for a in built]}, the device is "
+                f"{major}.{minor} (rebuild with DASH_CUDA_ARCHS={major}.{minor})")
     if q.dtype not in DTYPES:
         return f"it supports dtypes bfloat16 and float16, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:
@@ -35,14 +39,19 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, num_candidates: int) ->
         return f"it takes at most {MAX_CANDIDATES} candidates, got {num_candidates}"
     if q.shape[0] * q.shape[2] > 65535:
         return f"it takes B * Hq <= 65535, got {q.shape[0] * q.shape[2]}"
+    need = torch.ops.dash_kernels_cuda.shared_memory_bytes(q.shape[-1])
+    have = getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", need)
+    if need > have:
+        return f"its kernels need {need} bytes of shared memory per block at D = {q.shape[-1]}; the device has {have}"
     return None
 
 
 def _rows_aligned(x: torch.Tensor) -> torch.Tensor:
-    """The kernel loads 16-byte row chunks: a last-dim-contiguous, 16-byte-aligned view, else a copy."""
+    """The kernels load 16-byte row chunks: a last-dim-contiguous, 16-byte-aligned view, else a fresh copy
+    (``contiguous()`` would return a contiguous view at an odd offset as it is)."""
     if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in x.stride()[:3]):
         return x
-    return x.contiguous()
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def mixed_attention_fwd(q, k, v, weights, plan: CandidatePlan, scale: float):
@@ -63,5 +72,5 @@ def mixed_attention_bwd(dy, q, k, v, weights, o, lse, plan: CandidatePlan, scale
 
     w, _, _ = triton_op.sorted_tables(plan, weights, q.shape[2], q.device)
     return torch.ops.dash_kernels_cuda.mixed_attention_bwd(
-        dy, _rows_aligned(q), _rows_aligned(k), _rows_aligned(v), w, o, lse, list(plan.sorted_windows),
+        _rows_aligned(dy), _rows_aligned(q), _rows_aligned(k), _rows_aligned(v), w, o, lse, list(plan.sorted_windows),
         list(plan.sorted_sinks), float(scale))
