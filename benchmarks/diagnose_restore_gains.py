@@ -15,7 +15,7 @@ import torch
 
 from dash.data import default_data
 from dash.models import load_model
-from dash.search import _token_kl
+from dash.search import token_kl
 from dash.supernet import build_supernet
 
 
@@ -38,7 +38,7 @@ def main(argv=None):
         with torch.no_grad(), net.fixed(choice):
             for i, row in enumerate(rows):
                 hidden = model.base_model(row[None], use_cache=False).last_hidden_state[0]
-                out.append(_token_kl(hidden, teacher[i], head.weight, head.bias))
+                out.append(token_kl(hidden, teacher[i], head.weight, head.bias))
         return torch.cat(out)
 
     started = time.time()

@@ -99,7 +99,7 @@ def expected_cost(net: Supernet, costs: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _token_kl(student_h, teacher_h, head_weight, head_bias):
+def token_kl(student_h, teacher_h, head_weight, head_bias):
     """[N] KL(teacher || student) per token, from the last hidden states through the LM head."""
     student = F.linear(student_h, head_weight, head_bias).float()
     teacher = F.linear(teacher_h, head_weight, head_bias).float()
@@ -108,7 +108,7 @@ def _token_kl(student_h, teacher_h, head_weight, head_bias):
 
 
 def _kl_chunk(student_h, teacher_h, head_weight, head_bias, weights):
-    per_token = _token_kl(student_h, teacher_h, head_weight, head_bias)
+    per_token = token_kl(student_h, teacher_h, head_weight, head_bias)
     return (per_token if weights is None else per_token * weights).sum()
 
 
@@ -134,7 +134,7 @@ def long_range_weights(efficient_hidden, teacher_hidden, lm_head, chunk_tokens: 
     mean (a batch where the efficient model matches the teacher everywhere gets uniform weights)."""
     e = efficient_hidden.reshape(-1, efficient_hidden.shape[-1])
     t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    gap = torch.cat([_token_kl(e[i:i + chunk_tokens], t[i:i + chunk_tokens], lm_head.weight, lm_head.bias)
+    gap = torch.cat([token_kl(e[i:i + chunk_tokens], t[i:i + chunk_tokens], lm_head.weight, lm_head.bias)
                      for i in range(0, e.shape[0], chunk_tokens)]).clamp_min(0.0)
     mean = gap.mean()
     return gap / mean if float(mean) > 1e-12 else torch.ones_like(gap)

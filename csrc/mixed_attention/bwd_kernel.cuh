@@ -126,51 +126,6 @@ __device__ __forceinline__ void load_bwd_tile(T* dst, const T* base, int64_t str
   load_rows<T, D, Tile::kRows, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
 }
 
-// C[16 rows of this warp, 64] = A[rows, D] B[64, D]^T (both row-major 16-bit tiles) into fp32 shared memory.
-template <typename T, int D>
-__device__ __forceinline__ void warp_abt(const T* sA, const T* sB, float* sC) {
-  using Tile = BwdTile<D>;
-  namespace wmma = nvcuda::wmma;
-  const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-#pragma unroll
-  for (int nf = 0; nf < Tile::kRows / 16; ++nf) {
-    wmma::fill_fragment(c, 0.f);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wmma::load_matrix_sync(a, sA + warp * 16 * Tile::kLdH + kk * 16, Tile::kLdH);
-      wmma::load_matrix_sync(b, sB + nf * 16 * Tile::kLdH + kk * 16, Tile::kLdH);
-      wmma::mma_sync(c, a, b, c);
-    }
-    wmma::store_matrix_sync(sC + warp * 16 * Tile::kLdS + nf * 16, c, Tile::kLdS, wmma::mem_row_major);
-  }
-}
-
-// acc[16 rows of this warp, D] += P[rows, 64] X[64, D] (P, X 16-bit row-major; acc fp32 in shared memory).
-template <typename T, int D>
-__device__ __forceinline__ void warp_accumulate(const T* sP, const T* sX, float* sAcc) {
-  using Tile = BwdTile<D>;
-  namespace wmma = nvcuda::wmma;
-  const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-#pragma unroll
-  for (int df = 0; df < D / 16; ++df) {
-    float* tile = sAcc + warp * 16 * Tile::kLdA + df * 16;
-    wmma::load_matrix_sync(c, tile, Tile::kLdA, wmma::mem_row_major);
-#pragma unroll
-    for (int kk = 0; kk < Tile::kRows / 16; ++kk) {
-      wmma::load_matrix_sync(a, sP + warp * 16 * Tile::kLdP + kk * 16, Tile::kLdP);
-      wmma::load_matrix_sync(b, sX + kk * 16 * Tile::kLdH + df * 16, Tile::kLdH);
-      wmma::mma_sync(c, a, b, c);
-    }
-    wmma::store_matrix_sync(tile, c, Tile::kLdA, wmma::mem_row_major);
-  }
-}
-
 // The gradient factors of one (query t, key j) pair: returns false where no candidate sees it.
 __device__ __forceinline__ bool pair_factors(const BwdParams& p, int bh, int t, int j, float s2, float dp,
                                              float& pa, float& ds) {
@@ -225,8 +180,8 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dkdv
     load_bwd_tile<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
     load_bwd_tile<T, D>(sDy, dy, dy_stride_t, m0, p.seq);
     __syncthreads();
-    warp_abt<T, D>(sK, sQ, sS);   // S^T [keys, queries]
-    warp_abt<T, D>(sV, sDy, sDp);  // dP^T
+    warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sK, sQ, sS);   // S^T [keys, queries]
+    warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sV, sDy, sDp);  // dP^T
     __syncwarp();
     const int j = j0 + row;
     for (int cc = 0; cc < N / 2; ++cc) {
@@ -237,8 +192,8 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dkdv
       sDs[row * Tile::kLdP + col] = Vec<T>::from_float(ds);
     }
     __syncwarp();
-    warp_accumulate<T, D>(sPa, sDy, sDv);  // dV += (p A)^T dY
-    warp_accumulate<T, D>(sDs, sQ, sDk);   // dK += dS^T Q (scaled below)
+    warp_accumulate<T, D, N, Tile::kLdP, Tile::kLdH, Tile::kLdA>(sPa, sDy, sDv);  // dV += (p A)^T dY
+    warp_accumulate<T, D, N, Tile::kLdP, Tile::kLdH, Tile::kLdA>(sDs, sQ, sDk);   // dK += dS^T Q (scaled below)
     __syncwarp();
   }
   __syncthreads();
@@ -289,8 +244,8 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dq_k
     load_bwd_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
     load_bwd_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
     __syncthreads();
-    warp_abt<T, D>(sQ, sK, sS);   // S [queries, keys]
-    warp_abt<T, D>(sDy, sV, sDp);  // dP
+    warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sQ, sK, sS);   // S [queries, keys]
+    warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sDy, sV, sDp);  // dP
     __syncwarp();
     const int t = m0 + row;
     for (int cc = 0; cc < N / 2; ++cc) {
@@ -300,7 +255,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dq_k
       sDs[row * Tile::kLdP + col] = Vec<T>::from_float(ds);
     }
     __syncwarp();
-    warp_accumulate<T, D>(sDs, sK, sDq);  // dQ += dS K (scaled below)
+    warp_accumulate<T, D, N, Tile::kLdP, Tile::kLdH, Tile::kLdA>(sDs, sK, sDq);  // dQ += dS K (scaled below)
     __syncwarp();
   }
   __syncthreads();

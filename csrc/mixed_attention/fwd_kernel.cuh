@@ -22,7 +22,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
+
+#include "warp_mma.cuh"
 
 #include <cstdint>
 
@@ -114,7 +115,6 @@ __device__ __forceinline__ void online_softmax_step(const float* sS, T* sP, floa
                                                     const T* sV, int row, int half, int j0, float scale_log2,
                                                     Include include) {
   using Tile = FwdTile<D>;
-  namespace wmma = nvcuda::wmma;
   const int c0 = half * Tile::kColsS;
   float mx = -INFINITY;
 #pragma unroll 8
@@ -148,22 +148,7 @@ __device__ __forceinline__ void online_softmax_step(const float* sS, T* sP, floa
   for (int d = 0; d < Tile::kColsD; ++d) acc_row[d] *= alpha;
   __syncwarp();
   // acc[16 rows of this warp] += P V
-  const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-#pragma unroll
-  for (int df = 0; df < D / 16; ++df) {
-    float* acc_tile = sAcc + warp * 16 * Tile::kLdA + df * 16;
-    wmma::load_matrix_sync(c, acc_tile, Tile::kLdA, wmma::mem_row_major);
-#pragma unroll
-    for (int kk = 0; kk < Tile::kBlockN / 16; ++kk) {
-      wmma::load_matrix_sync(a, sP + warp * 16 * Tile::kLdP + kk * 16, Tile::kLdP);
-      wmma::load_matrix_sync(b, sV + kk * 16 * Tile::kLdH + df * 16, Tile::kLdH);
-      wmma::mma_sync(c, a, b, c);
-    }
-    wmma::store_matrix_sync(acc_tile, c, Tile::kLdA, wmma::mem_row_major);
-  }
+  warp_accumulate<T, D, Tile::kBlockN, Tile::kLdP, Tile::kLdH, Tile::kLdA>(sP, sV, sAcc);
   __syncwarp();
 }
 
@@ -171,22 +156,7 @@ __device__ __forceinline__ void online_softmax_step(const float* sS, T* sP, floa
 template <typename T, int D>
 __device__ __forceinline__ void warp_scores(const T* sQ, const T* sK, float* sS) {
   using Tile = FwdTile<D>;
-  namespace wmma = nvcuda::wmma;
-  const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // K^T: K is row-major [key, d]
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-#pragma unroll
-  for (int nf = 0; nf < Tile::kBlockN / 16; ++nf) {
-    wmma::fill_fragment(c, 0.f);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wmma::load_matrix_sync(a, sQ + warp * 16 * Tile::kLdH + kk * 16, Tile::kLdH);
-      wmma::load_matrix_sync(b, sK + nf * 16 * Tile::kLdH + kk * 16, Tile::kLdH);
-      wmma::mma_sync(c, a, b, c);
-    }
-    wmma::store_matrix_sync(sS + warp * 16 * Tile::kLdS + nf * 16, c, Tile::kLdS, wmma::mem_row_major);
-  }
+  warp_abt<T, D, Tile::kBlockN, Tile::kLdH, Tile::kLdS>(sQ, sK, sS);
   __syncwarp();
 }
 
