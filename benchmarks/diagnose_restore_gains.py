@@ -33,7 +33,7 @@ def main(argv=None):
     head = model.get_output_embeddings()
     num_layers = len(net.states)
 
-    def token_kl(choice, teacher):
+    def hybrid_kl(choice, teacher):
         out = []
         with torch.no_grad(), net.fixed(choice):
             for i, row in enumerate(rows):
@@ -44,13 +44,13 @@ def main(argv=None):
     started = time.time()
     with torch.no_grad(), net.teacher():
         teacher = [model.base_model(row[None], use_cache=False).last_hidden_state[0] for row in rows]
-    efficient = token_kl([1] * num_layers, teacher)
+    efficient = hybrid_kl([1] * num_layers, teacher)
     weights = efficient / efficient.mean()
     top = weights.sort(descending=True).values[: len(weights) // 20].sum() / weights.sum()
     print(f"all-efficient KL {efficient.mean():.4f}; weight share of the top 5% tokens {top:.2f}", flush=True)
     gains = {"uniform": [], "long_range": []}
     for layer in range(num_layers):
-        restored = token_kl([0 if i == layer else 1 for i in range(num_layers)], teacher)
+        restored = hybrid_kl([0 if i == layer else 1 for i in range(num_layers)], teacher)
         gains["uniform"].append(float((efficient - restored).mean()))
         gains["long_range"].append(float((weights * (efficient - restored)).mean()))
         print(f"layer {layer:2d}: uniform gain {gains['uniform'][-1]:.5f}  long_range gain "
