@@ -63,8 +63,10 @@ def teacher_hidden_states(net: Supernet, rows: torch.Tensor) -> List[torch.Tenso
         return [net.model.base_model(row[None], use_cache=False).last_hidden_state[0] for row in rows]
 
 
-def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch.Tensor]], kind: str) -> float:
-    """Mean next-token NLL (kind 'nll') or KL(teacher || model) ('kl') over the calibration rows."""
+def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch.Tensor]], kind: str,
+          weights: Optional[List[torch.Tensor]] = None) -> float:
+    """Mean next-token NLL (kind 'nll') or KL(teacher || model) ('kl') over the calibration rows; with ``weights``
+    (one [T] tensor per row, 'kl' only) each token's KL is weighted (``dash.search``'s long_range objective)."""
     import torch.nn.functional as F
 
     model = net.model
@@ -79,7 +81,8 @@ def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch
                 count += row.numel() - 1
             else:
                 t_logp = torch.log_softmax(head(teacher_hidden[i]).float(), -1)
-                total += (t_logp.exp() * (t_logp - torch.log_softmax(logits, -1))).sum().item()
+                per_token = (t_logp.exp() * (t_logp - torch.log_softmax(logits, -1))).sum(-1)
+                total += (per_token if weights is None else per_token * weights[i]).sum().item()
                 count += row.numel()
     return total / max(1, count)
 

@@ -290,9 +290,9 @@ def _compare_parser(sub):
     p.add_argument("--search-objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES),
                    help="one DASH search per objective (`dash search --objective`): the first's row is 'dash', "
                    "the others' 'dash_<objective>' (default: long_range, and uniform as the ablation)")
-    p.add_argument("--refine-rounds", type=int, default=0, help="also score DASH's hybrid refined by this many "
-                   "rounds of full-layer swaps that lower the uniform KL on the calibration rows (dash.refine), "
-                   "as the row dash_refined (default 0: off; on SmolLM2 two rounds found no swap at K 3, 6, 9)")
+    p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
+                   "rounds of full-layer swaps that lower the search's own objective on the calibration rows "
+                   "(dash.refine), as the row dash_refined; 0: off")
     p.add_argument("--devices", nargs="+", default=None, help="run the comparison as shards (per budget: the "
                    "DASH search, the selectors) in parallel, one process per named device (a device may be "
                    "named twice: two processes share it), then merge; resumable like one process")

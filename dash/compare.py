@@ -90,8 +90,7 @@ def _same_selection(saved: Dict, settings: Dict) -> bool:
 
     # files without "candidates" came from the 4-candidate default: their DASH hybrids are not comparable
     return (_saved(saved, "seed") == settings["seed"] and fine_tuning(saved) == fine_tuning(settings)
-            and saved.get("candidates") == settings.get("candidates")
-            and saved.get("refine_rounds", 0) == settings.get("refine_rounds", 0))
+            and saved.get("candidates") == settings.get("candidates"))
 
 
 def resume_rows(path: str, settings: Dict):
@@ -103,6 +102,8 @@ def resume_rows(path: str, settings: Dict):
         saved = json.load(f)
     if not _same_selection(saved, settings):
         return [], {}
+    if saved.get("refine_rounds", 0) != settings.get("refine_rounds", 0):  # only the refined rows depend on it
+        saved["rows"] = [row for row in saved["rows"] if row["method"] != "dash_refined"]
     if all(_saved(saved, key) == settings[key] for key in EVALUATION_SETTINGS):
         return saved["rows"], {}
     return [], {_row_key(row): row for row in saved["rows"]}
@@ -177,12 +178,12 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
             finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
-            refine_rounds: int = 0, search_objectives: Sequence[str] = OBJECTIVES) -> Dict:
+            refine_rounds: int = 2, search_objectives: Sequence[str] = OBJECTIVES) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
     search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
-    ``refine_rounds > 0`` adds the row ``dash_refined``: the default objective's hybrid after that many rounds of
-    ``dash.refine`` (swaps of full layers while the uniform KL on the calibration rows drops); off by default: on
-    SmolLM2 (K 3, 6, 9) it found no swap."""
+    ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
+    ``dash.refine`` (swaps of full layers while the search's own objective, the long_range-weighted KL, drops on
+    the calibration rows). With the uniform KL, two rounds found no swap on SmolLM2 (K 3, 6, 9)."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
     from .search import Search, SearchConfig
@@ -285,10 +286,11 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 if need_refined:
                     from .refine import refine_full_layers
 
-                    refined = refine_full_layers(net, choices, calibration, refine_rounds)
+                    refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=objective)
                     cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
                                 seconds=search_cost["seconds"] + refined["cost"]["seconds"],
-                                refine={"rounds": refine_rounds, "searched_kl": refined["searched_kl"],
+                                refine={"rounds": refine_rounds, "objective": objective,
+                                        "searched_kl": refined["searched_kl"],
                                         "kl": refined["kl"], "swaps": refined["swaps"]})
                     score("dash_refined", budget, None, refined["choices"], _with_concurrency(cost))
         for method in methods:

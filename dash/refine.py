@@ -21,16 +21,21 @@ import torch
 
 from .baselines import _loss, set_choices, teacher_hidden_states
 from .candidates import Candidate
+from .search import OBJECTIVES, efficient_reference, long_range_weights
 from .supernet import Supernet
 
 
 def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.Tensor, rounds: int = 2,
-                       tolerance: float = 1e-4) -> Dict:
+                       tolerance: float = 1e-4, objective: str = "uniform") -> Dict:
     """The refined choice (list of Candidates), its KL and the searched one's, the swaps taken, and the cost.
 
-    ``tolerance``: a swap must lower the KL by this fraction of it (rows are few: below that, noise)."""
+    ``tolerance``: a swap must lower the KL by this fraction of it (rows are few: below that, noise).
+    ``objective``: the search's token weighting of the KL (``dash.search``): with ``long_range`` each token's KL
+    is weighted by the all-efficient model's KL there (one more pass over the rows), mean 1 over the rows."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if rows is None or rows.numel() == 0:
         raise ValueError("refinement needs calibration rows")
     names = [c.name for c in net.candidates]
@@ -42,12 +47,20 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     started = time.time()
     teacher = teacher_hidden_states(net, rows)
     passes = 1
+    weights = None
+    if objective == "long_range":
+        head = net.model.get_output_embeddings()
+        with torch.no_grad(), net.fixed(efficient_reference(net)):
+            efficient = [net.model.base_model(row[None], use_cache=False).last_hidden_state[0] for row in rows]
+        flat = long_range_weights(torch.stack(efficient), torch.stack(teacher), head, 1024)
+        weights = list(flat.view(rows.shape[0], -1))  # mean 1 over all the rows' tokens
+        passes += 1
 
     def kl(choice: Sequence[Candidate]) -> float:
         nonlocal passes
         passes += 1
         set_choices(net, [names.index(c.name) for c in choice])
-        return _loss(net, rows, teacher, "kl")
+        return _loss(net, rows, teacher, "kl", weights)
 
     current = list(choices)
     searched = best = kl(current)

@@ -184,8 +184,11 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     assert "K=1 KV MiB" in table and all(r["kv_cache_mib"] > 0 for r in out["rows"])
     assert "DASH minus each method" in table and "2 samples per task and length" in table
     saved = json.load(open(tmp_path / "compare.json"))
-    # the default searches both objectives: long_range's row "dash", uniform's the ablation "dash_uniform"
-    assert set(saved["paired"]) == {"dash_uniform", "first", "random", "kl_restore", "teacher"}
+    # the default searches both objectives: long_range's row "dash", uniform's the ablation "dash_uniform"; and
+    # refines "dash" by its own objective ("dash_refined")
+    assert set(saved["paired"]) == {"dash_uniform", "dash_refined", "first", "random", "kl_restore", "teacher"}
+    refined = next(r for r in saved["rows"] if r["method"] == "dash_refined")
+    assert refined["cost"]["refine"]["objective"] == "long_range"
     assert saved["paired"]["teacher"]["2"]["resamples"] > 0  # the bound's one row stands for every budget
     # a second run finds every row measured and recomputes none of them
     monkeypatch.setattr("dash.compare.select", lambda *a, **k: pytest.fail("should have resumed"))
@@ -219,8 +222,8 @@ def test_compare_rescored_from_stored_choices_when_only_evaluation_changes(tmp_p
                                   **dict(kwargs, samples=3))
     key = lambda r: (r["method"], r["seed"])  # noqa: E731
     before, after = {key(r): r for r in first["rows"]}, {key(r): r for r in more["rows"]}
-    assert set(after) == set(before) == {("dash", None), ("dash_uniform", None), ("first", None), ("random", 0),
-                                         ("random", 1)}
+    assert set(after) == set(before) == {("dash", None), ("dash_uniform", None), ("dash_refined", None),
+                                         ("first", None), ("random", 0), ("random", 1)}
     for k, row in after.items():
         assert row["choice"] == before[k]["choice"] and row["cost"] == before[k]["cost"] and row["reused_choice"]
         assert len(row["ruler_samples"]["passkey"]["300"]) == 3
@@ -327,13 +330,17 @@ def test_refinement_keeps_the_budget_and_never_raises_the_kl():
     names = [c.name for c in net.candidates]
     full, eff = net.candidates[0], EFFICIENT
     start = [full if i == 0 else eff for i in range(len(net.states))]  # the first layer full
-    out = refine_full_layers(net, start, rows, rounds=2)
-    assert sum(c.is_full for c in out["choices"]) == 1 and all(c.name in names for c in out["choices"])
-    assert out["kl"] <= out["searched_kl"] and len(out["swaps"]) <= 2
+    for objective in ("uniform", "long_range"):  # the search's objectives: the weighted KL never rises either
+        out = refine_full_layers(net, start, rows, rounds=2, objective=objective)
+        assert sum(c.is_full for c in out["choices"]) == 1 and all(c.name in names for c in out["choices"])
+        assert out["kl"] <= out["searched_kl"] and len(out["swaps"]) <= 2
+    with pytest.raises(ValueError, match="objective must be one of"):
+        refine_full_layers(net, start, rows, objective="mean")
     if out["swaps"]:
         assert out["choices"][out["swaps"][-1]["now_full"]].is_full
     layers = len(net.states)
-    assert out["cost"]["forward_tokens"] == rows.numel() * (2 + (len(out["swaps"]) + (len(out["swaps"]) < 2))
+    # the teacher's pass, the all-efficient pass (long_range), the searched hybrid's, (L - 1) swaps a round tried
+    assert out["cost"]["forward_tokens"] == rows.numel() * (3 + (len(out["swaps"]) + (len(out["swaps"]) < 2))
                                                             * (layers - 1))
     same = refine_full_layers(net, start, rows, rounds=0)
     assert [c.name for c in same["choices"]] == [c.name for c in start] and same["kl"] == same["searched_kl"]
