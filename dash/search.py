@@ -141,10 +141,13 @@ def long_range_weights(efficient_hidden, teacher_hidden, lm_head, chunk_tokens: 
 
 
 def efficient_reference(net: Supernet) -> list:
-    """Each layer's cheapest candidate (least inference cache at 8K; the first of equals): the all-efficient model
-    whose gap to the teacher weights the ``long_range`` objective."""
+    """Each layer's cheapest windowed softmax candidate (least inference cache at 8K; the first of equals), or the
+    cheapest linear one where there is no window: the all-efficient model whose gap to the teacher weights the
+    ``long_range`` objective. A window's gap is the context it lacks; a linear candidate's is mostly its
+    approximation error at every distance, so it stands in only when nothing else does."""
     heads_q, heads_kv, head_dim = attention_shape(net.model.config)
-    others = [i for i, c in enumerate(net.candidates) if not c.is_full]
+    others = [i for i, c in enumerate(net.candidates) if not c.is_full and not c.is_linear] or \
+        [i for i, c in enumerate(net.candidates) if not c.is_full]
     if not others:
         raise ValueError("the long_range objective needs an efficient (non-full) candidate")
     cheapest = min(others, key=lambda i: candidate_cache_bytes(net.candidates[i], 8192, heads_kv, heads_q, head_dim))

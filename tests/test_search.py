@@ -66,6 +66,9 @@ def test_fixed_choice_computes_that_hybrid_and_leaves_the_logits():
     ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
     alphas = [a.detach().clone() for a in net.arch_parameters()]
     assert efficient_reference(net) == [1, 1, 1]  # swa4: the least cache (sink1_swa4 keeps one more row)
+    # a window before a (smaller) linear state; the linear candidate only where there is no window
+    assert efficient_reference(build_supernet(tiny_model("llama"), ["full", "gla", "swa8"])) == [2, 2, 2]
+    assert efficient_reference(build_supernet(tiny_model("llama"), ["full", "gla"])) == [1, 1, 1]
     with torch.no_grad(), net.fixed([0, 1, 2]):
         got = net(ids).logits
     assert all(torch.equal(a, b) for a, b in zip(alphas, net.arch_parameters()))
