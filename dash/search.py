@@ -10,7 +10,7 @@ uninterrupted one (batches are a pure function of the seed and the step).
 Token weighting (``objective``). ``"uniform"``: the mean KL over tokens. ``"long_range"`` (default): each token's
 KL is weighted by how much the teacher's prediction there needs context beyond the efficient candidates, measured
 as KL(teacher || all-efficient model) at that token (one extra no-grad forward a step, every layer its cheapest
-candidate), normalised to mean 1 over the batch. Why: under the uniform mean, the many tokens that a window
+window, see ``efficient_reference``), normalised to mean 1 over the batch. Why: under the uniform mean, the many tokens that a window
 predicts slightly worse outweigh the few that only full attention gets right (a recalled key, a passkey digit), so
 the search ranks layers much as a perplexity selector does; on SmolLM2 the uniform search chose the same layers as
 ``ppl_drop`` at K 3 and lost RULER points to ``kl_restore`` at K 9 (benchmarks/NOTES.md). The weights are those
@@ -136,8 +136,8 @@ def long_range_weights(efficient_hidden, teacher_hidden, lm_head, chunk_tokens: 
     t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     gap = torch.cat([token_kl(e[i:i + chunk_tokens], t[i:i + chunk_tokens], lm_head.weight, lm_head.bias)
                      for i in range(0, e.shape[0], chunk_tokens)]).clamp_min(0.0)
-    mean = gap.mean()
-    return gap / mean if float(mean) > 1e-12 else torch.ones_like(gap)
+    mean = gap.mean()  # kept on the device: a host read here would stall the search's queue every step
+    return torch.where(mean > 1e-12, gap / mean.clamp_min(1e-12), torch.ones_like(gap))
 
 
 def efficient_reference(net: Supernet) -> list:
