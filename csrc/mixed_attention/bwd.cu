@@ -41,7 +41,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
     double scale) {
   const int64_t num_c = static_cast<int64_t>(windows.size());
   check_attention_inputs(q, k, v, w, num_c, kMaxCandidates);
-  TORCH_CHECK(static_cast<int64_t>(sinks.size()) == num_c, "one sink per window");
   const int64_t batch = q.size(0), seq = q.size(1), heads_q = q.size(2), head_dim = q.size(3);
   const int64_t heads_kv = k.size(2);
   TORCH_CHECK(dy_in.sizes() == q.sizes() && dy_in.device() == q.device(), "dy must have q's shape and device");
@@ -58,26 +57,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const auto lse = lse_in.contiguous();
 
   BwdParams params{};
-  std::vector<int> band_edges, sink_edges;
-  for (int64_t c = 0; c < num_c; ++c) {
-    TORCH_CHECK(windows[c] >= 1 && windows[c] <= kFullWindow, "windows[", c, "] must be in [1, 2^30], got ",
-                windows[c]);
-    TORCH_CHECK(c == 0 || windows[c] >= windows[c - 1], "windows must come sorted ascending (the plan's order)");
-    if (windows[c] < kFullWindow) {
-      if (band_edges.empty() || band_edges.back() != windows[c]) band_edges.push_back(static_cast<int>(windows[c]));
-    } else {
-      params.has_full = 1;
-    }
+  const std::vector<int> bands = band_edges(windows, sinks, params.has_full);
+  std::vector<int> sink_edges;
+  for (int64_t c = 0; c < num_c; ++c)
     if (sinks[c] > 0) sink_edges.push_back(static_cast<int>(sinks[c]));
-  }
   std::sort(sink_edges.begin(), sink_edges.end());
   sink_edges.erase(std::unique(sink_edges.begin(), sink_edges.end()), sink_edges.end());
-  const int nb = static_cast<int>(band_edges.size()), ns = static_cast<int>(sink_edges.size());
+  const int nb = static_cast<int>(bands.size()), ns = static_cast<int>(sink_edges.size());
   const int num_regions = (nb + 1) * (ns + 1);
   // the membership table of spec._plan: region (band, level) is seen by candidate c iff its window reaches past
   // the band's smallest distance, or its sink covers the level's keys
   for (int band = 0; band <= nb; ++band) {
-    const int64_t band_lo = band == 0 ? 0 : band_edges[band - 1];
+    const int64_t band_lo = band == 0 ? 0 : bands[band - 1];
     for (int level = 0; level <= ns; ++level) {
       const int64_t sink_hi = level == 0 ? 0 : sink_edges[ns - level];
       int bits = 0;
@@ -86,12 +77,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
       params.membership[band * (ns + 1) + level] = bits;
     }
   }
-  std::copy(band_edges.begin(), band_edges.end(), params.band_edges);
+  std::copy(bands.begin(), bands.end(), params.band_edges);
   std::copy(sink_edges.begin(), sink_edges.end(), params.sink_edges);
   params.num_bands = nb;
   params.num_sinks = ns;
   params.num_regions = num_regions;
-  params.widest = nb ? band_edges.back() : 1;
+  params.widest = nb ? bands.back() : 1;
   params.max_sink = ns ? sink_edges.back() : 0;
 
   auto f32 = q.options().dtype(at::kFloat);
@@ -102,9 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   auto dk = at::empty({batch, seq, heads_q, head_dim}, f32);  // per query head; summed per group below
   auto dv = at::empty({batch, seq, heads_q, head_dim}, f32);
 
-  params.q = q.data_ptr();
-  params.k = k.data_ptr();
-  params.v = v.data_ptr();
+  fill_attention_params(params, q, k, v, num_c);
   params.dy = dy.data_ptr();
   params.o = o.data_ptr();
   params.lse = lse.data_ptr<float>();
@@ -116,28 +105,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   params.dq = dq.data_ptr();
   params.dk = dk.data_ptr<float>();
   params.dv = dv.data_ptr<float>();
-  for (int i = 0; i < 3; ++i) {
-    params.q_stride[i] = q.stride(i);
-    params.k_stride[i] = k.stride(i);
-    params.v_stride[i] = v.stride(i);
-  }
-  params.batch = static_cast<int>(batch);
-  params.seq = static_cast<int>(seq);
-  params.heads_q = static_cast<int>(heads_q);
-  params.group = static_cast<int>(heads_q / heads_kv);
-  params.num_c = static_cast<int>(num_c);
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int row_tiles = static_cast<int>((seq + 63) / 64), bh = static_cast<int>(batch * heads_q);
-  if (q.scalar_type() == at::kBFloat16) {
-    if (head_dim == 64) launch_bwd<__nv_bfloat16, 64>(params, row_tiles, bh, stream);
-    else launch_bwd<__nv_bfloat16, 128>(params, row_tiles, bh, stream);
-  } else {
-    if (head_dim == 64) launch_bwd<__half, 64>(params, row_tiles, bh, stream);
-    else launch_bwd<__half, 128>(params, row_tiles, bh, stream);
-  }
+  dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
+    launch_bwd<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
+  });
   const int64_t group = heads_q / heads_kv;
   auto dk_out = dk.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(k.scalar_type());
   auto dv_out = dv.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(v.scalar_type());

@@ -18,10 +18,7 @@ namespace dash {
 
 constexpr int kMaxRegions = (kMaxCandidates + 1) * (kMaxCandidates + 1);
 
-struct BwdParams {
-  const void* q;   // [B, T, Hq, D], rows 16-byte aligned, last dim contiguous
-  const void* k;   // [B, T, Hkv, D]
-  const void* v;
+struct BwdParams : AttentionParams {
   const void* dy;  // [B, T, Hq, D] contiguous
   const void* o;   // [C, B, T, Hq, D] contiguous (forward's per-candidate outputs)
   const float* lse;  // [B, Hq, C, T] base 2
@@ -33,9 +30,7 @@ struct BwdParams {
   void* dq;          // [B, T, Hq, D] contiguous, input dtype
   float* dk;         // [B, T, Hq, D] contiguous fp32 (per query head)
   float* dv;
-  int64_t q_stride[3], k_stride[3], v_stride[3];
-  int batch, seq, heads_q, group;
-  int num_c, num_regions;
+  int num_regions;
   int band_edges[kMaxCandidates];  // distinct finite windows, ascending
   int num_bands;                   // band edges
   int sink_edges[kMaxCandidates];  // distinct positive sinks of windowed candidates, ascending
@@ -158,10 +153,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dkdv
 
   const int j0 = blockIdx.x * N;
   const int bh = blockIdx.y;
-  const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.group;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[2];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2];
+  const auto [b, h, q, k, v] = head_view<T>(p, bh);
   const T* dy = static_cast<const T*>(p.dy) + (int64_t(b) * p.seq * p.heads_q + h) * D;
   const int64_t dy_stride_t = int64_t(p.heads_q) * D;
 
@@ -225,10 +217,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dq_k
 
   const int m0 = blockIdx.x * N;
   const int bh = blockIdx.y;
-  const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.group;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[2];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2];
+  const auto [b, h, q, k, v] = head_view<T>(p, bh);
   const T* dy = static_cast<const T*>(p.dy) + (int64_t(b) * p.seq * p.heads_q + h) * D;
   const int64_t dy_stride_t = int64_t(p.heads_q) * D;
 

@@ -35,8 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
                                                                   double scale) {
   const int64_t num_c = static_cast<int64_t>(windows.size());
   check_attention_inputs(q, k, v, w, num_c, kMaxCandidates);
-  TORCH_CHECK(static_cast<int64_t>(sinks.size()) == num_c, "one sink per window");
-  const int64_t head_dim = q.size(3), batch = q.size(0), seq = q.size(1), heads_q = q.size(2), heads_kv = k.size(2);
+  const int64_t head_dim = q.size(3), batch = q.size(0), seq = q.size(1), heads_q = q.size(2);
 
   c10::cuda::CUDAGuard guard(q.device());
   auto y = at::empty({batch, seq, heads_q, head_dim}, q.options());
@@ -50,38 +49,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   }
 
   FwdParams params{};
-  params.q = q.data_ptr();
-  params.k = k.data_ptr();
-  params.v = v.data_ptr();
+  fill_attention_params(params, q, k, v, num_c);
   params.w = w.data_ptr<float>();
   params.y = y.data_ptr();
   params.o = o.data_ptr();
   params.lse = lse.data_ptr<float>();
   params.sink_o = has_sink ? sink_o.data_ptr<float>() : nullptr;
   params.sink_lse = has_sink ? sink_lse.data_ptr<float>() : nullptr;
-  for (int i = 0; i < 3; ++i) {
-    params.q_stride[i] = q.stride(i);
-    params.k_stride[i] = k.stride(i);
-    params.v_stride[i] = v.stride(i);
-  }
-  params.batch = static_cast<int>(batch);
-  params.seq = static_cast<int>(seq);
-  params.heads_q = static_cast<int>(heads_q);
-  params.group = static_cast<int>(heads_q / heads_kv);
-  params.num_c = static_cast<int>(num_c);
-  std::vector<int> edges;
+  const std::vector<int> edges = band_edges(windows, sinks, params.has_full);
   for (int64_t c = 0; c < num_c; ++c) {
-    const int64_t window = windows[c];
-    TORCH_CHECK(window >= 1 && window <= kFullWindow, "windows[", c, "] must be in [1, 2^30], got ", window);
-    TORCH_CHECK(c == 0 || window >= windows[c - 1], "windows must come sorted ascending (the plan's order)");
-    TORCH_CHECK(sinks[c] >= 0 && (sinks[c] == 0 || window < kFullWindow), "sinks[", c, "] invalid: ", sinks[c]);
-    params.windows[c] = static_cast<int>(window);
+    params.windows[c] = static_cast<int>(windows[c]);
     params.sinks[c] = static_cast<int>(sinks[c]);
-    if (window < kFullWindow) {
-      if (edges.empty() || edges.back() != window) edges.push_back(static_cast<int>(window));
-    } else {
-      params.has_full = 1;
-    }
   }
   params.num_edges = static_cast<int>(edges.size());
   std::copy(edges.begin(), edges.end(), params.edges);
@@ -90,13 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   const int row_tiles = static_cast<int>((seq + 63) / 64);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int bh = static_cast<int>(batch * heads_q);
-  if (q.scalar_type() == at::kBFloat16) {
-    if (head_dim == 64) launch<__nv_bfloat16, 64>(params, row_tiles, bh, stream);
-    else launch<__nv_bfloat16, 128>(params, row_tiles, bh, stream);
-  } else {
-    if (head_dim == 64) launch<__half, 64>(params, row_tiles, bh, stream);
-    else launch<__half, 128>(params, row_tiles, bh, stream);
-  }
+  dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
+    launch<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
+  });
   return {y, o, lse};
 }
 

@@ -32,21 +32,42 @@ namespace dash {
 constexpr int kMaxCandidates = 8;
 constexpr int kFullWindow = 1 << 30;  // spec.FULL_WINDOW: "no window"
 
-struct FwdParams {
-  const void* q;  // [B, T, Hq, D], last dim contiguous
+// What both directions read of q, k, v (filled by host_checks.h's fill_attention_params).
+struct AttentionParams {
+  const void* q;  // [B, T, Hq, D], rows 16-byte aligned, last dim contiguous
   const void* k;  // [B, T, Hkv, D]
   const void* v;
+  int64_t q_stride[3];  // batch, token, head (elements)
+  int64_t k_stride[3];
+  int64_t v_stride[3];
+  int batch, seq, heads_q, group;  // group = Hq / Hkv
+  int num_c;
+};
+
+// The (batch, query head) of a block's blockIdx.y and that head's q, k, v (GQA: k, v of its group).
+template <typename T>
+struct HeadView {
+  int b, h;
+  const T* q;
+  const T* k;
+  const T* v;
+};
+
+template <typename T>
+__device__ __forceinline__ HeadView<T> head_view(const AttentionParams& p, int bh) {
+  const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.group;
+  return {b, h, static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2],
+          static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[2],
+          static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2]};
+}
+
+struct FwdParams : AttentionParams {
   const float* w;  // [Hq, C] mixture weights, sorted candidate order
   void* y;         // [B, T, Hq, D] contiguous
   void* o;         // [C, B, T, Hq, D] contiguous
   float* lse;      // [B, Hq, C, T]
   float* sink_o;   // [C, B, T, Hq, D] fp32 scratch: window snapshots of sink candidates (else unused)
   float* sink_lse; // [B, Hq, C, T] likewise
-  int64_t q_stride[3];  // batch, token, head (elements)
-  int64_t k_stride[3];
-  int64_t v_stride[3];
-  int batch, seq, heads_q, group;  // group = Hq / Hkv
-  int num_c;
   int windows[kMaxCandidates];  // sorted; kFullWindow for full causal
   int sinks[kMaxCandidates];
   int edges[kMaxCandidates];  // distinct finite windows, ascending
@@ -177,15 +198,11 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kern
 
   const int m0 = blockIdx.x * BM;
   const int bh = blockIdx.y;
-  const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.group;
+  const auto [b, h, q, k, v] = head_view<T>(p, bh);
   const int row = threadIdx.x >> 1, half = threadIdx.x & 1;
   const int t = m0 + row;
   const bool row_ok = t < p.seq;
   const int C = p.num_c;
-
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[2];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2];
   T* o = static_cast<T*>(p.o);
   T* y = static_cast<T*>(p.y);
   const int64_t row_elems = int64_t(p.heads_q) * D;  // one token's row of y / o

@@ -6,6 +6,10 @@
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "fwd_kernel.cuh"
 
 namespace dash {
 
@@ -47,6 +51,55 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(0) == q.size(2) && w.size(1) == num_c &&
                   w.is_contiguous(),
               "w must be a contiguous [Hq, C] float32 tensor");
+}
+
+// The q, k, v part of either direction's parameter block (after check_attention_inputs).
+inline void fill_attention_params(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  int64_t num_c) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = q.stride(i);
+    p.k_stride[i] = k.stride(i);
+    p.v_stride[i] = v.stride(i);
+  }
+  p.batch = static_cast<int>(q.size(0));
+  p.seq = static_cast<int>(q.size(1));
+  p.heads_q = static_cast<int>(q.size(2));
+  p.group = static_cast<int>(q.size(2) / k.size(2));
+  p.num_c = static_cast<int>(num_c);
+}
+
+// The plan's sorted windows (kFullWindow: full causal) and sinks, checked; returns the band edges (distinct
+// finite windows, ascending) and sets ``has_full``.
+inline std::vector<int> band_edges(c10::IntArrayRef windows, c10::IntArrayRef sinks, int& has_full) {
+  TORCH_CHECK(sinks.size() == windows.size(), "one sink per window");
+  std::vector<int> edges;
+  has_full = 0;
+  for (size_t c = 0; c < windows.size(); ++c) {
+    const int64_t window = windows[c];
+    TORCH_CHECK(window >= 1 && window <= kFullWindow, "windows[", c, "] must be in [1, 2^30], got ", window);
+    TORCH_CHECK(c == 0 || window >= windows[c - 1], "windows must come sorted ascending (the plan's order)");
+    TORCH_CHECK(sinks[c] >= 0 && (sinks[c] == 0 || window < kFullWindow), "sinks[", c, "] invalid: ", sinks[c]);
+    if (window >= kFullWindow) {
+      has_full = 1;
+    } else if (edges.empty() || edges.back() != window) {
+      edges.push_back(static_cast<int>(window));
+    }
+  }
+  return edges;
+}
+
+// Calls ``launch(T{}, std::integral_constant<int, D>{})`` for the inputs' dtype (bf16, fp16) and head dim.
+template <typename Launch>
+void dispatch_dtype_and_head_dim(at::ScalarType dtype, int64_t head_dim, Launch&& launch) {
+  auto by_dim = [&](auto type) {
+    if (head_dim == 64) launch(type, std::integral_constant<int, 64>{});
+    else launch(type, std::integral_constant<int, 128>{});
+  };
+  if (dtype == at::kBFloat16) by_dim(__nv_bfloat16{});
+  else by_dim(__half{});
 }
 
 // Opts a kernel in to ``bytes`` of dynamic shared memory (once per kernel), with a clear error where the device
