@@ -26,13 +26,14 @@
 #                    (note: -k fp32 matches every case id; use case ids)
 #   LINEAR_ARGS="--shapes h16_d128_T4096 --modes fwd_bwd"   arguments of the linear benchmark
 #   SEARCH_SHAPES="smollm2-135m"   which search-step shapes; SEARCH_ARGS="--tokens-per-step 16384" more arguments
-#   *_TIMEOUT: seconds per part (TEST, BENCH, LINEAR, SEARCH)
+#   *_TIMEOUT: seconds per part (TEST, BENCH, LINEAR, SEARCH; SANITIZE per tool)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (fla, einops) for the comparisons
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (fla, einops) for the comparisons; once per machine
+  [ -d /tmp/site/fla ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -m dash_kernels | tee -a "$OUT/gpu.txt"
@@ -45,7 +46,13 @@ for part in ${PARTS:-tests bench}; do
       python -m dash_kernels | tail -3 ;;
     sanitize)
       for tool in memcheck racecheck; do
-        timeout 200 compute-sanitizer --tool "$tool" python benchmarks/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1
+        # instrument only our kernels (PyTorch's own would dominate the time); older tools lack the filter
+        timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool "$tool" --kernel-name kns=mixed_attention \
+          python benchmarks/sanitize_cuda.py > "$OUT/sanitize_$tool.log" 2>&1
+        if grep -qi "unrecognized\|unknown option" "$OUT/sanitize_$tool.log"; then
+          timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool "$tool" python benchmarks/sanitize_cuda.py \
+            > "$OUT/sanitize_$tool.log" 2>&1
+        fi
         echo "$tool: exit $?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|worst" "$OUT/sanitize_$tool.log" | tr '\n' ' ')"
       done ;;
     tests)
