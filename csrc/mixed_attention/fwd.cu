@@ -20,6 +20,9 @@ void launch(const FwdParams& params, int num_row_tiles, int batch_heads, cudaStr
   using Tile = FwdTile<D>;
   auto kernel = mixed_attention_fwd_kernel<T, D>;
   set_shared_memory(kernel, Tile::kSmemBytes);
+  // all of the SM's unified L1/shared memory as shared, so that kMinBlocks blocks fit (a hint the driver keeps)
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      static_cast<int>(cudaSharedmemCarveoutMaxShared)));
   kernel<<<dim3(num_row_tiles, batch_heads), Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

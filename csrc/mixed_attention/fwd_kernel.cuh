@@ -7,7 +7,7 @@
 // keys of several bands (distance ranges between consecutive window edges) takes them in band order, one
 // sub-step each, so the snapshots fall between sub-steps. Sink keys come last: a sink candidate's window
 // snapshot goes to fp32 scratch, the walk over its sink keys (those outside its window) builds a second state,
-// and the two merge by log-sum-exp. Y = sum_c w[h, c] O_c accumulates in shared memory as the snapshots land.
+// and the two merge by log-sum-exp. Y = sum_c w[h, c] O_c accumulates in registers as the snapshots land.
 //
 // Outputs match the Triton backend exactly (its backward consumes them): O [C, B, T, Hq, D] in the input dtype
 // and LSE [B, Hq, C, T] fp32 in the log2 domain (s2 = scale * log2(e) * q.k), candidates in the plan's sorted
@@ -15,8 +15,8 @@
 //
 // Matrix products: warp-level tensor-core MMA (nvcuda::wmma, bf16/fp16 in, fp32 out), 4 warps, each owning 16
 // query rows of a 64-row tile; softmax by two threads per row. Shared memory holds the tiles, the scores, and
-// the fp32 accumulators (acc, Y), so each warp touches only its own rows after a key tile is loaded: one block
-// barrier per key tile. This is the correctness-first CUDA path (sm_80 and later); the Hopper mainloop (wgmma,
+// the fp32 accumulator acc (Y stays in registers), so each warp touches only its own rows after a key tile is
+// loaded (by cp.async, all chunks in flight at once): one block barrier per key tile. This is the correctness-first CUDA path (sm_80 and later); the Hopper mainloop (wgmma,
 // TMA, warp specialisation) replaces the products and the loads, not this walk.
 #pragma once
 
@@ -100,13 +100,16 @@ struct FwdTile {
   static constexpr int kLdH = D + 8;            // 16-bit tiles (Q, K, V): rows 16 B apart from the banks' period
   static constexpr int kLdS = kBlockN + 4;      // fp32 scores
   static constexpr int kLdP = kBlockN + 8;      // 16-bit probabilities
-  static constexpr int kLdA = D + 4;            // fp32 accumulators (acc, Y)
+  static constexpr int kLdA = D + 4;            // fp32 accumulator (acc)
   static constexpr int kColsS = kBlockN / 2;    // score columns per thread (two threads a row)
   static constexpr int kColsD = D / 2;          // accumulator columns per thread
-  // bytes; every region a multiple of 32 B, so that each wmma pointer stays 256-bit aligned
+  // bytes; every region a multiple of 32 B, so that each wmma pointer stays 256-bit aligned. Y lives in the
+  // registers of its row's two threads (kColsD floats each), not here: 113,152 B at D 128 lets two blocks share
+  // an SM (228 KB, 1 KB reserved a block), 72,192 B at D 64 three.
   static constexpr size_t kHalfTile = size_t(kBlockM) * kLdH * 2;
   static constexpr size_t kSmemBytes = 3 * kHalfTile + size_t(kBlockM) * kLdP * 2 + size_t(kBlockM) * kLdS * 4 +
-                                       2 * size_t(kBlockM) * kLdA * 4 + 2 * size_t(kBlockM) * 4;
+                                       size_t(kBlockM) * kLdA * 4 + 2 * size_t(kBlockM) * 4;
+  static constexpr int kMinBlocks = D <= 64 ? 3 : 2;  // per SM, for __launch_bounds__ (register cap)
 };
 
 // Loads rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into shared memory (row pitch LD), zeros
@@ -120,6 +123,44 @@ __device__ __forceinline__ void load_rows(T* dst, const T* base, int64_t stride_
     if (row0 + row < seq) value = *reinterpret_cast<const uint4*>(base + (row0 + row) * stride_t + chunk * 8);
     *reinterpret_cast<uint4*>(dst + row * LD + chunk * 8) = value;
   }
+}
+
+// The same rows by cp.async (16 B a thread and chunk, zero-filled past T: src-size 0 reads nothing, and the
+// source address is then the head's row 0, always valid). Nothing is waited for here: the caller issues every
+// tile it needs, then cp_async_wait_all() and a block barrier, so that all loads are in flight at once.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const unsigned dst_shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+template <typename T, int D, int ROWS, int LD, int THREADS>
+__device__ __forceinline__ void load_rows_async(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks a row
+  static_assert(ROWS * kChunks % THREADS == 0, "every thread issues the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int idx = threadIdx.x + i * THREADS;
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    const bool valid = row0 + row < seq;
+    cp_async_16(dst + row * LD + chunk * 8, valid ? base + (row0 + row) * stride_t + chunk * 8 : base, valid);
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
+  using Tile = FwdTile<D>;
+  load_rows_async<T, D, Tile::kBlockN, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
+}
+
+// Stores 8 consecutive values as T (each rounded as Vec<T>::from_float rounds it) in one 16-byte store.
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float* values) {
+  alignas(16) T packed[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) packed[i] = Vec<T>::from_float(values[i]);
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
 }
 
 template <typename T, int D>
@@ -137,11 +178,18 @@ __device__ __forceinline__ void online_softmax_step(const float* sS, T* sP, floa
                                                     Include include) {
   using Tile = FwdTile<D>;
   const int c0 = half * Tile::kColsS;
+  // this thread's scores and probabilities: 16-byte aligned (row pitches and c0 are multiples of 16 B), read 4
+  // and written 8 at a time, in the same column order as one at a time
+  const float* s_row = sS + row * Tile::kLdS + c0;
+  T* p_row = sP + row * Tile::kLdP + c0;
   float mx = -INFINITY;
-#pragma unroll 8
-  for (int cc = 0; cc < Tile::kColsS; ++cc) {
-    const int j = j0 + c0 + cc;
-    if (include(j)) mx = fmaxf(mx, sS[row * Tile::kLdS + c0 + cc] * scale_log2);
+#pragma unroll
+  for (int c4 = 0; c4 < Tile::kColsS; c4 += 4) {
+    const float4 s4 = *reinterpret_cast<const float4*>(s_row + c4);
+    const float sv[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (include(j0 + c0 + c4 + i)) mx = fmaxf(mx, sv[i] * scale_log2);
   }
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
   const float m_old = sM[row];
@@ -149,13 +197,20 @@ __device__ __forceinline__ void online_softmax_step(const float* sS, T* sP, floa
   const bool empty = (m_new == -INFINITY);  // nothing taken in yet, nor now
   const float alpha = empty ? 1.f : exp2f(m_old - m_new);
   float sum = 0.f;
-#pragma unroll 8
-  for (int cc = 0; cc < Tile::kColsS; ++cc) {
-    const int j = j0 + c0 + cc;
-    float p = 0.f;
-    if (!empty && include(j)) p = exp2f(sS[row * Tile::kLdS + c0 + cc] * scale_log2 - m_new);
-    sum += p;
-    sP[row * Tile::kLdP + c0 + cc] = Vec<T>::from_float(p);
+#pragma unroll
+  for (int c8 = 0; c8 < Tile::kColsS; c8 += 8) {
+    const float4 lo4 = *reinterpret_cast<const float4*>(s_row + c8);
+    const float4 hi4 = *reinterpret_cast<const float4*>(s_row + c8 + 4);
+    const float sv[8] = {lo4.x, lo4.y, lo4.z, lo4.w, hi4.x, hi4.y, hi4.z, hi4.w};
+    float pv[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float p = 0.f;
+      if (!empty && include(j0 + c0 + c8 + i)) p = exp2f(sv[i] * scale_log2 - m_new);
+      sum += p;
+      pv[i] = p;
+    }
+    store8(p_row + c8, pv);
   }
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   const float l_old = sL[row];
@@ -164,9 +219,18 @@ __device__ __forceinline__ void online_softmax_step(const float* sS, T* sP, floa
     sM[row] = m_new;
     sL[row] = l_old * alpha + sum;
   }
-  float* acc_row = sAcc + row * Tile::kLdA + half * Tile::kColsD;
-#pragma unroll 8
-  for (int d = 0; d < Tile::kColsD; ++d) acc_row[d] *= alpha;
+  if (alpha != 1.f) {  // x * 1 == x: a row whose max did not move keeps its accumulator as it is
+    float* acc_row = sAcc + row * Tile::kLdA + half * Tile::kColsD;  // 16-byte aligned
+#pragma unroll
+    for (int d = 0; d < Tile::kColsD; d += 4) {
+      float4 a = *reinterpret_cast<float4*>(acc_row + d);
+      a.x *= alpha;
+      a.y *= alpha;
+      a.z *= alpha;
+      a.w *= alpha;
+      *reinterpret_cast<float4*>(acc_row + d) = a;
+    }
+  }
   __syncwarp();
   // acc[16 rows of this warp] += P V
   warp_accumulate<T, D, Tile::kBlockN, Tile::kLdP, Tile::kLdH, Tile::kLdA>(sP, sV, sAcc);
@@ -182,7 +246,7 @@ __device__ __forceinline__ void warp_scores(const T* sQ, const T* sK, float* sS)
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(FwdTile<D>::kThreads, FwdTile<D>::kMinBlocks) mixed_attention_fwd_kernel(const FwdParams p) {
   using Tile = FwdTile<D>;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -192,11 +256,11 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kern
   T* sP = sV + BN * Tile::kLdH;
   float* sS = reinterpret_cast<float*>(sP + BM * Tile::kLdP);
   float* sAcc = sS + BM * Tile::kLdS;
-  float* sY = sAcc + BM * Tile::kLdA;
-  float* sM = sY + BM * Tile::kLdA;
+  float* sM = sAcc + BM * Tile::kLdA;
   float* sL = sM + BM;
 
-  const int m0 = blockIdx.x * BM;
+  // the longest walks (the last query tiles) first, so that the short ones fill the last wave
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
   const int bh = blockIdx.y;
   const auto [b, h, q, k, v] = head_view<T>(p, bh);
   const int row = threadIdx.x >> 1, half = threadIdx.x & 1;
@@ -219,21 +283,27 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kern
     for (int d = 0; d < Tile::kColsD; ++d) acc_row[d] = 0.f;
   };
   reset_state();
-  {
-    float* y_row = sY + row * Tile::kLdA + half * Tile::kColsD;
-    for (int d = 0; d < Tile::kColsD; ++d) y_row[d] = 0.f;
-  }
-  load_tile<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
+  // Y = sum_c w_c O_c of this thread's row and half, in registers (every index below is a compile-time constant)
+  float y_acc[Tile::kColsD];
+#pragma unroll
+  for (int d = 0; d < Tile::kColsD; ++d) y_acc[d] = 0.f;
+  // Q arrives with the first key tile: the walk's first cp_async_wait_all and barrier cover it (the walk has at
+  // least one tile: last_row >= m0 >= lowest_key)
+  load_tile_async<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
 
   // Writes candidate c's output for this thread's row and half, and adds w * O_c to Y.
   auto emit = [&](int c, const float* out, float scale_out, float lse) {
-    T* dst = o + c * o_plane + out_row;
-    float* y_row = sY + row * Tile::kLdA + half * Tile::kColsD;
+    T* dst = o + c * o_plane + out_row;  // 16-byte aligned: out_row is a multiple of kColsD elements
     const float wc = p.w[h * C + c];
-    for (int d = 0; d < Tile::kColsD; ++d) {
-      const float value = out[d] * scale_out;
-      dst[d] = Vec<T>::from_float(value);
-      y_row[d] += wc * value;
+#pragma unroll
+    for (int d8 = 0; d8 < Tile::kColsD; d8 += 8) {
+      float value[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        value[i] = out[d8 + i] * scale_out;
+        y_acc[d8 + i] += wc * value[i];
+      }
+      store8(dst + d8, value);
     }
     if (half == 0) p.lse[lse_row + int64_t(c) * p.seq] = lse;
   };
@@ -249,7 +319,10 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kern
       if (p.windows[c] != window) continue;
       if (p.sinks[c] > 0) {  // fp32 scratch until its sink keys are merged in
         float* dst = p.sink_o + c * o_plane + out_row;
-        for (int d = 0; d < Tile::kColsD; ++d) dst[d] = acc_row[d] / l;
+#pragma unroll
+        for (int d = 0; d < Tile::kColsD; d += 4)
+          *reinterpret_cast<float4*>(dst + d) =
+              make_float4(acc_row[d] / l, acc_row[d + 1] / l, acc_row[d + 2] / l, acc_row[d + 3] / l);
         if (half == 0) p.sink_lse[lse_row + int64_t(c) * p.seq] = lse;
       } else {
         emit(c, acc_row, 1.f / l, lse);
@@ -264,9 +337,10 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kern
   for (int kb = last_row / BN; kb >= lowest_key / BN; --kb) {
     const int j0 = kb * BN;
     __syncthreads();  // every warp is done with the previous K, V
-    load_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
-    load_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
-    __syncthreads();
+    load_tile_async<T, D>(sK, k, p.k_stride[1], j0, p.seq);
+    load_tile_async<T, D>(sV, v, p.v_stride[1], j0, p.seq);
+    cp_async_wait_all();  // this thread's chunks (and, on the first tile, Q's) have landed
+    __syncthreads();      // everyone's have
     warp_scores<T, D>(sQ, sK, sS);
     // distances t - j this tile spans, over all its rows (the same for every thread: no divergence)
     const int d_min = m0 - (j0 + BN - 1), d_max = last_row - j0;
@@ -297,8 +371,9 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kern
     for (int kb = 0; kb * BN < sink && kb * BN < p.seq; ++kb) {
       const int j0 = kb * BN;
       __syncthreads();
-      load_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
-      load_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
+      load_tile_async<T, D>(sK, k, p.k_stride[1], j0, p.seq);
+      load_tile_async<T, D>(sV, v, p.v_stride[1], j0, p.seq);
+      cp_async_wait_all();
       __syncthreads();
       warp_scores<T, D>(sQ, sK, sS);
       online_softmax_step<T, D>(sS, sP, sAcc, sM, sL, sV, row, half, j0, p.scale_log2,
@@ -315,19 +390,20 @@ __global__ void __launch_bounds__(FwdTile<D>::kThreads) mixed_attention_fwd_kern
       const float top = fmaxf(lse_w, m_s);
       const float a = exp2f(lse_w - top), bs = exp2f(m_s - top);
       const float total = a + l_s * bs;
+#pragma unroll
       for (int d = 0; d < Tile::kColsD; ++d) merged[d] = (window_out[d] * a + acc_row[d] * bs) / total;
       lse = top + log2f(total);
     } else {
+#pragma unroll
       for (int d = 0; d < Tile::kColsD; ++d) merged[d] = window_out[d];
     }
     emit(c, merged, 1.f, lse);
   }
 
-  __syncwarp();
   if (row_ok) {
-    const float* y_row = sY + row * Tile::kLdA + half * Tile::kColsD;
     T* dst = y + out_row;
-    for (int d = 0; d < Tile::kColsD; ++d) dst[d] = Vec<T>::from_float(y_row[d]);
+#pragma unroll
+    for (int d8 = 0; d8 < Tile::kColsD; d8 += 8) store8(dst + d8, y_acc + d8);
   }
 }
 
