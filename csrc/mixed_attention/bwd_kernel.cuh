@@ -115,10 +115,12 @@ struct BwdTile {
   static constexpr size_t kSmemBytesDq = kSmemBytes - size_t(kRows) * kLdA * 4;  // one accumulator, not two
 };
 
+// Issues the cp.async loads of one tile (fwd_kernel.cuh): the caller waits (cp_async_wait_all) and then
+// synchronises the block before any warp reads it.
 template <typename T, int D>
 __device__ __forceinline__ void load_bwd_tile(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
   using Tile = BwdTile<D>;
-  load_rows<T, D, Tile::kRows, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
+  load_rows_async<T, D, Tile::kRows, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
 }
 
 // The gradient factors of one (query t, key j) pair: returns false where no candidate sees it.
@@ -171,6 +173,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dkdv
     __syncthreads();  // the previous tile's Q, dY are consumed
     load_bwd_tile<T, D>(sQ, q, p.q_stride[1], m0, p.seq);
     load_bwd_tile<T, D>(sDy, dy, dy_stride_t, m0, p.seq);
+    cp_async_wait_all();  // this thread's chunks (and, on the first tile, K's and V's) have landed
     __syncthreads();
     warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sK, sQ, sS);   // S^T [keys, queries]
     warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sV, sDy, sDp);  // dP^T
@@ -188,6 +191,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dkdv
     warp_accumulate<T, D, N, Tile::kLdP, Tile::kLdH, Tile::kLdA>(sDs, sQ, sDk);   // dK += dS^T Q (scaled below)
     __syncwarp();
   }
+  cp_async_wait_all();  // no copy may still be in flight when the block exits (no visible tile: K, V unread)
   __syncthreads();
   // write this thread's key row, half the columns
   const int j = j0 + row;
@@ -215,7 +219,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dq_k
   T* sDs = reinterpret_cast<T*>(sDp + N * Tile::kLdS);
   float* sDq = reinterpret_cast<float*>(sDs + 2 * N * Tile::kLdP);  // (room of the two probability tiles)
 
-  const int m0 = blockIdx.x * N;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * N;  // the longest walks (the last query tiles) first
   const int bh = blockIdx.y;
   const auto [b, h, q, k, v] = head_view<T>(p, bh);
   const T* dy = static_cast<const T*>(p.dy) + (int64_t(b) * p.seq * p.heads_q + h) * D;
@@ -226,12 +230,15 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dq_k
   load_bwd_tile<T, D>(sDy, dy, dy_stride_t, m0, p.seq);
   const int m1 = min(m0 + N, p.seq) - 1;
   const int row = threadIdx.x >> 1, half = threadIdx.x & 1;  // this thread: query m0 + row, half the keys
+  int cached_r = -1;  // the region whose coefficients (for this thread's query) are held below
+  float cached_ref = 0.f, cached_a = 0.f, cached_b = 0.f;
   for (int j0 = 0; j0 <= m1; j0 += N) {
     const int j1 = min(j0 + N, p.seq) - 1;
     if (!tile_visible(p, m0, m1, j0, j1)) continue;
     __syncthreads();
     load_bwd_tile<T, D>(sK, k, p.k_stride[1], j0, p.seq);
     load_bwd_tile<T, D>(sV, v, p.v_stride[1], j0, p.seq);
+    cp_async_wait_all();  // this thread's chunks (and, on the first tile, Q's and dY's) have landed
     __syncthreads();
     warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sQ, sK, sS);   // S [queries, keys]
     warp_abt<T, D, N, Tile::kLdH, Tile::kLdS>(sDy, sV, sDp);  // dP
@@ -239,14 +246,30 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads) mixed_attention_bwd_dq_k
     const int t = m0 + row;
     for (int cc = 0; cc < N / 2; ++cc) {
       const int col = half * (N / 2) + cc, j = j0 + col;
-      float pa = 0.f, ds = 0.f;
-      pair_factors(p, bh, t, j, sS[row * Tile::kLdS + col] * p.scale_log2, sDp[row * Tile::kLdS + col], pa, ds);
+      // pair_factors' ds, with this row's (ref, A, B) of region r loaded only when r changes (t is fixed here,
+      // and r changes at most at a band or sink edge along j)
+      float ds = 0.f;
+      if (t < p.seq && j < p.seq && j <= t) {
+        const int r = region_of(p, t, j);
+        if (p.membership[r] != 0) {
+          if (r != cached_r) {
+            const int64_t at = (int64_t(bh) * p.num_regions + r) * p.seq + t;
+            cached_ref = p.ref[at];
+            cached_a = p.coef_a[at];
+            cached_b = p.coef_b[at];
+            cached_r = r;
+          }
+          const float prob = exp2f(sS[row * Tile::kLdS + col] * p.scale_log2 - cached_ref);
+          ds = prob * (cached_a * sDp[row * Tile::kLdS + col] - cached_b);
+        }
+      }
       sDs[row * Tile::kLdP + col] = Vec<T>::from_float(ds);
     }
     __syncwarp();
     warp_accumulate<T, D, N, Tile::kLdP, Tile::kLdH, Tile::kLdA>(sDs, sK, sDq);  // dQ += dS K (scaled below)
     __syncwarp();
   }
+  cp_async_wait_all();  // as in dK/dV
   __syncthreads();
   const int t = m0 + row;
   if (t < p.seq) {

@@ -112,22 +112,7 @@ struct FwdTile {
   static constexpr int kMinBlocks = D <= 64 ? 3 : 2;  // per SM, for __launch_bounds__ (register cap)
 };
 
-// Loads rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into shared memory (row pitch LD), zeros
-// past T (a zero V row keeps 0 * V finite where a probability is 0). All THREADS threads of the block take part.
-template <typename T, int D, int ROWS, int LD, int THREADS>
-__device__ __forceinline__ void load_rows(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks a row
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += THREADS) {
-    const int row = idx / kChunks, chunk = idx % kChunks;
-    uint4 value = make_uint4(0, 0, 0, 0);
-    if (row0 + row < seq) value = *reinterpret_cast<const uint4*>(base + (row0 + row) * stride_t + chunk * 8);
-    *reinterpret_cast<uint4*>(dst + row * LD + chunk * 8) = value;
-  }
-}
-
-// The same rows by cp.async (16 B a thread and chunk, zero-filled past T: src-size 0 reads nothing, and the
-// source address is then the head's row 0, always valid). Nothing is waited for here: the caller issues every
-// tile it needs, then cp_async_wait_all() and a block barrier, so that all loads are in flight at once.
+// cp.async of 16 bytes, zero-filled (nothing read) where !valid; and the wait for all of this thread's copies.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   const unsigned dst_shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(valid ? 16 : 0)
@@ -135,6 +120,11 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// Loads rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into shared memory (row pitch LD) by
+// cp.async, 16 B a thread and chunk, zeros past T (a zero V row keeps 0 * V finite where a probability is 0;
+// src-size 0 reads nothing, and the source address is then the head's row 0, always valid). All THREADS threads
+// of the block take part. Nothing is waited for here: the caller issues every tile it needs, then
+// cp_async_wait_all() and a block barrier, so that all the loads are in flight at once.
 template <typename T, int D, int ROWS, int LD, int THREADS>
 __device__ __forceinline__ void load_rows_async(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
   constexpr int kChunks = D / 8;  // 16-byte chunks a row
@@ -151,6 +141,7 @@ __device__ __forceinline__ void load_rows_async(T* dst, const T* base, int64_t s
 template <typename T, int D>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
   using Tile = FwdTile<D>;
+  static_assert(Tile::kBlockM == Tile::kBlockN, "Q, K and V tiles share one loader");
   load_rows_async<T, D, Tile::kBlockN, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
 }
 
@@ -161,13 +152,6 @@ __device__ __forceinline__ void store8(T* dst, const float* values) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) packed[i] = Vec<T>::from_float(values[i]);
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
-}
-
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
-  using Tile = FwdTile<D>;
-  static_assert(Tile::kBlockM == Tile::kBlockN, "Q, K and V tiles share one loader");
-  load_rows<T, D, Tile::kBlockM, Tile::kLdH, Tile::kThreads>(dst, base, stride_t, row0, seq);
 }
 
 // One sub-step of the walk for this thread's row: take in the keys of the current tile that ``include``
