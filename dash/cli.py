@@ -16,7 +16,7 @@ from dataclasses import fields
 
 import torch
 
-from .search import OBJECTIVES, SearchConfig
+from .search import INITS, OBJECTIVES, SearchConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_TOKENS = 16_384  # a smoke-sized search that finishes in minutes on a laptop CPU
@@ -47,6 +47,8 @@ def _search_parser(sub):
     p.add_argument("--objective", choices=list(OBJECTIVES), help="token weighting of the search's KL (default "
                    "long_range: each token's KL times the all-efficient model's KL to the teacher there, so that "
                    "tokens needing long context count most; uniform: the plain mean; see dash.search)")
+    p.add_argument("--init", choices=list(INITS), help="where the logits start (default budget: every layer at "
+                   "the budget's mix of candidates, e.g. p(full) = K / L; uniform: equal logits)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -347,7 +349,7 @@ def _shard_arguments(args) -> list:
 def run_compare(args) -> dict:
     from .baselines import METHODS
     from .candidates import Candidate
-    from .compare import compare, comparison_candidates, run_sharded
+    from .compare import compare, comparison_candidates, run_sharded, search_settings
     from .data import default_data
     from .models import load_model
     from .supernet import build_supernet
@@ -362,7 +364,7 @@ def run_compare(args) -> dict:
         os.makedirs(args.output, exist_ok=True)
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
-                    "seed": args.seed, "refine_rounds": args.refine_rounds}
+                    "seed": args.seed, "refine_rounds": args.refine_rounds, **search_settings()}
         if args.selector_shards < 1:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,

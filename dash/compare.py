@@ -70,7 +70,15 @@ def _ruler(net, tokenizer, lengths, tasks, samples, seed, batch_size) -> Dict:
 # selection setting differs, every hybrid is selected again (a completed DASH search of the same seed
 # resumes from its checkpoint at once; the selectors take seconds) and fine-tuned again.
 EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
-LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0}  # files written before these were recorded
+# files written before these were recorded
+LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_init": "uniform", "search_lr": 0.05}
+
+
+def search_settings() -> Dict:
+    """Where DASH's search starts and how fast it moves: recorded, so that rows of another search are redone."""
+    from .search import SearchConfig
+
+    return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr}
 def dash_method(objective: str) -> str:
     """The row name of DASH's hybrid searched with ``objective``: ``dash`` for the default, ``dash_<objective>``."""
     return "dash" if objective == OBJECTIVES[0] else f"dash_{objective}"
@@ -104,6 +112,8 @@ def resume_rows(path: str, settings: Dict):
         return [], {}
     if saved.get("refine_rounds", 0) != settings.get("refine_rounds", 0):  # only the refined rows depend on it
         saved["rows"] = [row for row in saved["rows"] if row["method"] != "dash_refined"]
+    if any(_saved(saved, key) != value for key, value in search_settings().items()):
+        saved["rows"] = [row for row in saved["rows"] if not row["method"].startswith("dash")]  # searched again
     if all(_saved(saved, key) == settings[key] for key in EVALUATION_SETTINGS):
         return saved["rows"], {}
     return [], {_row_key(row): row for row in saved["rows"]}
@@ -203,7 +213,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     path = os.path.join(output_dir, "compare.json")
     settings = {"lengths": list(lengths), "tasks": tasks, "samples": samples, "seed": seed,
                 "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
-                "finetune_lr": finetune_lr, "candidates": names, "refine_rounds": refine_rounds}
+                "finetune_lr": finetune_lr, "candidates": names, "refine_rounds": refine_rounds,
+                **search_settings()}
     context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
     done = {_row_key(r) for r in rows}
@@ -259,9 +270,6 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
 
     for budget in budgets:
         for objective in (search_objectives if include_dash else ()):
-            for state in net.states:  # every search starts from uniform logits
-                with torch.no_grad():
-                    state.alpha.zero_()
             method = dash_method(objective)
             key, refined_key = (method, budget, None), ("dash_refined", budget, None)
             need_dash = key not in done and not score_earlier(key)
@@ -270,10 +278,11 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             if need_dash or need_refined:
                 config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed,
                                       objective=objective)
-                # another candidate set, objective or seed, another search (a checkpoint resumes only for its own)
+                # another candidate set, objective, start or seed, another search (a checkpoint resumes only its
+                # own; the folders of searches from uniform logits, which lack the start's name, are left alone)
                 default = names == [c.name for c in default_candidates(context)]
-                folder = f"search_K{budget}_{objective}" + ("" if default else "_" + "+".join(names)) + \
-                    ("" if seed == 0 else f"_seed{seed}")
+                folder = f"search_K{budget}_{objective}_{config.init}" + \
+                    ("" if default else "_" + "+".join(names)) + ("" if seed == 0 else f"_seed{seed}")
                 search = Search(net, search_data, config, os.path.join(output_dir, folder))
                 summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
                 # the loop's seconds over every run of it (a resumed, finished search takes ~0 s now)
@@ -459,18 +468,25 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
 
 
 def merge_shard_rows(folders: Sequence[str]) -> List[Dict]:
-    """The rows of every shard folder's compare.json that exists (one row per method, budget, seed)."""
+    """The rows of every shard folder's compare.json that exists (one row per method, budget, seed); DASH rows
+    of a search that started or moved otherwise than this version's search does are left out (stale until
+    their shard runs again)."""
+    current = search_settings()
     rows, seen = [], set()
     for shard_folder in folders:
         path = os.path.join(shard_folder, "compare.json")
         if not os.path.exists(path):
             continue
         with open(path) as f:
-            for row in json.load(f)["rows"]:
-                key = (row["method"], row["budget"], row["seed"])
-                if key not in seen:
-                    seen.add(key)
-                    rows.append(row)
+            saved = json.load(f)
+        stale = any(_saved(saved, key) != value for key, value in current.items())
+        for row in saved["rows"]:
+            if stale and row["method"].startswith("dash"):
+                continue
+            key = (row["method"], row["budget"], row["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
     return rows
 
 

@@ -3,7 +3,9 @@
 Loss per step = KL(teacher || supernet) on next-token distributions (computed in chunks of tokens,
 each recomputed in backward, so full-vocabulary fp32 logits never exist for the whole batch)
 + a cost regulariser toward the budget + a ramped entropy term that drives every layer toward one
-choice, with the mixture temperature annealed from ``tau_start`` to ``tau_end``. The run
+choice, with the mixture temperature annealed from ``tau_start`` to ``tau_end``. The logits start at the budget
+(``init="budget"``: each layer at the maximum-entropy mix of candidates whose expected cost is the budget,
+``budget_prior``). The run
 checkpoints its logits, optimizer and history; a killed run resumes to the same final logits as an
 uninterrupted one (batches are a pure function of the seed and the step).
 
@@ -35,6 +37,7 @@ from .supernet import Supernet, attention_shape
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
 OBJECTIVES = ("long_range", "uniform")  # token weighting of the search's KL (module docstring)
+INITS = ("budget", "uniform")  # where the logits start (SearchConfig.init)
 LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
 
 
@@ -42,7 +45,8 @@ LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, his
 class SearchConfig:
     tokens: int = 12_300_000  # search budget in training tokens
     batch_size: int = 4
-    lr: float = 0.05
+    lr: float = 0.01  # Adam moves each logit ~lr a step whatever the gradient's size: 1500 steps of 0.05 decided
+                      # most layers in the first 60 (benchmarks/NOTES.md, session 8)
     tau_start: float = 1.0
     tau_end: float = 0.2
     budget_kind: str = "full_layers"  # or "kv_bytes": expected KV-cache bytes at budget_context
@@ -55,10 +59,15 @@ class SearchConfig:
     seed: int = 0
     compile_modules: bool = False  # torch.compile the stateless modules (norms, MLPs): fewer launches a step
     objective: str = "long_range"  # or "uniform": the KL's token weighting (module docstring)
+    init: str = "budget"  # or "uniform": every layer starts at the budget's mix of candidates (budget_prior)
 
     def validate(self, num_layers: int) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.budget_kind not in BUDGET_KINDS:
             raise ValueError(f"budget_kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
         if self.budget_kind == "full_layers" and self.budget is not None and not 0 <= self.budget <= num_layers:
@@ -88,6 +97,36 @@ def layer_costs(net: Supernet, config: SearchConfig) -> torch.Tensor:
     heads_q, heads_kv, head_dim = attention_shape(net.model.config)
     return torch.tensor([float(candidate_cache_bytes(c, config.budget_context, heads_kv, heads_q, head_dim))
                          for c in net.candidates])
+
+
+def budget_prior(costs: torch.Tensor, budget: float, num_layers: int, floor: float = 1e-3) -> torch.Tensor:
+    """[C] the candidate probabilities every layer starts from under ``init="budget"``: of the distributions whose
+    expected cost per layer is ``budget / num_layers``, the one of maximum entropy, p_c ~ exp(-lam * cost_c)
+    with lam >= 0 (found by bisection); uniform where uniform is already within the budget, each p >= ``floor``.
+    With {full, window} and a budget of K full layers: p_full = K / L.
+
+    Why: from uniform logits the supernet starts half full (15 expected full layers of 30 for a budget of 3-9),
+    so the first steps are spent pushing every layer down at the optimizer's full speed, and a layer's fate is
+    set by gradients measured in a near-teacher model (what a perplexity-drop selector measures). Starting at
+    the budget, the gradients come from hybrids as cheap as the one the search must return."""
+    costs = costs.detach().double().cpu()
+    target = float(budget) / num_layers
+    scale = float(costs.max() - costs.min())
+    if scale == 0 or float(costs.mean()) <= target:
+        return torch.full(costs.shape, 1.0 / costs.numel())
+    unit = (costs - costs.min()) / scale
+
+    def probs(lam: float) -> torch.Tensor:
+        p = torch.softmax(-lam * unit, 0).clamp_min(floor)
+        return p / p.sum()
+
+    low, high = 0.0, 1.0
+    while float((probs(high) * costs).sum()) > target and high < 1e4:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if float((probs(mid) * costs).sum()) > target else (low, mid)
+    return probs(high).float()
 
 
 def expected_cost(net: Supernet, costs: torch.Tensor) -> torch.Tensor:
@@ -207,6 +246,11 @@ class Search:
         self.costs = layer_costs(net, config).to(net.arch_parameters()[0].device)
         self.efficient = efficient_reference(net) if config.objective == "long_range" else None
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
+        with torch.no_grad():  # where the logits start (a resumed run then loads its own)
+            start = budget_prior(self.costs, config.budget, num_layers) if config.init == "budget" else None
+            for alpha in net.arch_parameters():
+                alpha.copy_(torch.zeros_like(alpha) if start is None else
+                            (config.tau_start * start.log()).to(alpha.device).expand_as(alpha))
         self.optimizer = torch.optim.Adam(net.arch_parameters(), lr=config.lr)
         self.history: list = []
         self.step = 0
@@ -239,10 +283,12 @@ class Search:
             for alpha, saved in zip(self.net.arch_parameters(), state["alphas"]):
                 alpha.copy_(saved.to(alpha.device))
         self.optimizer.load_state_dict(state["optimizer"])
-        saved_objective = state.get("config", {}).get("objective", "uniform")  # older checkpoints: uniform
-        if saved_objective != self.config.objective:
-            raise ValueError(f"{self.state_path} was made with objective {saved_objective!r}, "
-                             f"not {self.config.objective!r}")
+        # a checkpoint continues only its own trajectory (older checkpoints: uniform objective and init, lr 0.05)
+        saved = dict({"objective": "uniform", "init": "uniform", "lr": 0.05}, **state.get("config", {}))
+        for name in ("objective", "init", "lr"):
+            if saved[name] != getattr(self.config, name):
+                raise ValueError(f"{self.state_path} was made with {name} {saved[name]!r}, not "
+                                 f"{getattr(self.config, name)!r}: use another output folder or the same {name}")
         self.step, self.history = state["step"], state["history"]
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         return True

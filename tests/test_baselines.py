@@ -314,7 +314,7 @@ def test_compare_with_the_selectors_two_candidates(tmp_path, monkeypatch):
     dash_row, first_row = (next(r for r in out["rows"] if r["method"] == m) for m in ("dash", "first"))
     assert set(dash_row["choice"]) <= {"full", EFFICIENT.name} and dash_row["choice"].count("full") == 1
     assert dash_row["kv_cache_mib"] == pytest.approx(first_row["kv_cache_mib"])
-    assert (tmp_path / f"search_K1_long_range_full+{EFFICIENT.name}").is_dir()
+    assert (tmp_path / f"search_K1_long_range_budget_full+{EFFICIENT.name}").is_dir()
     assert {r["method"] for r in out["rows"]} == {"dash", "dash_refined", "first"}
     refined = next(r for r in out["rows"] if r["method"] == "dash_refined")
     assert refined["choice"].count("full") == 1 and refined["cost"]["refine"]["kl"] <= \

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from dash.baselines import METHODS
-from dash.compare import dash_method, merge_shard_rows, plan_shards, run_sharded
+from dash.compare import dash_method, merge_shard_rows, plan_shards, resume_rows, run_sharded, search_settings
 
 ONE = ("long_range",)  # one DASH search per budget
 
@@ -42,8 +42,9 @@ def _fake_shard(shard, device, fail=()):
     methods = shard["methods"] + ([dash_method(shard["dash"])] if shard["dash"] else [])
     rows = [{"method": m, "budget": shard["budget"], "seed": None, "ruler_average": 0.5, "ruler": {},
              "perplexity": 10.0, "cost": {"device": device}} for m in methods]
+    saved = {"rows": rows, **search_settings()}
     script = (f"import json, os, sys; os.makedirs({shard['folder']!r}, exist_ok=True); "
-              f"json.dump({{'rows': {rows!r}}}, open(os.path.join({shard['folder']!r}, 'compare.json'), 'w')); "
+              f"json.dump({saved!r}, open(os.path.join({shard['folder']!r}, 'compare.json'), 'w')); "
               f"sys.exit({1 if shard['name'] in fail else 0})")
     return [sys.executable, "-c", script]
 
@@ -85,6 +86,26 @@ def test_merge_keeps_one_row_per_method_budget_seed(tmp_path):
     merged = merge_shard_rows([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "missing")])
     assert sorted(r["seed"] for r in merged) == [0, 1, 2]
     assert all(r["ruler_samples"]["vt"]["1024"] == [r["seed"], 1.0] and r["reused_choice"] for r in merged)
+
+
+def test_rows_of_another_search_are_searched_again(tmp_path):
+    """DASH rows whose search started or moved otherwise (files from before the budget start) are neither merged
+    nor resumed; the selectors' rows are kept."""
+    rows = [{"method": m, "budget": 3, "seed": None} for m in ("dash", "dash_refined", "dash_uniform", "first")]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "compare.json").write_text(json.dumps({"rows": rows}))  # no search settings: legacy
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "compare.json").write_text(json.dumps({"rows": rows, **search_settings()}))
+    assert [r["method"] for r in merge_shard_rows([str(tmp_path / "old")])] == ["first"]
+    assert len(merge_shard_rows([str(tmp_path / "new")])) == 4
+    settings = {"lengths": [64], "tasks": ["vt"], "samples": 1, "seed": 0, "eval_batch": 1, "finetune_tokens": 0,
+                "candidates": None, "refine_rounds": 0, **search_settings()}
+    for folder, kept in (("old", ["first"]), ("new", ["dash", "dash_refined", "dash_uniform", "first"])):
+        saved = json.loads((tmp_path / folder / "compare.json").read_text())
+        saved.update({k: v for k, v in settings.items() if k not in search_settings()})
+        (tmp_path / folder / "compare.json").write_text(json.dumps(saved))
+        keep, again = resume_rows(str(tmp_path / folder / "compare.json"), settings)
+        assert [r["method"] for r in keep] == kept and again == {}
 
 
 def test_shards_repeat_the_parents_settings():

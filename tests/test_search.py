@@ -11,7 +11,8 @@ import transformers  # noqa: E402
 
 from dash import build_supernet  # noqa: E402
 from dash.data import PackedData, pack, read_documents, synthetic_documents  # noqa: E402
-from dash.search import Search, SearchConfig, distillation_kl, efficient_reference, long_range_weights  # noqa: E402
+from dash.search import (Search, SearchConfig, budget_prior, distillation_kl, efficient_reference,  # noqa: E402
+                         expected_cost, long_range_weights)
 from test_supernet import tiny_model  # noqa: E402
 
 
@@ -24,8 +25,9 @@ def random_data(rows=12, seq_len=24, seed=0):
 def make_search(tmp_path, steps=6, **overrides):
     net = build_supernet(tiny_model("llama"), ["full", "swa4", "sink1_swa4"])
     data = random_data()
-    cfg = SearchConfig(tokens=steps * 2 * data.seq_len, batch_size=2, lr=0.1, checkpoint_every=2,
-                       kl_chunk_tokens=16, budget=1, **overrides)
+    settings = dict(tokens=steps * 2 * data.seq_len, batch_size=2, lr=0.1, checkpoint_every=2, kl_chunk_tokens=16,
+                    budget=1)
+    cfg = SearchConfig(**dict(settings, **overrides))
     return Search(net, data, cfg, str(tmp_path))
 
 
@@ -98,6 +100,31 @@ def test_objectives_search_apart_and_a_resume_keeps_the_time(tmp_path):
     assert again["timing"]["total_search_s"] == pytest.approx(spent + again["timing"]["search_s"])
 
 
+def test_the_search_starts_at_the_budget(tmp_path):
+    """init="budget": every layer starts at the maximum-entropy mix whose expected cost is the budget."""
+    two = budget_prior(torch.tensor([1.0, 0.0]), 9, 30)
+    torch.testing.assert_close(two, torch.tensor([0.3, 0.7]))
+    four = budget_prior(torch.tensor([1.0, 0.0, 0.0, 0.0]), 3, 30)  # the cheap ones share the rest equally
+    torch.testing.assert_close(four, torch.tensor([0.1, 0.3, 0.3, 0.3]))
+    cache = torch.tensor([8192.0, 512.0, 2048.0, 576.0])  # kv_bytes: cheaper candidates get more
+    mix = budget_prior(cache, 30 * 1500.0, 30)
+    assert float((mix * cache).sum()) == pytest.approx(1500.0, rel=1e-4) and mix[1] > mix[3] > mix[2] > mix[0]
+    assert torch.equal(budget_prior(torch.tensor([1.0, 0.0]), 20, 30), torch.tensor([0.5, 0.5]))  # within budget
+    assert budget_prior(torch.tensor([1.0, 0.0]), 0, 30)[0] == pytest.approx(1e-3, rel=1e-2)  # a floor stays
+    search = make_search(tmp_path / "b", budget=0.6)  # full, swa4, sink1_swa4 in 3 layers: p_full = 0.2
+    assert expected_cost(search.net, search.costs).item() == pytest.approx(0.6, rel=1e-5)
+    torch.testing.assert_close(search.net.probabilities(), torch.tensor([[0.2, 0.4, 0.4]] * 3))
+    uniform = make_search(tmp_path / "u", budget=0.6, init="uniform")
+    torch.testing.assert_close(uniform.net.probabilities()[0], torch.full((3,), 1 / 3))
+    search.run(progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="init 'budget', not 'uniform'"):  # a checkpoint resumes only its own
+        make_search(tmp_path / "b", budget=0.6, init="uniform").run(progress=False)
+    with pytest.raises(ValueError, match="lr 0.1, not 0.2"):
+        make_search(tmp_path / "b", budget=0.6, lr=0.2).run(progress=False)
+    with pytest.raises(ValueError, match="init must be one of"):
+        make_search(tmp_path / "x", init="zeros")
+
+
 def test_teacher_mode_is_the_unmodified_model():
     model = tiny_model("mistral", sliding_window=5)
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
@@ -120,7 +147,7 @@ def test_search_runs_and_writes_history(tmp_path):
 
 
 def test_cost_regulariser_pushes_toward_the_budget(tmp_path):
-    search = make_search(tmp_path, steps=8, cost_weight=50.0)
+    search = make_search(tmp_path, steps=8, cost_weight=50.0, init="uniform")  # from half full, over budget
     search.config.budget = 0.0
     before = search.net.probabilities()[:, 0].sum().item()
     search.run(progress=False)
