@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bwd_kernel.cuh"
+#include "fwd_mma_kernel.cuh"
 #include "host_checks.h"
 
 namespace dash {
@@ -119,12 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   return {dq, dk_out, dv_out, delta};
 }
 
-// The most dynamic shared memory a block of the forward or the backward takes at this head dim (the Python side
-// compares it with the device's per-block limit before choosing this backend).
+// The most dynamic shared memory a block of the forward (either mainloop, whichever DASH_CUDA_FWD selects) or
+// the backward takes at this head dim (the Python side compares it with the device's per-block limit before
+// choosing this backend).
 int64_t shared_memory_bytes(int64_t head_dim) {
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "the CUDA backend supports head dims 64 and 128, got ", head_dim);
-  return head_dim == 64 ? std::max(FwdTile<64>::kSmemBytes, BwdTile<64>::kSmemBytes)
-                        : std::max(FwdTile<128>::kSmemBytes, BwdTile<128>::kSmemBytes);
+  return head_dim == 64
+             ? std::max({FwdTile<64>::kSmemBytes, FwdMmaTile<64>::kSmemBytes, BwdTile<64>::kSmemBytes})
+             : std::max({FwdTile<128>::kSmemBytes, FwdMmaTile<128>::kSmemBytes, BwdTile<128>::kSmemBytes});
 }
 
 }  // namespace dash

@@ -5,10 +5,13 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "fwd_kernel.cuh"
+#include "fwd_mma_kernel.cuh"
 #include "host_checks.h"
 
 namespace dash {
@@ -25,6 +28,24 @@ void launch(const FwdParams& params, int num_row_tiles, int batch_heads, cudaStr
                                       static_cast<int>(cudaSharedmemCarveoutMaxShared)));
   kernel<<<dim3(num_row_tiles, batch_heads), Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The FlashAttention-2 style mainloop (fwd_mma_kernel.cuh): 128-row query tiles, 8 warps, one block per SM.
+template <typename T, int D>
+void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t stream) {
+  using Tile = FwdMmaTile<D>;
+  auto kernel = mixed_attention_fwd_mma_kernel<T, D>;
+  set_shared_memory(kernel, Tile::kSmemBytes);
+  const int row_tiles = (seq + Tile::kBlockM - 1) / Tile::kBlockM;
+  kernel<<<dim3(row_tiles, batch_heads), Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which forward mainloop runs: DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in
+// registers), anything else (or unset) the wmma one of fwd_kernel.cuh. Read at every call (a getenv).
+bool forward_uses_mma() {
+  const char* choice = std::getenv("DASH_CUDA_FWD");
+  return choice != nullptr && std::strcmp(choice, "mma") == 0;
 }
 
 }  // namespace
@@ -71,8 +92,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   const int row_tiles = static_cast<int>((seq + 63) / 64);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int bh = static_cast<int>(batch * heads_q);
+  const bool use_mma = forward_uses_mma();
   dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
-    launch<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
+    if (use_mma) launch_mma<decltype(type), decltype(dim)::value>(params, static_cast<int>(seq), bh, stream);
+    else launch<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
   });
   return {y, o, lse};
 }
