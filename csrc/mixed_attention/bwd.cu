@@ -5,10 +5,13 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "bwd_kernel.cuh"
+#include "bwd_mma_kernel.cuh"
 #include "fwd_mma_kernel.cuh"
 #include "host_checks.h"
 
@@ -30,6 +33,37 @@ void launch_bwd(const BwdParams& params, int row_tiles, int batch_heads, cudaStr
   set_shared_memory(dq, Tile::kSmemBytesDq);
   dq<<<grid, Tile::kThreads, Tile::kSmemBytesDq, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The FlashAttention-2 style backward (bwd_mma_kernel.cuh): the same prep, then one kernel for dK/dV (128-key
+// tiles, 8 warps) that also adds dQ (pre-scaled) into the zeroed fp32 ``dq_accum`` by atomics.
+template <typename T, int D>
+void launch_bwd_mma(const BwdParams& params, float* dq_accum, int batch_heads, cudaStream_t stream) {
+  using Tile = BwdMmaTile<D>;
+  mixed_attention_bwd_prep_kernel<T><<<dim3((params.seq + 3) / 4, batch_heads), 128, 0, stream>>>(params, D);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  BwdMmaParams mma_params{};
+  static_cast<BwdParams&>(mma_params) = params;
+  mma_params.dq_accum = dq_accum;
+  const size_t bytes = Tile::smem_bytes(params.num_regions);
+  auto kernel = mixed_attention_bwd_dkdv_mma_kernel<T, D>;
+  set_shared_memory(kernel, bytes);
+  const dim3 grid((params.seq + Tile::kBlockN - 1) / Tile::kBlockN, batch_heads);
+  kernel<<<grid, Tile::kThreads, bytes, stream>>>(mma_params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Which backward mainloop runs: DASH_CUDA_BWD=mma the FlashAttention-2 style one, anything else (or unset) the
+// wmma one of bwd_kernel.cuh. Read at every call (a getenv). The mma one also needs its shared memory (which
+// grows with the region count) to fit the device; where it does not, the wmma one runs.
+bool backward_uses_mma(int64_t head_dim, int num_regions) {
+  const char* choice = std::getenv("DASH_CUDA_BWD");
+  if (choice == nullptr || std::strcmp(choice, "mma") != 0) return false;
+  const size_t bytes =
+      head_dim == 64 ? BwdMmaTile<64>::smem_bytes(num_regions) : BwdMmaTile<128>::smem_bytes(num_regions);
+  int device = c10::cuda::current_device(), limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes <= static_cast<size_t>(limit);
 }
 
 }  // namespace
@@ -90,7 +124,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   auto delta = at::empty({batch, heads_q, num_c, seq}, f32);
   auto ref = at::empty({batch, heads_q, num_regions, seq}, f32);
   auto coef_a = at::empty_like(ref), coef_b = at::empty_like(ref);
-  auto dq = at::empty({batch, seq, heads_q, head_dim}, q.options());
+  const bool use_mma = backward_uses_mma(head_dim, num_regions);
+  // the mma backward adds dQ into a zeroed fp32 buffer (converted below); the wmma one writes dq directly
+  auto dq = use_mma ? at::zeros({batch, seq, heads_q, head_dim}, f32)
+                    : at::empty({batch, seq, heads_q, head_dim}, q.options());
   auto dk = at::empty({batch, seq, heads_q, head_dim}, f32);  // per query head; summed per group below
   auto dv = at::empty({batch, seq, heads_q, head_dim}, f32);
 
@@ -103,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   params.ref = ref.data_ptr<float>();
   params.coef_a = coef_a.data_ptr<float>();
   params.coef_b = coef_b.data_ptr<float>();
-  params.dq = dq.data_ptr();
+  params.dq = use_mma ? nullptr : dq.data_ptr();
   params.dk = dk.data_ptr<float>();
   params.dv = dv.data_ptr<float>();
   params.scale = static_cast<float>(scale);
@@ -112,8 +149,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int row_tiles = static_cast<int>((seq + 63) / 64), bh = static_cast<int>(batch * heads_q);
   dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
-    launch_bwd<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
+    if (use_mma) launch_bwd_mma<decltype(type), decltype(dim)::value>(params, dq.data_ptr<float>(), bh, stream);
+    else launch_bwd<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
   });
+  if (use_mma) dq = dq.to(q.scalar_type());
   const int64_t group = heads_q / heads_kv;
   auto dk_out = dk.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(k.scalar_type());
   auto dv_out = dv.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(v.scalar_type());
