@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -171,6 +172,8 @@ def environment():
         "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # which CUDA mainloops the backend "cuda" column ran (csrc/README.md): wmma unless set to "mma"
+        "cuda_mainloops": {k: os.environ.get(k, "wmma") for k in ("DASH_CUDA_FWD", "DASH_CUDA_BWD")},
     }
 
 
