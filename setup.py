@@ -5,6 +5,9 @@ Environment:
   DASH_SKIP_CUDA_BUILD=1   never build the extension
   DASH_CUDA_ARCHS="9.0"    architectures to build for (default: the visible GPU, else 9.0)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
+  CUTLASS_INCLUDE=DIR      CUTLASS/CuTe headers (the directory holding cute/ and cutlass/) for the Hopper forward
+                           (DASH_CUDA_FWD=sm90); default: those of the `nvidia-cutlass` package if importable.
+                           Without them (or without 9.0 among the architectures) that forward is not built.
 """
 import glob
 import os
@@ -18,6 +21,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _note(msg: str) -> None:
     print(f"[dash_kernels] {msg}", file=sys.stderr)
+
+
+def _cutlass_include():
+    """The directory holding cute/tensor.hpp: $CUTLASS_INCLUDE, else the nvidia-cutlass package's headers."""
+    env = os.environ.get("CUTLASS_INCLUDE")
+    if env:
+        if os.path.exists(os.path.join(env, "cute", "tensor.hpp")):
+            return os.path.abspath(env)
+        _note(f"CUTLASS_INCLUDE={env} has no cute/tensor.hpp: ignored.")
+        return None
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        inc = os.path.join(root, "source", "include")
+        if os.path.exists(os.path.join(inc, "cute", "tensor.hpp")):
+            return inc
+    return None
 
 
 def cuda_extensions():
@@ -68,10 +94,23 @@ def cuda_extensions():
         return [], {}
     # the extension reports what it was built for (torch.ops.dash_kernels_cuda.built_archs)
     defines = [f"-DDASH_BUILT_ARCHS={','.join(built)}"]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    # The Hopper forward (csrc/mixed_attention/fwd_sm90.cu, CuTe wgmma) needs the CUTLASS/CuTe headers and sm_90a;
+    # without them that file compiles to nothing and DASH_CUDA_FWD=sm90 raises a clear error.
+    cutlass_inc = _cutlass_include()
+    if "90" not in built:
+        _note("architecture 9.0 not among DASH_CUDA_ARCHS: the Hopper forward (DASH_CUDA_FWD=sm90) is skipped.")
+    elif cutlass_inc is None:
+        _note("CUTLASS/CuTe headers not found: the Hopper forward (DASH_CUDA_FWD=sm90) is skipped; to build it, "
+              "`pip install nvidia-cutlass` (or set CUTLASS_INCLUDE=<cutlass>/include) and rebuild.")
+    else:
+        _note(f"building the Hopper forward (DASH_CUDA_FWD=sm90) with the CuTe headers in {cutlass_inc}")
+        include_dirs.append(cutlass_inc)
+        defines.append("-DDASH_WITH_SM90_CUTE=1")
     ext = CUDAExtension(
         name="dash_kernels._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
+        include_dirs=include_dirs,
         # C++20: torch 2.14's headers refuse anything older ("C++20 or later compatible compiler is required")
         extra_compile_args={"cxx": ["-O3", "-std=c++20", *defines], "nvcc": ["-O3", "-std=c++20", *gencode, *defines]},
     )

@@ -13,6 +13,7 @@
 #include "bwd_kernel.cuh"
 #include "bwd_mma_kernel.cuh"
 #include "fwd_mma_kernel.cuh"
+#include "fwd_sm90_tile.h"
 #include "host_checks.h"
 
 namespace dash {
@@ -159,14 +160,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   return {dq, dk_out, dv_out, delta};
 }
 
-// The most dynamic shared memory a block of the forward (either mainloop, whichever DASH_CUDA_FWD selects) or
+// The Hopper forward's bytes where it is built (DASH_WITH_SM90_CUTE), else 0 (it cannot run).
+constexpr size_t sm90_bytes(size_t bytes) {
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+  return bytes;
+#else
+  return bytes * 0;
+#endif
+}
+
+// The most dynamic shared memory a block of the forward (any built mainloop, whichever DASH_CUDA_FWD selects) or
 // the backward takes at this head dim (the Python side compares it with the device's per-block limit before
 // choosing this backend).
 int64_t shared_memory_bytes(int64_t head_dim) {
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "the CUDA backend supports head dims 64 and 128, got ", head_dim);
   return head_dim == 64
-             ? std::max({FwdTile<64>::kSmemBytes, FwdMmaTile<64>::kSmemBytes, BwdTile<64>::kSmemBytes})
-             : std::max({FwdTile<128>::kSmemBytes, FwdMmaTile<128>::kSmemBytes, BwdTile<128>::kSmemBytes});
+             ? std::max({FwdTile<64>::kSmemBytes, FwdMmaTile<64>::kSmemBytes, sm90_bytes(FwdSm90Tile<64>::kSmemBytes),
+                         BwdTile<64>::kSmemBytes})
+             : std::max({FwdTile<128>::kSmemBytes, FwdMmaTile<128>::kSmemBytes,
+                         sm90_bytes(FwdSm90Tile<128>::kSmemBytes), BwdTile<128>::kSmemBytes});
 }
 
 }  // namespace dash

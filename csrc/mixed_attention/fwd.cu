@@ -16,6 +16,12 @@
 
 namespace dash {
 
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+// fwd_sm90.cu: the Hopper mainloop (CuTe wgmma), built only where setup.py found the CUTLASS/CuTe headers
+void launch_fwd_sm90(const FwdParams& params, at::ScalarType dtype, int64_t head_dim, int seq, int batch_heads,
+                     cudaStream_t stream);
+#endif
+
 namespace {
 
 template <typename T, int D>
@@ -42,10 +48,15 @@ void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t 
 }
 
 // Which forward mainloop runs: DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in
-// registers), anything else (or unset) the wmma one of fwd_kernel.cuh. Read at every call (a getenv).
-bool forward_uses_mma() {
+// registers), DASH_CUDA_FWD=sm90 the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh), anything else (or unset) the
+// wmma one of fwd_kernel.cuh. Read at every call (a getenv).
+enum class FwdMainloop { kWmma, kMma, kSm90 };
+FwdMainloop forward_mainloop() {
   const char* choice = std::getenv("DASH_CUDA_FWD");
-  return choice != nullptr && std::strcmp(choice, "mma") == 0;
+  if (choice == nullptr) return FwdMainloop::kWmma;
+  if (std::strcmp(choice, "mma") == 0) return FwdMainloop::kMma;
+  if (std::strcmp(choice, "sm90") == 0) return FwdMainloop::kSm90;
+  return FwdMainloop::kWmma;
 }
 
 }  // namespace
@@ -92,9 +103,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   const int row_tiles = static_cast<int>((seq + 63) / 64);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int bh = static_cast<int>(batch * heads_q);
-  const bool use_mma = forward_uses_mma();
+  const FwdMainloop mainloop = forward_mainloop();
+  if (mainloop == FwdMainloop::kSm90) {
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+    launch_fwd_sm90(params, q.scalar_type(), head_dim, static_cast<int>(seq), bh, stream);
+#else
+    TORCH_CHECK(false,
+                "DASH_CUDA_FWD=sm90: this build of dash_kernels._C has no Hopper forward: it was compiled without "
+                "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
+                "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_FWD");
+#endif
+    return {y, o, lse};
+  }
   dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
-    if (use_mma) launch_mma<decltype(type), decltype(dim)::value>(params, static_cast<int>(seq), bh, stream);
+    if (mainloop == FwdMainloop::kMma)
+      launch_mma<decltype(type), decltype(dim)::value>(params, static_cast<int>(seq), bh, stream);
     else launch<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
   });
   return {y, o, lse};

@@ -1,0 +1,463 @@
+// Forward of dash_kernels.mixed_attention, Hopper (sm_90a) mainloop with CuTe wgmma (DASH_CUDA_FWD=sm90; see fwd.cu
+// and fwd_sm90.cu). Only compiled where the CUTLASS/CuTe headers were found (DASH_WITH_SM90_CUTE, setup.py).
+//
+// The walk, the outputs and the sink protocol are those of fwd_mma_kernel.cuh (read its header): key tiles from
+// the diagonal backward, one online-softmax state per row, band sub-steps per key tile (one running max per
+// sub-step, one P V product per band against the same V tile), snapshots O_c = acc / l, LSE_c = m + log2 l as
+// the walk leaves each window, the sink pass merged by log-sum-exp, Y = sum_c w[h, c] O_c; O [C, B, T, Hq, D] in
+// the input dtype, LSE [B, Hq, C, T] fp32 base 2, the fp32 sink scratch. What differs:
+//   - the products are warpgroup MMAs (wgmma) through CuTe's SM90 GMMA atoms: S = Q K^T with both operands in
+//     shared memory (GMMA::ss_op_selector, K-major), O += P V with P from registers (GMMA::rs_op_selector, V^T
+//     MN-major in shared memory);
+//   - 128 query rows per block = 2 warpgroups of 64 rows (one 64-row wgmma atom each: TiledMMA atom layout
+//     2 x 1 x 1), 64-key tiles, 256 threads, one block per SM;
+//   - Q, K and V live in 128B-swizzled shared layouts (GMMA::Layout_K_SW128_Atom for Q and K,
+//     GMMA::Layout_MN_SW128_Atom for V^T, tiled by tile_to_shape), K / V double-buffered;
+//   - the loads are cp.async by all 256 threads into the swizzled layouts (addresses from the CuTe smem tensors),
+//     then fence.proxy.async (the wgmma reads through the async proxy) and one block barrier per key tile. No TMA,
+//     no producer warp, no mbarrier pipeline yet: that is the next step (FA3's warp specialisation);
+//   - every per-element mask and row statistic uses the accumulator's (row, col) mapping taken from CuTe
+//     (partition_C of an identity tensor, viewed as (row, col) as FA3's convert_layout_acc_rowcol does): each
+//     thread holds 2 rows of its warpgroup's 64 and, per row, BN / 4 (S) or D / 4 (O) columns in pairs; the 4
+//     threads of a quad (lanes 4g .. 4g + 3) share a row, so row reductions are two __shfl_xor_sync (1, 2).
+// Warpgroup-collective: a wgmma is issued by all 128 threads of a warpgroup or none, so every decision that
+// guards a product (is the tile active, which band sub-steps run, the sink tiles) is made per warpgroup.
+#pragma once
+
+#include "fwd_mma_kernel.cuh"  // FwdParams, head_view, cp_async_16, cp_async_wait_all, mma16::quad_max / quad_sum
+#include "fwd_sm90_tile.h"
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace dash {
+namespace sm90 {
+
+using namespace cute;
+
+template <typename T>
+struct CuteType;
+template <>
+struct CuteType<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CuteType<__half> {
+  using type = cutlass::half_t;
+};
+
+template <typename T, int D>
+struct Traits {
+  using Tile = FwdSm90Tile<D>;
+  using Element = typename CuteType<T>::type;
+  static constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, kStages = Tile::kStages;
+  using TileQK = Shape<Int<BM>, Int<BN>, Int<D>>;
+  using TilePV = Shape<Int<BM>, Int<D>, Int<BN>>;
+  using AtomLayout = Layout<Shape<_2, _1, _1>>;  // one 64-row atom per warpgroup
+  using TiledMmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileQK>(), AtomLayout{}));
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<BM>, Int<D>>{}));
+  using SmemLayoutK =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<BN>, Int<D>, Int<kStages>>{}));
+  // V^T (d, key, stage), d contiguous: the MN-major B operand of P V (FA3's SmemLayoutVt for a row-major V)
+  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                              Shape<Int<D>, Int<BN>, Int<kStages>>{}, Step<_2, _1, _3>{}));
+  static constexpr size_t kQElems = cosize_v<SmemLayoutQ>;
+  static constexpr size_t kKElems = cosize_v<SmemLayoutK>;
+  static constexpr size_t kVElems = cosize_v<SmemLayoutVt>;
+  static_assert(kQElems * 2 == Tile::kQBytes, "Q tile size (fwd_sm90_tile.h)");
+  static_assert(kKElems * 2 == kStages * Tile::kKVBytes && kVElems * 2 == kStages * Tile::kKVBytes,
+                "K / V tile sizes (fwd_sm90_tile.h)");
+  static_assert(size(TiledMmaQK{}) == Tile::kThreads && size(TiledMmaPV{}) == Tile::kThreads, "2 warpgroups");
+};
+
+// The wgmma accumulator's per-thread layout ((2, 2, N / 8), MMA_M, MMA_N) viewed as (row, col): rows (2, MMA_M),
+// cols (2, N / 8, MMA_N) (FA3's convert_layout_acc_rowcol, SM90 branch).
+template <typename L>
+CUTE_HOST_DEVICE auto acc_rowcol(L l) {
+  static_assert(decltype(rank<0>(l))::value == 3 && decltype(rank(l))::value == 3, "a GMMA accumulator layout");
+  static_assert(decltype(size<0, 0>(l))::value == 2 && decltype(size<0, 1>(l))::value == 2, "pairs, 2 rows");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// The same accumulator registers viewed as the A operand (16-bit) of the next product: ((2, 2, 2), MMA_M,
+// N / 16) (FA3's convert_layout_acc_Aregs, SM90 branch, 16-bit A).
+template <typename L>
+CUTE_HOST_DEVICE auto acc_as_a(L l) {
+  auto split = logical_divide(get<0, 2>(l), Tile<_2>{});  // ((2, N / 16))
+  return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(split)), get<1>(l),
+                     coalesce(make_layout(get<0, 1>(split), get<2>(l))));
+}
+
+// One warpgroup product c (+)= a b over the K mode, waited for (FA3's flash::gemm<zero_init, 0>).
+template <bool kZeroInit, typename Mma, typename TA, typename TB, typename TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kRS = !std::is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
+  if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+  if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// Rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into a swizzled tile by cp.async (16 B a chunk:
+// 8 consecutive elements of a row stay contiguous under the 128B swizzle), zeros past T. ``at(r, c)`` gives the
+// shared address of element (r, c). All THREADS threads take part; nothing is waited for here.
+template <typename T, int D, int ROWS, int THREADS, typename At>
+__device__ __forceinline__ void load_rows_swizzled(At at, const T* base, int64_t stride_t, int row0, int seq) {
+  constexpr int kChunks = D / 8;
+  static_assert(ROWS * kChunks % THREADS == 0, "every thread issues the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int idx = threadIdx.x + i * THREADS;
+    const int row = idx / kChunks, chunk = idx % kChunks;
+    const bool valid = row0 + row < seq;
+    cp_async_16(at(row, chunk * 8), valid ? base + (row0 + row) * stride_t + chunk * 8 : base, valid);
+  }
+}
+
+}  // namespace sm90
+
+template <typename T, int D>
+__global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_fwd_sm90_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH__) && !defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  __trap();  // built for another architecture: the launcher refuses before this (fwd_sm90.cu)
+#else
+  using namespace cute;
+  using Tr = sm90::Traits<T, D>;
+  using Tile = FwdSm90Tile<D>;
+  using Element = typename Tr::Element;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = Tile::kThreads;
+  constexpr int ND = D / 8;  // column pairs of O a thread holds per row (D / 4 columns)
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // the 128B swizzle is a function of the address bits: every tile starts 1024-byte aligned
+  const uint32_t pad = (1024u - (mma16::smem_u32(smem_raw) & 1023u)) & 1023u;
+  Element* q_ptr = reinterpret_cast<Element*>(smem_raw + pad);
+  Element* k_ptr = q_ptr + Tr::kQElems;
+  Element* vt_ptr = k_ptr + Tr::kKElems;
+  Tensor sQ = make_tensor(make_smem_ptr(q_ptr), typename Tr::SmemLayoutQ{});     // (BM, D)
+  Tensor sK = make_tensor(make_smem_ptr(k_ptr), typename Tr::SmemLayoutK{});     // (BN, D, stage)
+  Tensor sVt = make_tensor(make_smem_ptr(vt_ptr), typename Tr::SmemLayoutVt{});  // (D, BN, stage)
+
+  // the longest walks (the last query tiles) first, so that the short ones fill the last wave
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  const int bh = blockIdx.y;
+  const auto [b, h, q, k, v] = head_view<T>(p, bh);
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+
+  typename Tr::TiledMmaQK mma_qk;
+  typename Tr::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_pv = mma_pv.get_thread_slice(tid);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // descriptors: (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<BM>, Int<BN>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<BM>, Int<D>>{});
+  Tensor S = make_tensor(tSrS.data(), sm90::acc_rowcol(tSrS.layout()));  // (2 rows, BN / 4 cols)
+  Tensor O = make_tensor(tOrO.data(), sm90::acc_rowcol(tOrO.layout()));  // (2 rows, D / 4 cols)
+  // the (row, col) of each accumulator element, from CuTe: identity tensors partitioned as the accumulators
+  Tensor cS_part = thr_qk.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  Tensor cO_part = thr_pv.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+  Tensor cS = make_tensor(cS_part.data(), sm90::acc_rowcol(cS_part.layout()));
+  Tensor cO = make_tensor(cO_part.data(), sm90::acc_rowcol(cO_part.layout()));
+  constexpr int NC = decltype(size<1>(S))::value;
+  static_assert(decltype(size<0>(S))::value == 2 && decltype(size<0>(O))::value == 2, "2 rows a thread");
+  static_assert(decltype(size<1>(O))::value == 2 * ND, "D / 4 columns of O a row");
+
+  const int wr0 = m0 + 64 * wg;  // the warpgroup's first row
+  const bool wg_live = wr0 < p.seq;
+  const bool wg_rows_full = wr0 + 63 < p.seq;
+  const int w_last = min(wr0 + 63, p.seq - 1);
+  int t[2];  // this thread's rows
+  bool row_ok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    t[i] = m0 + int(get<0>(cS(i, 0)));
+    row_ok[i] = t[i] < p.seq;
+  }
+  // the thread holding column 0 of a row writes its LSE (one of the 4 threads sharing the row)
+  const bool lse_writer = int(get<1>(cO(0, 0))) == 0;
+  const int C = p.num_c;
+  T* o = static_cast<T*>(p.o);
+  T* y = static_cast<T*>(p.y);
+  const int64_t row_elems = int64_t(p.heads_q) * D;  // one token's row of y / o
+  const int64_t o_plane = int64_t(p.batch) * p.seq * row_elems;
+  int64_t out_row[2], lse_row[2];  // + column: this thread's elements of its rows
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    out_row[i] = (int64_t(b) * p.seq + t[i]) * row_elems + int64_t(h) * D;
+    lse_row[i] = (int64_t(bh) * C) * p.seq + t[i];  // + c * seq
+  }
+  // column of O pair d (elements 2 d, 2 d + 1 of a row: adjacent columns), the same for both rows
+  auto o_col = [&](int d) { return int(get<1>(cO(0, 2 * d))); };
+
+  // The tiles this block loads, in order: the walk (top .. bottom), then each sink candidate's sink keys.
+  const int last_row = min(m0 + BM, p.seq) - 1;
+  const int widest = p.num_edges ? p.edges[p.num_edges - 1] : 1;
+  const int lowest_key = p.has_full ? 0 : max(0, m0 - widest + 1);
+  const int top = last_row / BN, bottom = lowest_key / BN;
+  const int n_walk = top - bottom + 1;
+  const int key_tiles = (p.seq + BN - 1) / BN;
+  auto sink_tiles = [&](int c) { return min((p.sinks[c] + BN - 1) / BN, key_tiles); };
+  int total = n_walk;
+  for (int c = 0; c < C; ++c) total += sink_tiles(c);
+  auto tile_at = [&](int step) {
+    if (step < n_walk) return top - step;
+    step -= n_walk;
+    for (int c = 0; c < C; ++c) {
+      const int n = sink_tiles(c);
+      if (step < n) return step;
+      step -= n;
+    }
+    return 0;  // not reached
+  };
+  auto issue_tile = [&](int step) {
+    const int j0 = tile_at(step) * BN;
+    const int stage = step & 1;
+    sm90::load_rows_swizzled<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sK(r, c, stage)); }, k,
+                                           p.k_stride[1], j0, p.seq);
+    sm90::load_rows_swizzled<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sVt(c, r, stage)); }, v,
+                                           p.v_stride[1], j0, p.seq);
+  };
+  // Q and the first tile together; then, at each tile: wait for this thread's copies, make them visible to the
+  // async proxy (wgmma reads shared memory through it), barrier (everyone's copies have landed, and every
+  // warpgroup's products on the other stage have completed: each product is waited for), issue the next tile
+  // into the other stage, compute this one.
+  sm90::load_rows_swizzled<T, D, BM, NT>([&](int r, int c) { return static_cast<void*>(&sQ(r, c)); }, q,
+                                         p.q_stride[1], m0, p.seq);
+  issue_tile(0);
+  int step = 0;
+  auto begin_tile = [&]() -> int {  // returns this tile's stage
+    cp_async_wait_all();
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
+    if (step + 1 < total) issue_tile(step + 1);
+    return step++ & 1;
+  };
+
+  float m[2], l[2];
+  auto reset_state = [&]() {
+    clear(tOrO);
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+  };
+  reset_state();
+  // Y = sum_c w_c O_c in O's (row, col) layout: registers, or (kYShared) this thread's float4 per column pair d
+  // (rows 0 and 1) at sY[d NT + tid] (consecutive threads, consecutive 16 B: no bank conflicts)
+  constexpr bool kYShared = Tile::kYShared;
+  float y_acc[kYShared ? 1 : ND][4];
+  float4* sY = reinterpret_cast<float4*>(vt_ptr + Tr::kVElems) + tid;
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+    if constexpr (kYShared) sY[d * NT] = make_float4(0.f, 0.f, 0.f, 0.f);
+    else y_acc[d][0] = y_acc[d][1] = y_acc[d][2] = y_acc[d][3] = 0.f;
+  }
+
+  // One sub-step of the walk for this thread's two rows: take in the keys of the current tile (keys j0 ..) that
+  // ``include(i, j)`` admits, one running max per row; O += P V against this tile's V. kMasked false: every
+  // element is admitted (the caller has checked that the band covers the warpgroup's whole block).
+  auto softmax_step = [&](auto masked, int j0, int stage, auto include) {
+    constexpr bool kMasked = decltype(masked)::value;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int c = 0; c < NC; ++c)
+        if (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))) mx[i] = fmaxf(mx[i], S(i, c) * p.scale_log2);
+    float m_new[2], alpha[2], sum[2] = {0.f, 0.f};
+    bool empty[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m_new[i] = fmaxf(m[i], mma16::quad_max(mx[i]));
+      empty[i] = m_new[i] == -INFINITY;  // nothing taken in yet, nor now
+      alpha[i] = empty[i] ? 1.f : exp2f(m[i] - m_new[i]);
+    }
+    // P rounded to 16 bits in S's register layout, then viewed as the A operand of P V
+    Tensor tSrP = make_tensor_like<Element>(tSrS);
+    Tensor P = make_tensor(tSrP.data(), sm90::acc_rowcol(tSrP.layout()));
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        float pe = 0.f;
+        if (!empty[i] && (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))))
+          pe = exp2f(fmaf(S(i, c), p.scale_log2, -m_new[i]));
+        sum[i] += pe;
+        P(i, c) = static_cast<Element>(pe);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[i] = l[i] * alpha[i] + mma16::quad_sum(sum[i]);
+      m[i] = m_new[i];
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int c = 0; c < 2 * ND; ++c) O(i, c) *= alpha[i];  // x * 1 == x: unchanged rows stay exact
+    Tensor tOrP = make_tensor(tSrP.data(), sm90::acc_as_a(tSrP.layout()));
+    sm90::wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
+  };
+
+  // Candidate c's output for row i of this thread: O (input dtype), Y += w O, LSE (one thread of the row).
+  auto emit = [&](int c, int i, const float (&value)[ND][2], float lse) {
+    T* dst = o + c * o_plane + out_row[i];
+    const float wc = p.w[h * C + c];
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      if constexpr (kYShared) {
+        float2* ys = reinterpret_cast<float2*>(sY + d * NT) + i;  // row i's pair
+        float2 cur = *ys;
+        cur.x += wc * value[d][0];
+        cur.y += wc * value[d][1];
+        *ys = cur;
+      } else {
+        y_acc[d][2 * i] += wc * value[d][0];
+        y_acc[d][2 * i + 1] += wc * value[d][1];
+      }
+      *reinterpret_cast<uint32_t*>(dst + o_col(d)) = mma16::pack2<T>(value[d][0], value[d][1]);  // even column
+    }
+    if (lse_writer) p.lse[lse_row[i] + int64_t(c) * p.seq] = lse;
+  };
+  // Snapshots every candidate of window ``window`` whose lowest key, for row i, lies in the tile at j0.
+  auto snapshot = [&](int window, int j0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!row_ok[i]) continue;
+      const int lo = window >= kFullWindow ? 0 : max(0, t[i] - window + 1);
+      if (lo < j0 || lo >= j0 + BN) continue;
+      const float inv_l = 1.f / l[i];
+      const float lse = m[i] + log2f(l[i]);
+      float value[ND][2];
+#pragma unroll
+      for (int d = 0; d < ND; ++d) {
+        value[d][0] = O(i, 2 * d) * inv_l;
+        value[d][1] = O(i, 2 * d + 1) * inv_l;
+      }
+      for (int c = 0; c < C; ++c) {
+        if (p.windows[c] != window) continue;
+        if (p.sinks[c] > 0) {  // fp32 scratch until its sink keys are merged in
+          float* dst = p.sink_o + c * o_plane + out_row[i];  // 8-byte aligned: even columns
+#pragma unroll
+          for (int d = 0; d < ND; ++d)
+            *reinterpret_cast<float2*>(dst + o_col(d)) = make_float2(value[d][0], value[d][1]);
+          if (lse_writer) p.sink_lse[lse_row[i] + int64_t(c) * p.seq] = lse;
+        } else {
+          emit(c, i, value, lse);
+        }
+      }
+    }
+  };
+
+  // The walk: from the tile holding the last query's diagonal down to the lowest key any window needs.
+  for (int kb = top; kb >= bottom; --kb) {
+    const int j0 = kb * BN;
+    const int stage = begin_tile();
+    // distances t - j this tile spans over the warpgroup's rows (warpgroup-uniform)
+    const int d_min = wr0 - (j0 + BN - 1), d_max = w_last - j0;
+    const bool active = wg_live && d_max >= 0 && (p.has_full || d_min < widest);
+    if (active) sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+    for (int band = 0; band <= p.num_edges; ++band) {
+      const int lo = band == 0 ? 0 : p.edges[band - 1];
+      const int hi = band < p.num_edges ? p.edges[band] : kFullWindow;
+      if (band == p.num_edges && !p.has_full) break;
+      if (active && d_max >= lo && d_min < hi) {
+        if (d_min >= lo && d_max < hi && j0 + BN <= p.seq && wg_rows_full) {
+          softmax_step(std::false_type{}, j0, stage, [](int, int) { return true; });
+        } else {
+          softmax_step(std::true_type{}, j0, stage, [&](int i, int j) {
+            const int dist = t[i] - j;
+            return row_ok[i] && j < p.seq && dist >= lo && dist < hi;
+          });
+        }
+      }
+      snapshot(hi, j0);
+    }
+  }
+
+  // Sink candidates: their sink keys outside the window, then the merge with the window snapshot.
+  for (int c = 0; c < C; ++c) {
+    const int sink = p.sinks[c];
+    if (sink == 0) continue;
+    const int window = p.windows[c];
+    int limit[2];  // sink keys j < limit lie outside the window
+#pragma unroll
+    for (int i = 0; i < 2; ++i) limit[i] = row_ok[i] ? min(sink, max(0, t[i] - window + 1)) : 0;
+    // the warpgroup's largest limit: that of its last live row (limit grows with t)
+    const int wg_limit = wg_live ? min(sink, max(0, w_last - window + 1)) : 0;
+    reset_state();
+    const int n = sink_tiles(c);
+    for (int kb = 0; kb < n; ++kb) {
+      const int j0 = kb * BN;
+      const int stage = begin_tile();
+      if (wg_limit > j0) {  // warpgroup-uniform: does any row of the warpgroup take a key of this tile?
+        sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+        softmax_step(std::true_type{}, j0, stage, [&](int i, int j) { return j < limit[i]; });
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!row_ok[i]) continue;
+      // written by this thread (O) and by the LSE writer of its row, before the barriers of the sink tiles
+      const float* window_out = p.sink_o + c * o_plane + out_row[i];
+      const float lse_w = p.sink_lse[lse_row[i] + int64_t(c) * p.seq];
+      float value[ND][2];
+      float lse = lse_w;
+      if (l[i] > 0.f) {
+        const float top_m = fmaxf(lse_w, m[i]);
+        const float a = exp2f(lse_w - top_m), bs = exp2f(m[i] - top_m);
+        const float total_w = a + l[i] * bs;
+        const float inv = 1.f / total_w;
+#pragma unroll
+        for (int d = 0; d < ND; ++d) {
+          const float2 w2 = *reinterpret_cast<const float2*>(window_out + o_col(d));
+          value[d][0] = (w2.x * a + O(i, 2 * d) * bs) * inv;
+          value[d][1] = (w2.y * a + O(i, 2 * d + 1) * bs) * inv;
+        }
+        lse = top_m + log2f(total_w);
+      } else {
+#pragma unroll
+        for (int d = 0; d < ND; ++d) {
+          const float2 w2 = *reinterpret_cast<const float2*>(window_out + o_col(d));
+          value[d][0] = w2.x;
+          value[d][1] = w2.y;
+        }
+      }
+      emit(c, i, value, lse);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (!row_ok[i]) continue;
+    T* dst = y + out_row[i];
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      float2 yv;
+      if constexpr (kYShared) yv = reinterpret_cast<const float2*>(sY + d * NT)[i];
+      else yv = make_float2(y_acc[d][2 * i], y_acc[d][2 * i + 1]);
+      *reinterpret_cast<uint32_t*>(dst + o_col(d)) = mma16::pack2<T>(yv.x, yv.y);
+    }
+  }
+#endif
+}
+
+}  // namespace dash

@@ -1,0 +1,25 @@
+// Tile sizes and shared-memory bytes of the Hopper forward (fwd_sm90_kernel.cuh), without the CuTe headers, so that
+// the host's shared-memory report (bwd.cu: shared_memory_bytes) and the launcher agree on one number.
+#pragma once
+
+#include <cstddef>
+
+namespace dash {
+
+template <int D>
+struct FwdSm90Tile {
+  static constexpr int kBlockM = 128;  // query rows per block: 2 consumer warpgroups x 64 rows (one wgmma atom each)
+  static constexpr int kBlockN = 64;   // keys per tile
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = 128 * kWarpgroups;  // no producer warp: every thread issues cp.async
+  static constexpr int kStages = 2;                   // K / V double-buffered
+  static constexpr size_t kQBytes = size_t(kBlockM) * D * 2;       // 128B-swizzled, no padding
+  static constexpr size_t kKVBytes = size_t(kBlockN) * D * 2;      // one K or V tile of one stage
+  static constexpr bool kYShared = D > 64;                          // as in fwd_mma_kernel.cuh
+  static constexpr size_t kYBytes = kYShared ? size_t(kBlockM) * D * 4 : 0;
+  static constexpr size_t kAlign = 1024;  // the 128B swizzle needs 1024-byte aligned tiles: base rounded up
+  // Q, K and V of two stages, Y, the alignment slack: 164,864 B at D 128, 50,176 B at D 64
+  static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kYBytes + kAlign;
+};
+
+}  // namespace dash
