@@ -160,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   return {dq, dk_out, dv_out, delta};
 }
 
-// The Hopper forward's bytes where it is built (DASH_WITH_SM90_CUTE), else 0 (it cannot run).
+// The Hopper forward's bytes (its TMA variant, the larger by the pipeline barriers) where it is built
+// (DASH_WITH_SM90_CUTE), else 0 (it cannot run).
 constexpr size_t sm90_bytes(size_t bytes) {
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
   return bytes;
@@ -175,10 +176,10 @@ constexpr size_t sm90_bytes(size_t bytes) {
 int64_t shared_memory_bytes(int64_t head_dim) {
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "the CUDA backend supports head dims 64 and 128, got ", head_dim);
   return head_dim == 64
-             ? std::max({FwdTile<64>::kSmemBytes, FwdMmaTile<64>::kSmemBytes, sm90_bytes(FwdSm90Tile<64>::kSmemBytes),
-                         BwdTile<64>::kSmemBytes})
+             ? std::max({FwdTile<64>::kSmemBytes, FwdMmaTile<64>::kSmemBytes,
+                         sm90_bytes(FwdSm90Tile<64>::kSmemBytesTma), BwdTile<64>::kSmemBytes})
              : std::max({FwdTile<128>::kSmemBytes, FwdMmaTile<128>::kSmemBytes,
-                         sm90_bytes(FwdSm90Tile<128>::kSmemBytes), BwdTile<128>::kSmemBytes});
+                         sm90_bytes(FwdSm90Tile<128>::kSmemBytesTma), BwdTile<128>::kSmemBytes});
 }
 
 }  // namespace dash

@@ -18,8 +18,8 @@ namespace dash {
 
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
 // fwd_sm90.cu: the Hopper mainloop (CuTe wgmma), built only where setup.py found the CUTLASS/CuTe headers
-void launch_fwd_sm90(const FwdParams& params, at::ScalarType dtype, int64_t head_dim, int seq, int batch_heads,
-                     cudaStream_t stream);
+void launch_fwd_sm90(const FwdParams& params, bool tma, at::ScalarType dtype, int64_t head_dim, int seq,
+                     int batch_heads, cudaStream_t stream);
 #endif
 
 namespace {
@@ -48,14 +48,16 @@ void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t 
 }
 
 // Which forward mainloop runs: DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in
-// registers), DASH_CUDA_FWD=sm90 the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh), anything else (or unset) the
-// wmma one of fwd_kernel.cuh. Read at every call (a getenv).
-enum class FwdMainloop { kWmma, kMma, kSm90 };
+// registers), DASH_CUDA_FWD=sm90 the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh; K / V by cp.async),
+// DASH_CUDA_FWD=sm90tma the same with K / V by TMA from a producer warpgroup into an mbarrier pipeline, anything
+// else (or unset) the wmma one of fwd_kernel.cuh. Read at every call (a getenv).
+enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma };
 FwdMainloop forward_mainloop() {
   const char* choice = std::getenv("DASH_CUDA_FWD");
   if (choice == nullptr) return FwdMainloop::kWmma;
   if (std::strcmp(choice, "mma") == 0) return FwdMainloop::kMma;
   if (std::strcmp(choice, "sm90") == 0) return FwdMainloop::kSm90;
+  if (std::strcmp(choice, "sm90tma") == 0) return FwdMainloop::kSm90Tma;
   return FwdMainloop::kWmma;
 }
 
@@ -104,12 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int bh = static_cast<int>(batch * heads_q);
   const FwdMainloop mainloop = forward_mainloop();
-  if (mainloop == FwdMainloop::kSm90) {
+  if (mainloop == FwdMainloop::kSm90 || mainloop == FwdMainloop::kSm90Tma) {
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
-    launch_fwd_sm90(params, q.scalar_type(), head_dim, static_cast<int>(seq), bh, stream);
+    launch_fwd_sm90(params, mainloop == FwdMainloop::kSm90Tma, q.scalar_type(), head_dim, static_cast<int>(seq), bh,
+                    stream);
 #else
     TORCH_CHECK(false,
-                "DASH_CUDA_FWD=sm90: this build of dash_kernels._C has no Hopper forward: it was compiled without "
+                "DASH_CUDA_FWD=sm90 / sm90tma: this build of dash_kernels._C has no Hopper forward: it was compiled without "
                 "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
                 "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_FWD");
 #endif

@@ -14,27 +14,42 @@ namespace dash {
 namespace {
 
 template <typename T, int D>
-void launch_sm90(const FwdParams& params, int seq, int batch_heads, cudaStream_t stream) {
+void launch_sm90(const FwdParams& params, bool tma, int seq, int batch_heads, cudaStream_t stream) {
   using Tile = FwdSm90Tile<D>;
-  auto kernel = mixed_attention_fwd_sm90_kernel<T, D>;
-  set_shared_memory(kernel, Tile::kSmemBytes);
-  const int row_tiles = (seq + Tile::kBlockM - 1) / Tile::kBlockM;
-  kernel<<<dim3(row_tiles, batch_heads), Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
+  using Tr = sm90::Traits<T, D>;
+  using E = typename Tr::Element;
+  const dim3 grid((seq + Tile::kBlockM - 1) / Tile::kBlockM, batch_heads);
+  if (!tma) {
+    auto kernel = mixed_attention_fwd_sm90_kernel<T, D, false, sm90::NoTma, sm90::NoTma>;
+    set_shared_memory(kernel, Tile::kSmemBytes);
+    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params, sm90::NoTma{}, sm90::NoTma{});
+  } else {
+    // K, V as whole [B, T, Hkv, D] tensors (the block picks its batch and KV head by coordinates)
+    const int heads_kv = params.heads_q / params.group;
+    const auto tma_k = Tr::make_tma_k(static_cast<const E*>(params.k), seq, heads_kv, params.batch, params.k_stride[1],
+                                      params.k_stride[2], params.k_stride[0]);
+    const auto tma_v = Tr::make_tma_v(static_cast<const E*>(params.v), seq, heads_kv, params.batch, params.v_stride[1],
+                                      params.v_stride[2], params.v_stride[0]);
+    auto kernel = mixed_attention_fwd_sm90_kernel<T, D, true, typename Tr::TmaK, typename Tr::TmaV>;
+    set_shared_memory(kernel, Tile::kSmemBytesTma);
+    kernel<<<grid, Tile::kThreadsTma, Tile::kSmemBytesTma, stream>>>(params, tma_k, tma_v);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 // Called by fwd.cu for DASH_CUDA_FWD=sm90 (inputs checked, params filled there).
-void launch_fwd_sm90(const FwdParams& params, at::ScalarType dtype, int64_t head_dim, int seq, int batch_heads,
-                     cudaStream_t stream) {
+// tma: the TMA + producer-warpgroup variant (DASH_CUDA_FWD=sm90tma), else cp.async (DASH_CUDA_FWD=sm90).
+void launch_fwd_sm90(const FwdParams& params, bool tma, at::ScalarType dtype, int64_t head_dim, int seq,
+                     int batch_heads, cudaStream_t stream) {
   int device = c10::cuda::current_device(), major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(major == 9 && minor == 0, "DASH_CUDA_FWD=sm90 needs a Hopper GPU (sm_90a: wgmma); this one is sm_",
+  TORCH_CHECK(major == 9 && minor == 0, "DASH_CUDA_FWD=sm90 / sm90tma needs a Hopper GPU (sm_90a: wgmma); this one is sm_",
               major, minor, ". Unset DASH_CUDA_FWD or use DASH_CUDA_FWD=mma");
   dispatch_dtype_and_head_dim(dtype, head_dim, [&](auto type, auto dim) {
-    launch_sm90<decltype(type), decltype(dim)::value>(params, seq, batch_heads, stream);
+    launch_sm90<decltype(type), decltype(dim)::value>(params, tma, seq, batch_heads, stream);
   });
 }
 

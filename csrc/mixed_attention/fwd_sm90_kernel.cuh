@@ -9,13 +9,21 @@
 //   - the products are warpgroup MMAs (wgmma) through CuTe's SM90 GMMA atoms: S = Q K^T with both operands in
 //     shared memory (GMMA::ss_op_selector, K-major), O += P V with P from registers (GMMA::rs_op_selector, V^T
 //     MN-major in shared memory);
-//   - 128 query rows per block = 2 warpgroups of 64 rows (one 64-row wgmma atom each: TiledMMA atom layout
-//     2 x 1 x 1), 64-key tiles, 256 threads, one block per SM;
+//   - 128 query rows per block = 2 consumer warpgroups of 64 rows (one 64-row wgmma atom each: TiledMMA atom
+//     layout 2 x 1 x 1), 64-key tiles, 256 threads (+ 128 for the TMA producer), one block per SM;
 //   - Q, K and V live in 128B-swizzled shared layouts (GMMA::Layout_K_SW128_Atom for Q and K,
 //     GMMA::Layout_MN_SW128_Atom for V^T, tiled by tile_to_shape), K / V double-buffered;
-//   - the loads are cp.async by all 256 threads into the swizzled layouts (addresses from the CuTe smem tensors),
-//     then fence.proxy.async (the wgmma reads through the async proxy) and one block barrier per key tile. No TMA,
-//     no producer warp, no mbarrier pipeline yet: that is the next step (FA3's warp specialisation);
+//   - two ways to load K / V, one kernel template (kTma):
+//     DASH_CUDA_FWD=sm90: cp.async by all 256 threads into the swizzled layouts (addresses from the CuTe smem
+//       tensors), then fence.proxy.async (the wgmma reads through the async proxy) and one block barrier per key
+//       tile, the next tile's loads in flight meanwhile;
+//     DASH_CUDA_FWD=sm90tma: FA3's warp specialisation: a third (producer) warpgroup, registers given back by
+//       setmaxnreg (24; consumers 240), one thread of which issues TMA loads (make_tma_copy on the host:
+//       SM90_TMA_LOAD of K as (T, D, Hkv, B), of V through its transposed view (D, T, Hkv, B) into V^T) into a
+//       2-stage cutlass::PipelineTmaAsync (full / empty mbarriers, both tiles on one barrier); the consumers
+//       consumer_wait before a tile and consumer_release after its last product; Q by cp.async from the
+//       consumers and a named barrier. The products are still waited for one by one (no intra-warpgroup overlap
+//       of softmax and wgmma yet, FA3's IntraWGOverlap);
 //   - every per-element mask and row statistic uses the accumulator's (row, col) mapping taken from CuTe
 //     (partition_C of an identity tensor, viewed as (row, col) as FA3's convert_layout_acc_rowcol does): each
 //     thread holds 2 rows of its warpgroup's 64 and, per row, BN / 4 (S) or D / 4 (O) columns in pairs; the 4
@@ -31,8 +39,11 @@
 #include <cute/atom/mma_atom.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include <cstdint>
 #include <type_traits>
@@ -77,7 +88,26 @@ struct Traits {
   static_assert(kKElems * 2 == kStages * Tile::kKVBytes && kVElems * 2 == kStages * Tile::kKVBytes,
                 "K / V tile sizes (fwd_sm90_tile.h)");
   static_assert(size(TiledMmaQK{}) == Tile::kThreads && size(TiledMmaPV{}) == Tile::kThreads, "2 warpgroups");
+
+  // TMA (DASH_CUDA_FWD=sm90tma): K as (T, D, Hkv, B) into one stage of SmemLayoutK; V as its transposed view
+  // (D, T, Hkv, B) into one stage of SmemLayoutVt (FA3's V^t). Built on the host (fwd_sm90.cu); out-of-range rows
+  // (t >= T) read as zeros.
+  static auto make_tma_k(const Element* ptr, int seq, int heads_kv, int batch, int64_t st, int64_t sh, int64_t sb) {
+    Tensor m = make_tensor(make_gmem_ptr(ptr), make_shape(seq, Int<D>{}, heads_kv, batch), make_stride(st, _1{}, sh, sb));
+    return make_tma_copy(SM90_TMA_LOAD{}, m, take<0, 2>(SmemLayoutK{}));
+  }
+  static auto make_tma_v(const Element* ptr, int seq, int heads_kv, int batch, int64_t st, int64_t sh, int64_t sb) {
+    Tensor m = make_tensor(make_gmem_ptr(ptr), make_shape(Int<D>{}, seq, heads_kv, batch), make_stride(_1{}, st, sh, sb));
+    return make_tma_copy(SM90_TMA_LOAD{}, m, take<0, 2>(SmemLayoutVt{}));
+  }
+  using TmaK = decltype(make_tma_k(nullptr, 1, 1, 1, 1, 1, 1));
+  using TmaV = decltype(make_tma_v(nullptr, 1, 1, 1, 1, 1, 1));
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  static_assert(sizeof(typename Pipeline::SharedStorage) <= Tile::kPipelineBytes, "pipeline barriers");
+  static constexpr uint32_t kTmaBytes = 2 * uint32_t(Tile::kKVBytes);  // K and V of one tile, one barrier
 };
+
+struct NoTma {};  // the cp.async variant's placeholder for the TMA descriptors
 
 // The wgmma accumulator's per-thread layout ((2, 2, N / 8), MMA_M, MMA_N) viewed as (row, col): rows (2, MMA_M),
 // cols (2, N / 8, MMA_N) (FA3's convert_layout_acc_rowcol, SM90 branch).
@@ -134,8 +164,13 @@ __device__ __forceinline__ void load_rows_swizzled(At at, const T* base, int64_t
 
 }  // namespace sm90
 
-template <typename T, int D>
-__global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_fwd_sm90_kernel(const FwdParams p) {
+// kTma false: 256 threads (2 consumer warpgroups) issue the K / V loads by cp.async themselves; kTma true: 384
+// threads, warpgroup 2 the producer (one thread issuing TMA loads into a 2-stage PipelineTmaAsync, registers
+// given back by setmaxnreg), warpgroups 0 and 1 the consumers (registers raised to 240).
+template <typename T, int D, bool kTma, typename TmaK, typename TmaV>
+__global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Tile<D>::kThreads, 1)
+    mixed_attention_fwd_sm90_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaK tma_k,
+                                    const __grid_constant__ TmaV tma_v) {
 #if defined(__CUDA_ARCH__) && !defined(CUTE_ARCH_MMA_SM90A_ENABLED)
   __trap();  // built for another architecture: the launcher refuses before this (fwd_sm90.cu)
 #else
@@ -143,7 +178,7 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
   using Tr = sm90::Traits<T, D>;
   using Tile = FwdSm90Tile<D>;
   using Element = typename Tr::Element;
-  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = Tile::kThreads;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = Tile::kThreads;  // NT: the consumers
   constexpr int ND = D / 8;  // column pairs of O a thread holds per row (D / 4 columns)
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -162,6 +197,10 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
   const auto [b, h, q, k, v] = head_view<T>(p, bh);
   const int tid = threadIdx.x;
   const int wg = tid / 128;
+  using Pipeline = typename Tr::Pipeline;
+  using PipelineState = cutlass::PipelineState<Tile::kStages>;
+  auto* pipeline_storage = reinterpret_cast<typename Pipeline::SharedStorage*>(
+      reinterpret_cast<unsigned char*>(vt_ptr + Tr::kVElems) + Tile::kYBytes);
 
   typename Tr::TiledMmaQK mma_qk;
   typename Tr::TiledMmaPV mma_pv;
@@ -201,12 +240,9 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
   T* y = static_cast<T*>(p.y);
   const int64_t row_elems = int64_t(p.heads_q) * D;  // one token's row of y / o
   const int64_t o_plane = int64_t(p.batch) * p.seq * row_elems;
-  int64_t out_row[2], lse_row[2];  // + column: this thread's elements of its rows
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    out_row[i] = (int64_t(b) * p.seq + t[i]) * row_elems + int64_t(h) * D;
-    lse_row[i] = (int64_t(bh) * C) * p.seq + t[i];  // + c * seq
-  }
+  // + column: this thread's elements of row i (computed where used: fewer registers live across the walk)
+  auto out_row = [&](int i) { return (int64_t(b) * p.seq + t[i]) * row_elems + int64_t(h) * D; };
+  auto lse_row = [&](int i) { return (int64_t(bh) * C) * p.seq + t[i]; };  // + c * seq
   // column of O pair d (elements 2 d, 2 d + 1 of a row: adjacent columns), the same for both rows
   auto o_col = [&](int d) { return int(get<1>(cO(0, 2 * d))); };
 
@@ -230,6 +266,8 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
     }
     return 0;  // not reached
   };
+  auto consumer_body = [&](auto& pipeline) {
+    constexpr bool kUsesTma = !std::is_same_v<std::decay_t<decltype(pipeline)>, sm90::NoTma>;
   auto issue_tile = [&](int step) {
     const int j0 = tile_at(step) * BN;
     const int stage = step & 1;
@@ -238,20 +276,41 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
     sm90::load_rows_swizzled<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sVt(c, r, stage)); }, v,
                                            p.v_stride[1], j0, p.seq);
   };
-  // Q and the first tile together; then, at each tile: wait for this thread's copies, make them visible to the
-  // async proxy (wgmma reads shared memory through it), barrier (everyone's copies have landed, and every
+  // cp.async: Q and the first tile together; then, at each tile: wait for this thread's copies, make them visible
+  // to the async proxy (wgmma reads shared memory through it), barrier (everyone's copies have landed, and every
   // warpgroup's products on the other stage have completed: each product is waited for), issue the next tile
   // into the other stage, compute this one.
+  // TMA: Q by cp.async from the consumers (one named barrier among their 256 threads), then at each tile: wait on
+  // the stage's full barrier (both loads landed), compute, release the stage to the producer (end_tile: every
+  // product on it has been waited for).
   sm90::load_rows_swizzled<T, D, BM, NT>([&](int r, int c) { return static_cast<void*>(&sQ(r, c)); }, q,
                                          p.q_stride[1], m0, p.seq);
-  issue_tile(0);
-  int step = 0;
-  auto begin_tile = [&]() -> int {  // returns this tile's stage
+  [[maybe_unused]] PipelineState read_state;
+  if constexpr (kUsesTma) {
     cp_async_wait_all();
     cutlass::arch::fence_view_async_shared();
-    __syncthreads();
-    if (step + 1 < total) issue_tile(step + 1);
-    return step++ & 1;
+    cutlass::arch::NamedBarrier::sync(NT, 1);  // id 1: the consumers only (0 is __syncthreads')
+  } else {
+    issue_tile(0);
+  }
+  int step = 0;
+  auto begin_tile = [&]() -> int {  // returns this tile's stage
+    if constexpr (kUsesTma) {
+      pipeline.consumer_wait(read_state);
+      return int(read_state.index());
+    } else {
+      cp_async_wait_all();
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();
+      if (step + 1 < total) issue_tile(step + 1);
+      return step++ & 1;
+    }
+  };
+  auto end_tile = [&]() {
+    if constexpr (kUsesTma) {
+      pipeline.consumer_release(read_state);
+      ++read_state;
+    }
   };
 
   float m[2], l[2];
@@ -264,8 +323,8 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
   // Y = sum_c w_c O_c in O's (row, col) layout: registers, or (kYShared) this thread's float4 per column pair d
   // (rows 0 and 1) at sY[d NT + tid] (consecutive threads, consecutive 16 B: no bank conflicts)
   constexpr bool kYShared = Tile::kYShared;
-  float y_acc[kYShared ? 1 : ND][4];
-  float4* sY = reinterpret_cast<float4*>(vt_ptr + Tr::kVElems) + tid;
+  [[maybe_unused]] float y_acc[kYShared ? 1 : ND][4];
+  [[maybe_unused]] float4* sY = reinterpret_cast<float4*>(vt_ptr + Tr::kVElems) + tid;
 #pragma unroll
   for (int d = 0; d < ND; ++d) {
     if constexpr (kYShared) sY[d * NT] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -319,7 +378,7 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
 
   // Candidate c's output for row i of this thread: O (input dtype), Y += w O, LSE (one thread of the row).
   auto emit = [&](int c, int i, const float (&value)[ND][2], float lse) {
-    T* dst = o + c * o_plane + out_row[i];
+    T* dst = o + c * o_plane + out_row(i);
     const float wc = p.w[h * C + c];
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
@@ -335,7 +394,7 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
       }
       *reinterpret_cast<uint32_t*>(dst + o_col(d)) = mma16::pack2<T>(value[d][0], value[d][1]);  // even column
     }
-    if (lse_writer) p.lse[lse_row[i] + int64_t(c) * p.seq] = lse;
+    if (lse_writer) p.lse[lse_row(i) + int64_t(c) * p.seq] = lse;
   };
   // Snapshots every candidate of window ``window`` whose lowest key, for row i, lies in the tile at j0.
   auto snapshot = [&](int window, int j0) {
@@ -355,11 +414,11 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
       for (int c = 0; c < C; ++c) {
         if (p.windows[c] != window) continue;
         if (p.sinks[c] > 0) {  // fp32 scratch until its sink keys are merged in
-          float* dst = p.sink_o + c * o_plane + out_row[i];  // 8-byte aligned: even columns
+          float* dst = p.sink_o + c * o_plane + out_row(i);  // 8-byte aligned: even columns
 #pragma unroll
           for (int d = 0; d < ND; ++d)
             *reinterpret_cast<float2*>(dst + o_col(d)) = make_float2(value[d][0], value[d][1]);
-          if (lse_writer) p.sink_lse[lse_row[i] + int64_t(c) * p.seq] = lse;
+          if (lse_writer) p.sink_lse[lse_row(i) + int64_t(c) * p.seq] = lse;
         } else {
           emit(c, i, value, lse);
         }
@@ -391,6 +450,7 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
       }
       snapshot(hi, j0);
     }
+    end_tile();
   }
 
   // Sink candidates: their sink keys outside the window, then the merge with the window snapshot.
@@ -412,13 +472,15 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
         sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
         softmax_step(std::true_type{}, j0, stage, [&](int i, int j) { return j < limit[i]; });
       }
+      end_tile();
     }
+    __syncwarp();  // the sink LSE below was written by another lane of this thread's quad
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (!row_ok[i]) continue;
       // written by this thread (O) and by the LSE writer of its row, before the barriers of the sink tiles
-      const float* window_out = p.sink_o + c * o_plane + out_row[i];
-      const float lse_w = p.sink_lse[lse_row[i] + int64_t(c) * p.seq];
+      const float* window_out = p.sink_o + c * o_plane + out_row(i);
+      const float lse_w = p.sink_lse[lse_row(i) + int64_t(c) * p.seq];
       float value[ND][2];
       float lse = lse_w;
       if (l[i] > 0.f) {
@@ -448,7 +510,7 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (!row_ok[i]) continue;
-    T* dst = y + out_row[i];
+    T* dst = y + out_row(i);
 #pragma unroll
     for (int d = 0; d < ND; ++d) {
       float2 yv;
@@ -456,6 +518,49 @@ __global__ void __launch_bounds__(FwdSm90Tile<D>::kThreads, 1) mixed_attention_f
       else yv = make_float2(y_acc[d][2 * i], y_acc[d][2 * i + 1]);
       *reinterpret_cast<uint32_t*>(dst + o_col(d)) = mma16::pack2<T>(yv.x, yv.y);
     }
+  }
+  };  // consumer_body
+
+  if constexpr (kTma) {
+    typename Pipeline::Params pipe_params;
+    pipe_params.transaction_bytes = Tr::kTmaBytes;
+    pipe_params.role = wg == 2 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    pipe_params.is_leader = tid == NT;  // the producer's first thread: the one that issues the loads
+    pipe_params.num_consumers = NT;
+    Pipeline pipeline(*pipeline_storage, pipe_params, Shape<_1, _1, _1>{});
+    __syncthreads();  // the barriers initialised (fence_barrier_init in the constructor) before anyone uses them
+    if (wg == 2) {  // producer
+      cutlass::arch::warpgroup_reg_dealloc<24>();
+      if (tid == NT) {
+        const int hk = h / p.group;
+        Tensor mK = tma_k.get_tma_tensor(make_shape(p.seq, Int<D>{}, p.heads_q / p.group, p.batch));
+        Tensor mVt = tma_v.get_tma_tensor(make_shape(Int<D>{}, p.seq, p.heads_q / p.group, p.batch));
+        Tensor gK = local_tile(mK(_, _, hk, b), Shape<Int<BN>, Int<D>>{}, make_coord(_, _0{}));     // (BN, D, n)
+        Tensor gVt = local_tile(mVt(_, _, hk, b), Shape<Int<D>, Int<BN>>{}, make_coord(_0{}, _));  // (D, BN, n)
+        auto tma_k_blk = tma_k.get_slice(_0{});
+        auto tma_v_blk = tma_v.get_slice(_0{});
+        Tensor tKgK = group_modes<0, 3>(tma_k_blk.partition_S(gK));   // (TMA, n)
+        Tensor tKsK = group_modes<0, 3>(tma_k_blk.partition_D(sK));   // (TMA, stage)
+        Tensor tVgV = group_modes<0, 3>(tma_v_blk.partition_S(gVt));  // (TMA, n)
+        Tensor tVsV = group_modes<0, 3>(tma_v_blk.partition_D(sVt));  // (TMA, stage)
+        PipelineState state = cutlass::make_producer_start_state<Pipeline>();
+        for (int s = 0; s < total; ++s) {
+          const int tile = tile_at(s);
+          pipeline.producer_acquire(state);
+          auto* bar = pipeline.producer_get_barrier(state);
+          copy(tma_k.with(*bar), tKgK(_, tile), tKsK(_, state.index()));
+          copy(tma_v.with(*bar), tVgV(_, tile), tVsV(_, state.index()));
+          ++state;
+        }
+        pipeline.producer_tail(state);  // no exit while loads are in flight
+      }
+      return;
+    }
+    cutlass::arch::warpgroup_reg_alloc<240>();
+    consumer_body(pipeline);
+  } else {
+    sm90::NoTma none;
+    consumer_body(none);
   }
 #endif
 }

@@ -20,6 +20,11 @@ struct FwdSm90Tile {
   static constexpr size_t kAlign = 1024;  // the 128B swizzle needs 1024-byte aligned tiles: base rounded up
   // Q, K and V of two stages, Y, the alignment slack: 164,864 B at D 128, 50,176 B at D 64
   static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kYBytes + kAlign;
+  // The TMA variant (DASH_CUDA_FWD=sm90tma): a third warpgroup whose one thread issues the K / V loads by TMA into
+  // the same stages, an mbarrier pipeline (full / empty barrier per stage: 32 B, 64 reserved)
+  static constexpr int kThreadsTma = kThreads + 128;
+  static constexpr size_t kPipelineBytes = 64;
+  static constexpr size_t kSmemBytesTma = kSmemBytes + kPipelineBytes;
 };
 
 }  // namespace dash
