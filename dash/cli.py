@@ -45,8 +45,8 @@ def _search_parser(sub):
     p.add_argument("--compile-modules", action="store_true", default=None,
                    help="torch.compile the norms and MLPs (the stateless modules): fewer kernel launches a step")
     p.add_argument("--objective", choices=list(OBJECTIVES), help="token weighting of the search's KL (default "
-                   "long_range: each token's KL times the all-efficient model's KL to the teacher there, so that "
-                   "tokens needing long context count most; uniform: the plain mean; see dash.search)")
+                   "uniform: the plain mean; long_range: each token's KL times the all-efficient model's KL to the "
+                   "teacher there; see dash.search)")
     p.add_argument("--init", choices=list(INITS), help="where the logits start (default budget: every layer at "
                    "the budget's mix of candidates, e.g. p(full) = K / L; uniform: equal logits)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
@@ -291,7 +291,7 @@ def _compare_parser(sub):
     p.add_argument("--skip-dash", action="store_true", help="the selectors only, no DASH search")
     p.add_argument("--search-objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES),
                    help="one DASH search per objective (`dash search --objective`): the first's row is 'dash', "
-                   "the others' 'dash_<objective>' (default: long_range, and uniform as the ablation)")
+                   "the others' 'dash_<objective>' (default: uniform, and long_range as the ablation)")
     p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
                    "rounds of full-layer swaps that lower the search's own objective on the calibration rows "
                    "(dash.refine), as the row dash_refined; 0: off")

@@ -1,7 +1,7 @@
 """DASH against the selector baselines at several budgets: one command, one table.
 
 For every budget K (full-attention layers): a DASH search per objective (``dash.search``: row ``dash`` the default
-``long_range`` token weighting, ``dash_uniform`` the plain mean KL as the ablation; its own budget regulariser, the
+plain mean KL, ``dash_long_range`` the long_range token weighting as the ablation; its own budget regulariser, the
 same search-token budget for all K), then every selector of ``dash.baselines`` (random over several seeds), each hybrid scored by
 RULER-style tasks and held-out perplexity on the same samples. Every hybrid is evaluated in place through the
 supernet with one-hot logits, which computes exactly what its exported model computes (the export path turns
@@ -192,8 +192,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
     search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
     ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
-    ``dash.refine`` (swaps of full layers while the search's own objective, the long_range-weighted KL, drops on
-    the calibration rows). With the uniform KL, two rounds found no swap on SmolLM2 (K 3, 6, 9)."""
+    ``dash.refine`` (swaps of full layers while the search's own objective drops on the calibration rows)."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
     from .search import Search, SearchConfig

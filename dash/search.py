@@ -9,14 +9,15 @@ choice, with the mixture temperature annealed from ``tau_start`` to ``tau_end``.
 checkpoints its logits, optimizer and history; a killed run resumes to the same final logits as an
 uninterrupted one (batches are a pure function of the seed and the step).
 
-Token weighting (``objective``). ``"uniform"``: the mean KL over tokens. ``"long_range"`` (default): each token's
+Token weighting (``objective``). ``"uniform"`` (default): the mean KL over tokens. ``"long_range"``: each token's
 KL is weighted by how much the teacher's prediction there needs context beyond the efficient candidates, measured
 as KL(teacher || all-efficient model) at that token (one extra no-grad forward a step, every layer its cheapest
-window, see ``efficient_reference``), normalised to mean 1 over the batch. Why: under the uniform mean, the many tokens that a window
-predicts slightly worse outweigh the few that only full attention gets right (a recalled key, a passkey digit), so
-the search ranks layers much as a perplexity selector does; on SmolLM2 the uniform search chose the same layers as
-``ppl_drop`` at K 3 and lost RULER points to ``kl_restore`` at K 9 (benchmarks/NOTES.md). The weights are those
-key tokens' soft version (as LongPPL's long-short difference picks key tokens, arXiv 2410.23771).
+window, see ``efficient_reference``), normalised to mean 1 over the batch (LongPPL's key tokens, soft,
+arXiv 2410.23771). It was the default for one comparison run and is kept as the ablation: on SmolLM2 it did not
+beat the uniform KL (RULER 16.5 / 22.8 / 21.2 against 16.5 / 22.8 / 22.1 at K 3 / 6 / 9), and scored on the
+search's own data (6 rows of 4K tokens) it prefers DASH's K 9 hybrid to kl_restore's, which RULER scores 6 points
+higher, where the uniform KL ranks the two, and the other hybrids measured, as RULER does (benchmarks/NOTES.md,
+session 8). What had kept the uniform search from kl_restore's layers was the optimisation (``init``, ``lr``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .data import PackedData
 from .supernet import Supernet, attention_shape
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
-OBJECTIVES = ("long_range", "uniform")  # token weighting of the search's KL (module docstring)
+OBJECTIVES = ("uniform", "long_range")  # token weighting of the search's KL, the default first (module docstring)
 INITS = ("budget", "uniform")  # where the logits start (SearchConfig.init)
 LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
 
@@ -58,7 +59,7 @@ class SearchConfig:
     checkpoint_every: int = 50
     seed: int = 0
     compile_modules: bool = False  # torch.compile the stateless modules (norms, MLPs): fewer launches a step
-    objective: str = "long_range"  # or "uniform": the KL's token weighting (module docstring)
+    objective: str = "uniform"  # or "long_range": the KL's token weighting (module docstring)
     init: str = "budget"  # or "uniform": every layer starts at the budget's mix of candidates (budget_prior)
 
     def validate(self, num_layers: int) -> None:

@@ -184,11 +184,11 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     assert "K=1 KV MiB" in table and all(r["kv_cache_mib"] > 0 for r in out["rows"])
     assert "DASH minus each method" in table and "2 samples per task and length" in table
     saved = json.load(open(tmp_path / "compare.json"))
-    # the default searches both objectives: long_range's row "dash", uniform's the ablation "dash_uniform"; and
+    # the default searches both objectives: uniform's row "dash", long_range's the ablation "dash_long_range"; and
     # refines "dash" by its own objective ("dash_refined")
-    assert set(saved["paired"]) == {"dash_uniform", "dash_refined", "first", "random", "kl_restore", "teacher"}
+    assert set(saved["paired"]) == {"dash_long_range", "dash_refined", "first", "random", "kl_restore", "teacher"}
     refined = next(r for r in saved["rows"] if r["method"] == "dash_refined")
-    assert refined["cost"]["refine"]["objective"] == "long_range"
+    assert refined["cost"]["refine"]["objective"] == "uniform"
     assert saved["paired"]["teacher"]["2"]["resamples"] > 0  # the bound's one row stands for every budget
     # a second run finds every row measured and recomputes none of them
     monkeypatch.setattr("dash.compare.select", lambda *a, **k: pytest.fail("should have resumed"))
@@ -222,7 +222,7 @@ def test_compare_rescored_from_stored_choices_when_only_evaluation_changes(tmp_p
                                   **dict(kwargs, samples=3))
     key = lambda r: (r["method"], r["seed"])  # noqa: E731
     before, after = {key(r): r for r in first["rows"]}, {key(r): r for r in more["rows"]}
-    assert set(after) == set(before) == {("dash", None), ("dash_uniform", None), ("dash_refined", None),
+    assert set(after) == set(before) == {("dash", None), ("dash_long_range", None), ("dash_refined", None),
                                          ("first", None), ("random", 0), ("random", 1)}
     for k, row in after.items():
         assert row["choice"] == before[k]["choice"] and row["cost"] == before[k]["cost"] and row["reused_choice"]
@@ -310,11 +310,11 @@ def test_compare_with_the_selectors_two_candidates(tmp_path, monkeypatch):
     rows = _rows()
     out = compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT, methods=["first"],
                   search_tokens=96, search_batch=2, lengths=[300], tasks=["passkey"], samples=1,
-                  output_dir=str(tmp_path), progress=False, refine_rounds=2, search_objectives=["long_range"])
+                  output_dir=str(tmp_path), progress=False, refine_rounds=2, search_objectives=["uniform"])
     dash_row, first_row = (next(r for r in out["rows"] if r["method"] == m) for m in ("dash", "first"))
     assert set(dash_row["choice"]) <= {"full", EFFICIENT.name} and dash_row["choice"].count("full") == 1
     assert dash_row["kv_cache_mib"] == pytest.approx(first_row["kv_cache_mib"])
-    assert (tmp_path / f"search_K1_long_range_budget_full+{EFFICIENT.name}").is_dir()
+    assert (tmp_path / f"search_K1_uniform_budget_full+{EFFICIENT.name}").is_dir()
     assert {r["method"] for r in out["rows"]} == {"dash", "dash_refined", "first"}
     refined = next(r for r in out["rows"] if r["method"] == "dash_refined")
     assert refined["choice"].count("full") == 1 and refined["cost"]["refine"]["kl"] <= \

@@ -7,7 +7,7 @@ import pytest
 from dash.baselines import METHODS
 from dash.compare import dash_method, merge_shard_rows, plan_shards, resume_rows, run_sharded, search_settings
 
-ONE = ("long_range",)  # one DASH search per budget
+ONE = ("uniform",)  # one DASH search per budget
 
 
 def test_plan_measures_the_bounds_once_and_splits_the_selectors():
@@ -29,9 +29,9 @@ def test_plan_measures_the_bounds_once_and_splits_the_selectors():
         work = [sum(3 if m == "random" else 1 for m in g) for g in groups]
         assert max(work) - min(work) <= 1, groups
     assert [s["name"] for s in plan_shards([2], [], search_objectives=ONE)] == ["K2_dash"]  # DASH alone
-    # the default: a search per objective, the uniform KL's as the ablation row dash_uniform
+    # the default: a search per objective, the long_range weighting's as the ablation row dash_long_range
     both = plan_shards([2], [])
-    assert [(s["name"], s["dash"]) for s in both] == [("K2_dash", "long_range"), ("K2_dash_uniform", "uniform")]
+    assert [(s["name"], s["dash"]) for s in both] == [("K2_dash", "uniform"), ("K2_dash_long_range", "long_range")]
     assert len(plan_shards([2], ["first"], selector_groups=4, search_objectives=ONE)) == 2  # no empty shards
     with pytest.raises(ValueError, match="selector_groups"):
         plan_shards([2], METHODS, selector_groups=0)
@@ -74,7 +74,7 @@ def test_a_failed_shard_is_named_and_the_rest_is_kept(tmp_path):
     with pytest.raises(RuntimeError, match="K1_dash"):
         run_sharded([], [1], ["first"], ["cpu"], str(tmp_path), {}, poll_s=0.05, progress=False, command=command)
     rows = json.load(open(tmp_path / "compare.json"))["rows"]  # what finished is merged all the same
-    assert {r["method"] for r in rows} == {"dash", "dash_uniform", "first"}
+    assert {r["method"] for r in rows} == {"dash", "dash_long_range", "first"}
 
 
 def test_merge_keeps_one_row_per_method_budget_seed(tmp_path):
@@ -91,7 +91,7 @@ def test_merge_keeps_one_row_per_method_budget_seed(tmp_path):
 def test_rows_of_another_search_are_searched_again(tmp_path):
     """DASH rows whose search started or moved otherwise (files from before the budget start) are neither merged
     nor resumed; the selectors' rows are kept."""
-    rows = [{"method": m, "budget": 3, "seed": None} for m in ("dash", "dash_refined", "dash_uniform", "first")]
+    rows = [{"method": m, "budget": 3, "seed": None} for m in ("dash", "dash_refined", "dash_long_range", "first")]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "compare.json").write_text(json.dumps({"rows": rows}))  # no search settings: legacy
     (tmp_path / "new").mkdir()
@@ -100,7 +100,7 @@ def test_rows_of_another_search_are_searched_again(tmp_path):
     assert len(merge_shard_rows([str(tmp_path / "new")])) == 4
     settings = {"lengths": [64], "tasks": ["vt"], "samples": 1, "seed": 0, "eval_batch": 1, "finetune_tokens": 0,
                 "candidates": None, "refine_rounds": 0, **search_settings()}
-    for folder, kept in (("old", ["first"]), ("new", ["dash", "dash_refined", "dash_uniform", "first"])):
+    for folder, kept in (("old", ["first"]), ("new", ["dash", "dash_refined", "dash_long_range", "first"])):
         saved = json.loads((tmp_path / folder / "compare.json").read_text())
         saved.update({k: v for k, v in settings.items() if k not in search_settings()})
         (tmp_path / folder / "compare.json").write_text(json.dumps(saved))

@@ -85,8 +85,8 @@ def test_fixed_choice_computes_that_hybrid_and_leaves_the_logits():
 
 
 def test_objectives_search_apart_and_a_resume_keeps_the_time(tmp_path):
-    uniform = make_search(tmp_path / "u", objective="uniform").run(progress=False)
-    weighted = make_search(tmp_path / "w").run(progress=False)  # long_range, the default
+    uniform = make_search(tmp_path / "u").run(progress=False)  # uniform, the default
+    weighted = make_search(tmp_path / "w", objective="long_range").run(progress=False)
     assert uniform["probabilities"] != weighted["probabilities"]
     with pytest.raises(ValueError, match="objective 'long_range', not 'uniform'"):
         make_search(tmp_path / "w", objective="uniform").run(progress=False)
