@@ -44,7 +44,7 @@ import torch
 
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate, default_candidates
-from .search import OBJECTIVES
+from .search import OBJECTIVES, Search, SearchConfig, candidate_cache_bytes
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
@@ -76,8 +76,6 @@ LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_ini
 
 def search_settings() -> Dict:
     """Where DASH's search starts and how fast it moves: recorded, so that rows of another search are redone."""
-    from .search import SearchConfig
-
     return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr}
 def dash_method(objective: str) -> str:
     """The row name of DASH's hybrid searched with ``objective``: ``dash`` for the default, ``dash_<objective>``."""
@@ -153,7 +151,6 @@ def comparison_candidates(context: int, efficient: Optional[str] = None) -> List
 def kv_cache_mib(config, choices: Sequence[Candidate], context: int) -> float:
     """The hybrid's inference cache at ``context`` tokens (MiB, 16-bit K/V): what a budget buys, so that hybrids
     drawn from different candidates are compared at their real cost."""
-    from .search import candidate_cache_bytes
     from .supernet import attention_shape
 
     heads_q, heads_kv, head_dim = attention_shape(config)
@@ -195,7 +192,6 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     ``dash.refine`` (swaps of full layers while the search's own objective drops on the calibration rows)."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
-    from .search import Search, SearchConfig
 
     if finetune_tokens < 0:
         raise ValueError(f"finetune_tokens must be >= 0 (0: no fine-tuning), got {finetune_tokens}")
