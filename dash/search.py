@@ -17,7 +17,7 @@ arXiv 2410.23771). It was the default for one comparison run and is kept as the 
 beat the uniform KL (RULER 16.5 / 22.8 / 21.2 against 16.5 / 22.8 / 22.1 at K 3 / 6 / 9), and scored on the
 search's own data (6 rows of 4K tokens) it prefers DASH's K 9 hybrid to kl_restore's, which RULER scores 6 points
 higher, where the uniform KL ranks the two, and the other hybrids measured, as RULER does (benchmarks/NOTES.md,
-session 8). What had kept the uniform search from kl_restore's layers was the optimisation (``init``, ``lr``).
+session 8). The uniform search's miss of those layers is put down to its optimisation (see ``init`` and ``lr``).
 """
 from __future__ import annotations
 
