@@ -56,7 +56,8 @@ void launch_bwd_mma(const BwdParams& params, float* dq_accum, int batch_heads, c
 
 // Which backward mainloop runs: DASH_CUDA_BWD=mma the FlashAttention-2 style one, anything else (or unset) the
 // wmma one of bwd_kernel.cuh. Read at every call (a getenv). The mma one also needs its shared memory (which
-// grows with the region count) to fit the device; where it does not, the wmma one runs.
+// grows with the region count) to fit the device; where it does not, the wmma one runs, with a warning (once):
+// whoever set the variable is timing or testing the mma one and must know it did not run.
 bool backward_uses_mma(int64_t head_dim, int num_regions) {
   const char* choice = std::getenv("DASH_CUDA_BWD");
   if (choice == nullptr || std::strcmp(choice, "mma") != 0) return false;
@@ -64,7 +65,10 @@ bool backward_uses_mma(int64_t head_dim, int num_regions) {
       head_dim == 64 ? BwdMmaTile<64>::smem_bytes(num_regions) : BwdMmaTile<128>::smem_bytes(num_regions);
   int device = c10::cuda::current_device(), limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes <= static_cast<size_t>(limit);
+  if (bytes <= static_cast<size_t>(limit)) return true;
+  TORCH_WARN_ONCE("DASH_CUDA_BWD=mma: ", num_regions, " candidate regions need ", bytes,
+                  " bytes of shared memory a block, over this GPU's ", limit, "; the wmma backward runs instead");
+  return false;
 }
 
 }  // namespace
