@@ -78,6 +78,24 @@ __device__ __forceinline__ int level_of(const BwdParams& p, int j) {
   return level;
 }
 
+// acc[16 keys x BM queries] += A B^T over the head dim: A this warp's 16 rows of a key tile (K or V; a_lane: this
+// lane's ldmatrix address in it), B the BM rows of a query tile (Q or dY; b_lane likewise), row pitch LD.
+template <typename T, int D, int BM, int LD>
+__device__ __forceinline__ void keys_by_queries(float (&acc)[BM / 8][4], uint32_t a_lane, uint32_t b_lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    mma16::ldmatrix_x4(a, a_lane + kk * 16 * 2);
+#pragma unroll
+    for (int np = 0; np < BM / 16; ++np) {
+      uint32_t bq[4];
+      mma16::ldmatrix_x4(bq, b_lane + (np * 16 * LD + kk * 16) * 2);
+      mma16::mma<T>(acc[2 * np], a, bq[0], bq[1]);
+      mma16::mma<T>(acc[2 * np + 1], a, bq[2], bq[3]);
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdMmaTile<D>::kThreads, 1) mixed_attention_bwd_dkdv_mma_kernel(
     const BwdMmaParams p) {
@@ -192,30 +210,8 @@ __global__ void __launch_bounds__(BwdMmaTile<D>::kThreads, 1) mixed_attention_bw
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
       // S^T = K Q^T, dP^T = V dY^T: 16 keys x BM queries
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        mma16::ldmatrix_x4(a, k_a + kk * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
-          uint32_t bq[4];
-          mma16::ldmatrix_x4(bq, q_tile + qb_lane + (np * 16 * LD + kk * 16) * 2);
-          mma16::mma<T>(s[2 * np], a, bq[0], bq[1]);
-          mma16::mma<T>(s[2 * np + 1], a, bq[2], bq[3]);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        mma16::ldmatrix_x4(a, v_a + kk * 16 * 2);
-#pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
-          uint32_t bq[4];
-          mma16::ldmatrix_x4(bq, dy_tile + qb_lane + (np * 16 * LD + kk * 16) * 2);
-          mma16::mma<T>(dp[2 * np], a, bq[0], bq[1]);
-          mma16::mma<T>(dp[2 * np + 1], a, bq[2], bq[3]);
-        }
-      }
+      keys_by_queries<T, D, BM, LD>(s, k_a, q_tile + qb_lane);
+      keys_by_queries<T, D, BM, LD>(dp, v_a, dy_tile + qb_lane);
       // p A and dS per element: element (n, e) is key key[e / 2], query m0 + 8 n + 2 quad + (e & 1)
       const float* sRef = sCoef;
       const float* sA = sCoef + R * BM;

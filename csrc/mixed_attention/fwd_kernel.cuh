@@ -120,13 +120,15 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-// Loads rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into shared memory (row pitch LD) by
-// cp.async, 16 B a thread and chunk, zeros past T (a zero V row keeps 0 * V finite where a probability is 0;
-// src-size 0 reads nothing, and the source address is then the head's row 0, always valid). All THREADS threads
-// of the block take part. Nothing is waited for here: the caller issues every tile it needs, then
-// cp_async_wait_all() and a block barrier, so that all the loads are in flight at once.
-template <typename T, int D, int ROWS, int LD, int THREADS>
-__device__ __forceinline__ void load_rows_async(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
+// Loads rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into shared memory by cp.async, 16 B a
+// thread and chunk (8 consecutive elements of a row), zeros past T (a zero V row keeps 0 * V finite where a
+// probability is 0; src-size 0 reads nothing, and the source address is then the head's row 0, always valid).
+// ``at(r, c)`` is the shared address of element (r, c), c a multiple of 8: a plain pitch (load_rows_async) or a
+// swizzled layout (the sm90 forward's, under which a chunk stays contiguous). All THREADS threads of the block take
+// part. Nothing is waited for here: the caller issues every tile it needs, then cp_async_wait_all() and a block
+// barrier, so that all the loads are in flight at once.
+template <typename T, int D, int ROWS, int THREADS, typename At>
+__device__ __forceinline__ void load_rows_to(At at, const T* base, int64_t stride_t, int row0, int seq) {
   constexpr int kChunks = D / 8;  // 16-byte chunks a row
   static_assert(ROWS * kChunks % THREADS == 0, "every thread issues the same number of chunks");
 #pragma unroll
@@ -134,8 +136,15 @@ __device__ __forceinline__ void load_rows_async(T* dst, const T* base, int64_t s
     const int idx = threadIdx.x + i * THREADS;
     const int row = idx / kChunks, chunk = idx % kChunks;
     const bool valid = row0 + row < seq;
-    cp_async_16(dst + row * LD + chunk * 8, valid ? base + (row0 + row) * stride_t + chunk * 8 : base, valid);
+    cp_async_16(at(row, chunk * 8), valid ? base + (row0 + row) * stride_t + chunk * 8 : base, valid);
   }
+}
+
+// load_rows_to into a tile of row pitch LD
+template <typename T, int D, int ROWS, int LD, int THREADS>
+__device__ __forceinline__ void load_rows_async(T* dst, const T* base, int64_t stride_t, int row0, int seq) {
+  load_rows_to<T, D, ROWS, THREADS>([dst](int r, int c) { return static_cast<void*>(dst + r * LD + c); }, base,
+                                    stride_t, row0, seq);
 }
 
 template <typename T, int D>

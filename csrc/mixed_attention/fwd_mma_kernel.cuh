@@ -204,6 +204,42 @@ __device__ __forceinline__ void mma_softmax_step(const float (&s)[FwdMmaTile<D>:
   }
 }
 
+// The key tiles a block of query rows [m0, m0 + BM) loads, in this order: the walk, from the tile of its last row
+// down to the lowest tile any candidate sees, then each sink candidate's sink tiles, in candidate order. The mma
+// and sm90 forwards step through it by index (their loads are issued a tile ahead; sm90's TMA producer walks it).
+template <int BM, int BN>
+struct KeyTiles {
+  const FwdParams& p;
+  int top, bottom, total;  // the walk: tiles top down to bottom; total: every tile, sink tiles included
+  int widest;              // the widest finite window (1 where there is none)
+
+  __device__ __forceinline__ KeyTiles(const FwdParams& params, int m0) : p(params) {
+    const int last_row = min(m0 + BM, p.seq) - 1;
+    widest = p.num_edges ? p.edges[p.num_edges - 1] : 1;
+    const int lowest_key = p.has_full ? 0 : max(0, m0 - widest + 1);
+    top = last_row / BN;
+    bottom = lowest_key / BN;
+    total = top - bottom + 1;
+    for (int c = 0; c < p.num_c; ++c) total += sink_tiles(c);
+  }
+  // candidate c's sink tiles (0 without sinks)
+  __device__ __forceinline__ int sink_tiles(int c) const {
+    return min((p.sinks[c] + BN - 1) / BN, (p.seq + BN - 1) / BN);
+  }
+  // the key tile loaded at this step
+  __device__ __forceinline__ int at(int step) const {
+    const int n_walk = top - bottom + 1;
+    if (step < n_walk) return top - step;
+    step -= n_walk;
+    for (int c = 0; c < p.num_c; ++c) {
+      const int n = sink_tiles(c);
+      if (step < n) return step;
+      step -= n;
+    }
+    return 0;  // not reached
+  }
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdMmaTile<D>::kThreads, 1) mixed_attention_fwd_mma_kernel(const FwdParams p) {
   using Tile = FwdMmaTile<D>;
@@ -249,28 +285,9 @@ __global__ void __launch_bounds__(FwdMmaTile<D>::kThreads, 1) mixed_attention_fw
   const uint32_t v_lane = ((8 * mat_lo + r8) * LD + 8 * mat_hi) * 2;  // from a V tile's start
   constexpr uint32_t kStageBytes = 2 * Tile::kKVBytes;
 
-  // The tiles this block loads, in order: the walk (top .. bottom), then each sink candidate's sink keys.
-  const int last_row = min(m0 + BM, p.seq) - 1;
-  const int widest = p.num_edges ? p.edges[p.num_edges - 1] : 1;
-  const int lowest_key = p.has_full ? 0 : max(0, m0 - widest + 1);
-  const int top = last_row / BN, bottom = lowest_key / BN;
-  const int n_walk = top - bottom + 1;
-  const int key_tiles = (p.seq + BN - 1) / BN;
-  auto sink_tiles = [&](int c) { return min((p.sinks[c] + BN - 1) / BN, key_tiles); };
-  int total = n_walk;
-  for (int c = 0; c < C; ++c) total += sink_tiles(c);
-  auto tile_at = [&](int step) {
-    if (step < n_walk) return top - step;
-    step -= n_walk;
-    for (int c = 0; c < C; ++c) {
-      const int n = sink_tiles(c);
-      if (step < n) return step;
-      step -= n;
-    }
-    return 0;  // not reached
-  };
+  const KeyTiles<BM, BN> tiles(p, m0);  // what this block loads, in order
   auto issue_tile = [&](int step) {
-    const int j0 = tile_at(step) * BN;
+    const int j0 = tiles.at(step) * BN;
     T* sK = sKV + (step & 1) * 2 * BN * LD;
     load_rows_async<T, D, BN, LD, Tile::kThreads>(sK, k, p.k_stride[1], j0, p.seq);
     load_rows_async<T, D, BN, LD, Tile::kThreads>(sK + BN * LD, v, p.v_stride[1], j0, p.seq);
@@ -283,7 +300,7 @@ __global__ void __launch_bounds__(FwdMmaTile<D>::kThreads, 1) mixed_attention_fw
   auto begin_tile = [&]() -> uint32_t {  // returns the shared address of this tile's K (V: + kKVBytes)
     cp_async_wait_all();
     __syncthreads();
-    if (step + 1 < total) issue_tile(step + 1);
+    if (step + 1 < tiles.total) issue_tile(step + 1);
     const uint32_t stage = kv_base + (step & 1) * kStageBytes;
     ++step;
     return stage;
@@ -359,13 +376,13 @@ __global__ void __launch_bounds__(FwdMmaTile<D>::kThreads, 1) mixed_attention_fw
 
   float s[NS][4];
   // The walk: from the tile holding the last query's diagonal down to the lowest key any window needs.
-  for (int kb = top; kb >= bottom; --kb) {
+  for (int kb = tiles.top; kb >= tiles.bottom; --kb) {
     const int j0 = kb * BN;
     const uint32_t k_tile = begin_tile();
     const uint32_t v_addr = k_tile + uint32_t(Tile::kKVBytes) + v_lane;
     // distances t - j this tile spans over the warp's rows (warp-uniform)
     const int d_min = wr0 - (j0 + BN - 1), d_max = w_last - j0;
-    const bool active = warp_live && d_max >= 0 && (p.has_full || d_min < widest);
+    const bool active = warp_live && d_max >= 0 && (p.has_full || d_min < tiles.widest);
     if (active) mma_scores<T, D>(s, q_addr, k_tile + k_lane);
     for (int band = 0; band <= p.num_edges; ++band) {
       const int lo = band == 0 ? 0 : p.edges[band - 1];
@@ -395,7 +412,7 @@ __global__ void __launch_bounds__(FwdMmaTile<D>::kThreads, 1) mixed_attention_fw
 #pragma unroll
     for (int i = 0; i < 2; ++i) limit[i] = row_ok[i] ? min(sink, max(0, t[i] - window + 1)) : 0;
     reset_state();
-    const int n = sink_tiles(c);
+    const int n = tiles.sink_tiles(c);
     for (int kb = 0; kb < n; ++kb) {
       const int j0 = kb * BN;
       const uint32_t k_tile = begin_tile();

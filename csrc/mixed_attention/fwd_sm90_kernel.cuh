@@ -146,22 +146,6 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
-// Rows [row0, row0 + ROWS) of one head of a [B, T, H, D] tensor into a swizzled tile by cp.async (16 B a chunk:
-// 8 consecutive elements of a row stay contiguous under the 128B swizzle), zeros past T. ``at(r, c)`` gives the
-// shared address of element (r, c). All THREADS threads take part; nothing is waited for here.
-template <typename T, int D, int ROWS, int THREADS, typename At>
-__device__ __forceinline__ void load_rows_swizzled(At at, const T* base, int64_t stride_t, int row0, int seq) {
-  constexpr int kChunks = D / 8;
-  static_assert(ROWS * kChunks % THREADS == 0, "every thread issues the same number of chunks");
-#pragma unroll
-  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
-    const int idx = threadIdx.x + i * THREADS;
-    const int row = idx / kChunks, chunk = idx % kChunks;
-    const bool valid = row0 + row < seq;
-    cp_async_16(at(row, chunk * 8), valid ? base + (row0 + row) * stride_t + chunk * 8 : base, valid);
-  }
-}
-
 }  // namespace sm90
 
 // kTma false: 256 threads (2 consumer warpgroups) issue the K / V loads by cp.async themselves; kTma true: 384
@@ -246,35 +230,16 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   // column of O pair d (elements 2 d, 2 d + 1 of a row: adjacent columns), the same for both rows
   auto o_col = [&](int d) { return int(get<1>(cO(0, 2 * d))); };
 
-  // The tiles this block loads, in order: the walk (top .. bottom), then each sink candidate's sink keys.
-  const int last_row = min(m0 + BM, p.seq) - 1;
-  const int widest = p.num_edges ? p.edges[p.num_edges - 1] : 1;
-  const int lowest_key = p.has_full ? 0 : max(0, m0 - widest + 1);
-  const int top = last_row / BN, bottom = lowest_key / BN;
-  const int n_walk = top - bottom + 1;
-  const int key_tiles = (p.seq + BN - 1) / BN;
-  auto sink_tiles = [&](int c) { return min((p.sinks[c] + BN - 1) / BN, key_tiles); };
-  int total = n_walk;
-  for (int c = 0; c < C; ++c) total += sink_tiles(c);
-  auto tile_at = [&](int step) {
-    if (step < n_walk) return top - step;
-    step -= n_walk;
-    for (int c = 0; c < C; ++c) {
-      const int n = sink_tiles(c);
-      if (step < n) return step;
-      step -= n;
-    }
-    return 0;  // not reached
-  };
+  const KeyTiles<BM, BN> tiles(p, m0);  // what this block loads, in order
   auto consumer_body = [&](auto& pipeline) {
     constexpr bool kUsesTma = !std::is_same_v<std::decay_t<decltype(pipeline)>, sm90::NoTma>;
   auto issue_tile = [&](int step) {
-    const int j0 = tile_at(step) * BN;
+    const int j0 = tiles.at(step) * BN;
     const int stage = step & 1;
-    sm90::load_rows_swizzled<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sK(r, c, stage)); }, k,
-                                           p.k_stride[1], j0, p.seq);
-    sm90::load_rows_swizzled<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sVt(c, r, stage)); }, v,
-                                           p.v_stride[1], j0, p.seq);
+    load_rows_to<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sK(r, c, stage)); }, k,
+                               p.k_stride[1], j0, p.seq);
+    load_rows_to<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sVt(c, r, stage)); }, v,
+                               p.v_stride[1], j0, p.seq);
   };
   // cp.async: Q and the first tile together; then, at each tile: wait for this thread's copies, make them visible
   // to the async proxy (wgmma reads shared memory through it), barrier (everyone's copies have landed, and every
@@ -283,8 +248,8 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   // TMA: Q by cp.async from the consumers (one named barrier among their 256 threads), then at each tile: wait on
   // the stage's full barrier (both loads landed), compute, release the stage to the producer (end_tile: every
   // product on it has been waited for).
-  sm90::load_rows_swizzled<T, D, BM, NT>([&](int r, int c) { return static_cast<void*>(&sQ(r, c)); }, q,
-                                         p.q_stride[1], m0, p.seq);
+  load_rows_to<T, D, BM, NT>([&](int r, int c) { return static_cast<void*>(&sQ(r, c)); }, q,
+                             p.q_stride[1], m0, p.seq);
   [[maybe_unused]] PipelineState read_state;
   if constexpr (kUsesTma) {
     cp_async_wait_all();
@@ -302,7 +267,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
       cp_async_wait_all();
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
-      if (step + 1 < total) issue_tile(step + 1);
+      if (step + 1 < tiles.total) issue_tile(step + 1);
       return step++ & 1;
     }
   };
@@ -427,12 +392,12 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   };
 
   // The walk: from the tile holding the last query's diagonal down to the lowest key any window needs.
-  for (int kb = top; kb >= bottom; --kb) {
+  for (int kb = tiles.top; kb >= tiles.bottom; --kb) {
     const int j0 = kb * BN;
     const int stage = begin_tile();
     // distances t - j this tile spans over the warpgroup's rows (warpgroup-uniform)
     const int d_min = wr0 - (j0 + BN - 1), d_max = w_last - j0;
-    const bool active = wg_live && d_max >= 0 && (p.has_full || d_min < widest);
+    const bool active = wg_live && d_max >= 0 && (p.has_full || d_min < tiles.widest);
     if (active) sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
     for (int band = 0; band <= p.num_edges; ++band) {
       const int lo = band == 0 ? 0 : p.edges[band - 1];
@@ -464,7 +429,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     // the warpgroup's largest limit: that of its last live row (limit grows with t)
     const int wg_limit = wg_live ? min(sink, max(0, w_last - window + 1)) : 0;
     reset_state();
-    const int n = sink_tiles(c);
+    const int n = tiles.sink_tiles(c);
     for (int kb = 0; kb < n; ++kb) {
       const int j0 = kb * BN;
       const int stage = begin_tile();
@@ -544,8 +509,8 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
         Tensor tVgV = group_modes<0, 3>(tma_v_blk.partition_S(gVt));  // (TMA, n)
         Tensor tVsV = group_modes<0, 3>(tma_v_blk.partition_D(sVt));  // (TMA, stage)
         PipelineState state = cutlass::make_producer_start_state<Pipeline>();
-        for (int s = 0; s < total; ++s) {
-          const int tile = tile_at(s);
+        for (int s = 0; s < tiles.total; ++s) {
+          const int tile = tiles.at(s);
           pipeline.producer_acquire(state);
           auto* bar = pipeline.producer_get_barrier(state);
           copy(tma_k.with(*bar), tKgK(_, tile), tKsK(_, state.index()));

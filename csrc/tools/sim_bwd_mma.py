@@ -159,6 +159,18 @@ def mma(c, a, b0, b1):
     return out
 
 
+def keys_by_queries(sm, a_lane, b_lane, D, BM, LD):
+    """bwd_mma_kernel.cuh's keys_by_queries from zero: [BM / 8 n8 tiles, lane, 4] of A B^T."""
+    acc = np.zeros((BM // 8, 32, 4))
+    for kk in range(D // 16):
+        a = ldmatrix_x4(sm, a_lane + kk * 16 * 2)
+        for np_ in range(BM // 16):
+            bq = ldmatrix_x4(sm, b_lane + (np_ * 16 * LD + kk * 16) * 2)
+            acc[2 * np_] = mma(acc[2 * np_], a, bq[0], bq[1])
+            acc[2 * np_ + 1] = mma(acc[2 * np_ + 1], a, bq[2], bq[3])
+    return acc
+
+
 def pack2(lo, hi):
     return np.stack([lo, hi], axis=1)
 
@@ -256,19 +268,8 @@ def kernel_block(bx, bh, prm, D, out):
             COUNT[(active, uniform_r >= 0)] = COUNT.get((active, uniform_r >= 0), 0) + 1
             ds_row = [(sDs + (16 * warp + G + 8 * i) * LDS * 2 + 2 * Q4 * 2) for i in range(2)]  # bytes
             if active:
-                s = np.zeros((NS, 32, 4)); dp = np.zeros((NS, 32, 4))
-                for kk in range(D // 16):
-                    a = ldmatrix_x4(sm, k_a + kk * 16 * 2)
-                    for np_ in range(BM // 16):
-                        bq = ldmatrix_x4(sm, q_tile + qb_lane + (np_ * 16 * LD + kk * 16) * 2)
-                        s[2 * np_] = mma(s[2 * np_], a, bq[0], bq[1])
-                        s[2 * np_ + 1] = mma(s[2 * np_ + 1], a, bq[2], bq[3])
-                for kk in range(D // 16):
-                    a = ldmatrix_x4(sm, v_a + kk * 16 * 2)
-                    for np_ in range(BM // 16):
-                        bq = ldmatrix_x4(sm, dy_tile + qb_lane + (np_ * 16 * LD + kk * 16) * 2)
-                        dp[2 * np_] = mma(dp[2 * np_], a, bq[0], bq[1])
-                        dp[2 * np_ + 1] = mma(dp[2 * np_ + 1], a, bq[2], bq[3])
+                s = keys_by_queries(sm, k_a, q_tile + qb_lane, D, BM, LD)
+                dp = keys_by_queries(sm, v_a, dy_tile + qb_lane, D, BM, LD)
                 pa_frag = [[None] * 4 for _ in range(BM // 16)]
                 ds_frag = [[None] * 4 for _ in range(BM // 16)]
                 for n in range(NS):
