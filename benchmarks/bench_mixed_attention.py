@@ -3,7 +3,9 @@
 For each shape and candidate set, times (median of triton.testing.do_bench, after warm-up),
 forward and forward+backward, bf16:
   fused          dash_kernels.mixed_attention (backend chosen by --backend, default triton)
-  fused_cuda     the same with backend="cuda" (the CUDA C++ kernels of csrc/), where built
+  cuda[F+B]      the same with backend="cuda" (the CUDA C++ kernels of csrc/), where built: one column per
+                 forward + backward mainloop pair of --cuda-mainloops (DASH_CUDA_FWD=F, DASH_CUDA_BWD=B,
+                 set around each timed step), e.g. cuda[wmma+wmma] cuda[mma+mma] cuda[sm90+mma]
   flex_separate  (a) the same candidates run separately through FlexAttention, weighted and summed
   sdpa_cudnn     (b) cuDNN SDPA, one causal attention
   sdpa_flash     (c) flash SDPA, one causal attention
@@ -15,6 +17,7 @@ Prints a table last and writes JSON (GPU, versions, shapes, ms, ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -36,6 +39,8 @@ CANDIDATE_SETS = {
     "2cand": ([None, 1024], [0, 0]),  # full, SWA-1024
 }
 TOKENS_PER_BATCH = 16384
+# the CUDA backend's forward + backward mainloops (csrc/README.md); "wmma" is the default of each
+CUDA_MAINLOOPS = ["wmma+wmma", "mma+mma", "sm90+mma", "sm90tma+mma"]
 
 
 @dataclass
@@ -68,8 +73,35 @@ def make_inputs(case: Case, device="cuda", dtype=torch.bfloat16, seed=0):
     return q, k, v, w
 
 
-def build_methods(case: Case, q, k, v, w, backend="triton"):
-    """name -> callable returning the output (inputs captured). Baselines take [B, H, T, D] layouts."""
+def cuda_column(mainloops: str) -> str:
+    return f"cuda[{mainloops}]"
+
+
+def mainloop_env(mainloops: str) -> dict:
+    """'sm90+mma' -> the environment the CUDA backend reads at every call to pick its mainloops."""
+    fwd, _, bwd = mainloops.partition("+")
+    if not fwd or not bwd:
+        raise ValueError(f"--cuda-mainloops: expected FWD+BWD (e.g. sm90+mma), got {mainloops!r}")
+    return {"DASH_CUDA_FWD": fwd, "DASH_CUDA_BWD": bwd}
+
+
+@contextlib.contextmanager
+def environment_set(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def build_methods(case: Case, q, k, v, w, backend="triton", cuda_mainloops=()):
+    """name -> (callable returning the output (inputs captured), its inputs, the environment it runs in).
+    Baselines take [B, H, T, D] layouts."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -120,17 +152,18 @@ def build_methods(case: Case, q, k, v, w, backend="triton"):
                 return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         return run
 
-    def fused_cuda():  # the CUDA C++ kernels (csrc/)
+    def fused_cuda():  # the CUDA C++ kernels (csrc/), with the mainloops of the method's environment
         return dash_kernels.mixed_attention(q, k, v, w, windows, sinks, backend="cuda")
 
-    extra = {"fused_cuda": (fused_cuda, (q, k, v, w))} if cuda_extension_available() else {}
+    cuda = ({cuda_column(m): (fused_cuda, (q, k, v, w), mainloop_env(m)) for m in cuda_mainloops}
+            if cuda_extension_available() else {})
     return {
-        "fused": (fused, (q, k, v, w)),
-        **extra,
-        "flex_separate": (flex_separate, (qh, kh, vh, w)),
-        "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), (qh, kh, vh)),
-        "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), (qh, kh, vh)),
-        "flex_causal": (flex_causal, (qh, kh, vh)),
+        "fused": (fused, (q, k, v, w), {}),
+        **cuda,
+        "flex_separate": (flex_separate, (qh, kh, vh, w), {}),
+        "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION), (qh, kh, vh), {}),
+        "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION), (qh, kh, vh), {}),
+        "flex_causal": (flex_causal, (qh, kh, vh), {}),
     }
 
 
@@ -154,11 +187,13 @@ def make_step(fn, inputs, mode):
     return step
 
 
-def time_method(fn, inputs, mode, warmup=25, rep=100):
+def time_method(fn, inputs, mode, env=None, warmup=25, rep=100):
     import triton
 
-    step = make_step(fn, inputs, mode)
-    return triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=list(inputs), return_mode="median")
+    with environment_set(env or {}):  # the forward and the backward both read it
+        step = make_step(fn, inputs, mode)
+        return triton.testing.do_bench(step, warmup=warmup, rep=rep, grad_to_none=list(inputs),
+                                       return_mode="median")
 
 
 def environment():
@@ -172,27 +207,25 @@ def environment():
         "cudnn": torch.backends.cudnn.version(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # which CUDA mainloops the backend "cuda" column ran (csrc/README.md): wmma unless set to "mma"
-        "cuda_mainloops": {k: os.environ.get(k, "wmma") for k in ("DASH_CUDA_FWD", "DASH_CUDA_BWD")},
     }
 
 
-def run(cases, modes, backend="triton", methods=None, on_row=None):
+def run(cases, modes, backend="triton", methods=None, on_row=None, cuda_mainloops=()):
     rows = []
     for case in cases:
         q, k, v, w = make_inputs(case)
         heads_q, heads_kv, head_dim = SHAPES[case.shape]
-        built = build_methods(case, q, k, v, w, backend=backend)
+        built = build_methods(case, q, k, v, w, backend=backend, cuda_mainloops=cuda_mainloops)
         for mode in modes:
             row = {"shape": case.shape, "heads_q": heads_q, "heads_kv": heads_kv, "head_dim": head_dim,
                    "batch": case.batch, "seq": case.seq, "candidates": case.cand_set,
                    "windows": CANDIDATE_SETS[case.cand_set][0], "sinks": CANDIDATE_SETS[case.cand_set][1],
                    "mode": mode, "ms": {}, "errors": {}}
-            for name, (fn, inputs) in built.items():
-                if methods and name not in methods:
+            for name, (fn, inputs, env) in built.items():
+                if methods and name not in methods and not (name.startswith("cuda[") and "cuda" in methods):
                     continue
                 try:
-                    row["ms"][name] = time_method(fn, inputs, mode)
+                    row["ms"][name] = time_method(fn, inputs, mode, env)
                 except Exception as exc:  # a baseline that cannot run here is reported, not fatal
                     row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     torch.cuda.synchronize()
@@ -203,11 +236,12 @@ def run(cases, modes, backend="triton", methods=None, on_row=None):
                 row["speedup_vs_flex_separate"] = ms.get("flex_separate", math.nan) / ms["fused"]
                 row["ratio_to_flex_causal"] = ms["fused"] / ms.get("flex_causal", math.nan)
                 row["ratio_to_cudnn_causal"] = ms["fused"] / ms.get("sdpa_cudnn", math.nan)
-            if "fused_cuda" in ms:
+            for name in (n for n in ms if n.startswith("cuda[")):
                 flops = causal_flops(case.batch, case.seq, heads_q, head_dim, mode)
-                row["fused_cuda_causal_equiv_tflops"] = flops / ms["fused_cuda"] * 1e-9
-                row["cuda_ratio_to_cudnn_causal"] = ms["fused_cuda"] / ms.get("sdpa_cudnn", math.nan)
-                row["cuda_ratio_to_triton"] = ms["fused_cuda"] / ms.get("fused", math.nan)
+                row.setdefault("cuda", {})[name] = {
+                    "causal_equiv_tflops": flops / ms[name] * 1e-9,
+                    "ratio_to_cudnn_causal": ms[name] / ms.get("sdpa_cudnn", math.nan),
+                    "ratio_to_triton": ms[name] / ms.get("fused", math.nan)}
             rows.append(row)
             print(format_row(row), flush=True)
             if on_row:
@@ -228,21 +262,24 @@ def format_row(row):
 
 
 def table(rows):
-    head = ("| shape | T | B | set | mode | fused ms | CUDA fused ms | (a) flex separate | (b) cuDNN | (c) flash "
-            "| (d) flex causal | (a)/fused | fused/(d) | fused/cuDNN | CUDA/cuDNN | CUDA TFLOP/s-eq |")
-    lines = [head, "|" + " --- |" * 16]
+    cuda = list(dict.fromkeys(n for r in rows for n in r["ms"] if n.startswith("cuda[")))
+    head = ("| shape | T | B | set | mode | fused ms | (a) flex separate | (b) cuDNN | (c) flash | (d) flex causal "
+            "| (a)/fused | fused/(d) | fused/cuDNN |" + "".join(f" {n} ms | {n}/cuDNN |" for n in cuda))
+    lines = [head, "|" + " --- |" * (12 + 2 * len(cuda))]
     for r in rows:
         ms = r["ms"]
 
         def cell(name):
             return f"{ms[name]:.3f}" if name in ms else "n/a"
+
+        def ratio(name):
+            return f"{ms[name] / ms['sdpa_cudnn']:.2f}" if name in ms and "sdpa_cudnn" in ms else "n/a"
         lines.append(
             f"| {r['shape']} | {r['seq']} | {r['batch']} | {r['candidates']} | {r['mode']} | {cell('fused')} | "
-            f"{cell('fused_cuda')} | {cell('flex_separate')} | {cell('sdpa_cudnn')} | {cell('sdpa_flash')} | "
+            f"{cell('flex_separate')} | {cell('sdpa_cudnn')} | {cell('sdpa_flash')} | "
             f"{cell('flex_causal')} | {r.get('speedup_vs_flex_separate', math.nan):.2f} | "
-            f"{r.get('ratio_to_flex_causal', math.nan):.2f} | {r.get('ratio_to_cudnn_causal', math.nan):.2f} | "
-            f"{r.get('cuda_ratio_to_cudnn_causal', math.nan):.2f} | "
-            f"{r.get('fused_cuda_causal_equiv_tflops', math.nan):.0f} |")
+            f"{r.get('ratio_to_flex_causal', math.nan):.2f} | {r.get('ratio_to_cudnn_causal', math.nan):.2f} |"
+            + "".join(f" {cell(n)} | {ratio(n)} |" for n in cuda))
     return "\n".join(lines)
 
 
@@ -252,10 +289,19 @@ def main(argv=None):
     parser.add_argument("--seqs", nargs="+", type=int, default=[4096, 8192])
     parser.add_argument("--sets", nargs="+", default=list(CANDIDATE_SETS), choices=list(CANDIDATE_SETS))
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
-    parser.add_argument("--methods", nargs="+", default=None, help="subset of methods to time")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="subset of methods to time (\"cuda\": every --cuda-mainloops column)")
+    parser.add_argument("--cuda-mainloops", nargs="+", default=CUDA_MAINLOOPS, metavar="FWD+BWD",
+                        help="one CUDA column per forward + backward mainloop pair, where the extension is built "
+                             f"(default: {' '.join(CUDA_MAINLOOPS)}; sm90* need a build with the CuTe headers)")
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args(argv)
+    for mainloops in args.cuda_mainloops:
+        try:
+            mainloop_env(mainloops)
+        except ValueError as exc:
+            parser.error(str(exc))
     if not torch.cuda.is_available():
         sys.exit("bench_mixed_attention: needs a CUDA GPU")
     cases = [Case(s, t, c) for s in args.shapes for t in args.seqs for c in args.sets]
@@ -268,7 +314,8 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
         return result
 
-    rows = run(cases, args.modes, backend=args.backend, methods=args.methods, on_row=save)
+    rows = run(cases, args.modes, backend=args.backend, methods=args.methods, on_row=save,
+               cuda_mainloops=args.cuda_mainloops)
     result = save(rows)
     print()
     print(f"GPU: {result['environment']['gpu']}  torch {result['environment']['torch']}  "

@@ -5,6 +5,10 @@
 #     build        the CUDA extension in place (setup.py build_ext --inplace; the tests and bench then
 #                  include backend "cuda"); a warm machine keeps it between calls   ~2 min
 #     sanitize     the CUDA backend under compute-sanitizer memcheck and racecheck, small shapes  ~2 min
+#     mainloops    the CUDA backend's mainloops (CUDA_MAINLOOPS="wmma+wmma mma+mma sm90+mma sm90tma+mma",
+#                  forward+backward): each one's GPU tests in its own process, all at once (TEST_TIMEOUT), then
+#                  one benchmark (bench_mixed_attention --cuda-mainloops, BENCH_ARGS) with a column for each
+#                  mainloop pair whose tests passed: a hang or a wrong result stays out of the timing  ~8 min
 #     tests        GPU correctness tests (tests/test_gpu.py)          ~7 min
 #     tune         tile-config sweep per head dim                      ~5 min
 #     profile      CUDA time per kernel, fused vs one Flex attention   ~2 min
@@ -40,7 +44,7 @@ python -m dash_kernels | tee -a "$OUT/gpu.txt"
 for part in ${PARTS:-tests bench}; do
   case "$part" in
     build)
-      MAX_JOBS="${MAX_JOBS:-16}" timeout 420 python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+      MAX_JOBS="${MAX_JOBS:-16}" timeout "${BUILD_TIMEOUT:-420}" python setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
         && echo "built: $(ls dash_kernels/_C*.so)" || { echo "BUILD FAILED"; tail -30 "$OUT/build.log"; }
       grep -E "registers|spill" "$OUT/build.log" | head -8
       python -m dash_kernels | tail -3 ;;
@@ -58,6 +62,25 @@ for part in ${PARTS:-tests bench}; do
     tests)
       timeout "${TEST_TIMEOUT:-420}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py ${TEST_ARGS:-} ${TEST_K:+-k "$TEST_K"} \
         2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20 ;;
+    mainloops)
+      pids=()
+      for pair in ${CUDA_MAINLOOPS:-wmma+wmma mma+mma sm90+mma sm90tma+mma}; do
+        DASH_CUDA_FWD="${pair%+*}" DASH_CUDA_BWD="${pair#*+}" timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -m gpu \
+          -p no:cacheprovider -s tests/test_gpu.py -k "${TEST_K:-cuda}" > "$OUT/gpu_tests_${pair/+/_}.log" 2>&1 &
+        pids+=($!)
+      done
+      wait "${pids[@]}"
+      passed=()
+      for pair in ${CUDA_MAINLOOPS:-wmma+wmma mma+mma sm90+mma sm90tma+mma}; do
+        summary=$(tail -1 "$OUT/gpu_tests_${pair/+/_}.log")
+        echo "$pair: ${summary:-no summary (timed out)}"
+        case "$summary" in *passed*) case "$summary" in *failed*|*error*) ;; *) passed+=("$pair") ;; esac ;; esac
+      done
+      if [ ${#passed[@]} -gt 0 ]; then
+        timeout "${BENCH_TIMEOUT:-330}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
+          --cuda-mainloops "${passed[@]}" ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"
+        sed -n '/^GPU:/,$p' "$OUT/bench.log"
+      fi ;;
     tune)
       timeout 200 python benchmarks/tune_configs.py --shape qwen2.5-3b --out "$OUT/tune_qwen.json" 2>&1 | grep "^best"
       timeout 120 python benchmarks/tune_configs.py --shape smollm2-135m --out "$OUT/tune_smol.json" 2>&1 | grep "^best" ;;

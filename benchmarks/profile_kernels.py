@@ -49,7 +49,7 @@ def main():
         case = Case(args.shape, args.seq, args.sets[0] if name == "flex_causal" else name)
         q, k, v, w = make_inputs(case)
         methods = build_methods(case, q, k, v, w)
-        method, inputs = methods["flex_causal" if name == "flex_causal" else "fused"]
+        method, inputs, _ = methods["flex_causal" if name == "flex_causal" else "fused"]
         for t in inputs:
             t.requires_grad_(True)
         dy = torch.randn_like(method())

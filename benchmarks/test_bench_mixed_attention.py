@@ -24,7 +24,7 @@ METHODS = ["fused", "flex_separate", "sdpa_cudnn", "sdpa_flash", "flex_causal"]
 def test_mixed_attention_speed(benchmark, shape, seq, cand_set, method, mode):
     case = Case(shape, seq, cand_set)
     q, k, v, w = make_inputs(case)
-    fn, inputs = build_methods(case, q, k, v, w)[method]
+    fn, inputs, _ = build_methods(case, q, k, v, w)[method]
     timed = make_step(fn, inputs, mode)
 
     def step():
