@@ -300,6 +300,8 @@ def _band_edge(b, CAND, NUM_C: tl.constexpr, NB: tl.constexpr):
 INSIDE = tl.constexpr(0)  # the whole tile lies in one region, in bounds and causal
 EDGE = tl.constexpr(1)  # non-sink keys, tile within two adjacent bands (narrower than every band)
 ANY = tl.constexpr(2)  # anything: each element's band and sink level, one select per region
+# ANY tiles select among up to this many regions (the 4-candidate DASH set has 6), else gather per element
+SELECT_REGIONS_UP_TO = tl.constexpr(8)
 
 
 @triton.jit
@@ -359,15 +361,21 @@ def _mix_grad_tile(
                               tl.load(b_row + r_near + q_idx, mask=q_ok, other=0.0))
         else:
             el_region = _band_of(dist, CAND, NUM_C, NB) * (NS + 1) + _sink_level_of(k_idx, CAND, NUM_C, NB, NS)
-            el_region = tl.where(valid, el_region, -1)
-            ref = tl.full(s.shape, float("inf"), dtype=tl.float32)
-            coef_a = tl.zeros(s.shape, dtype=tl.float32)
-            coef_b = tl.zeros(s.shape, dtype=tl.float32)
-            for r in tl.static_range(NUM_R):
-                sel = el_region == r
-                ref = tl.where(sel, tl.load(ref_row + r * T + q_idx, mask=q_ok, other=0.0), ref)
-                coef_a = tl.where(sel, tl.load(a_row + r * T + q_idx, mask=q_ok, other=0.0), coef_a)
-                coef_b = tl.where(sel, tl.load(b_row + r * T + q_idx, mask=q_ok, other=0.0), coef_b)
+            if NUM_R <= SELECT_REGIONS_UP_TO:
+                el_region = tl.where(valid, el_region, -1)
+                ref = tl.full(s.shape, float("inf"), dtype=tl.float32)
+                coef_a = tl.zeros(s.shape, dtype=tl.float32)
+                coef_b = tl.zeros(s.shape, dtype=tl.float32)
+                for r in tl.static_range(NUM_R):
+                    sel = el_region == r
+                    ref = tl.where(sel, tl.load(ref_row + r * T + q_idx, mask=q_ok, other=0.0), ref)
+                    coef_a = tl.where(sel, tl.load(a_row + r * T + q_idx, mask=q_ok, other=0.0), coef_a)
+                    coef_b = tl.where(sel, tl.load(b_row + r * T + q_idx, mask=q_ok, other=0.0), coef_b)
+            else:  # one gather per table: the unrolled selects took sm_90 compilation > 15 min at R = 28
+                at = el_region * T + q_idx
+                ref = tl.load(ref_row + at, mask=valid, other=float("inf"))
+                coef_a = tl.load(a_row + at, mask=valid, other=0.0)
+                coef_b = tl.load(b_row + at, mask=valid, other=0.0)
     p = tl.math.exp2(s - ref)
     return p * coef_a, p * (coef_a * dp - coef_b)
 
