@@ -9,8 +9,15 @@ CPU (SmolLM2, two 2048-token rows: about 30 minutes on 2 cores).
 ``--hybrids NAME=L1,L2,...``: instead, score given hybrids (those layers full, the rest efficient) under both
 weightings: does the objective itself prefer one method's layers to another's?
 
+``--ruler-tasks passkey niah_single_1 ...`` (with ``--hybrids``): score the hybrids on RULER-style prompts instead
+of the search's data: each prompt (``dash.ruler``'s generators, seed 1: the comparison evaluates seed 0) is
+followed by its first answer, teacher-forced, and only the answer tokens count: KL(teacher || hybrid) and the
+hybrid's NLL of the answer. Does a retrieval-answer objective rank the hybrids as RULER does, where the search
+data's KL does not?
+
   python benchmarks/diagnose_restore_gains.py --model SmolLM2-135M-Instruct.Q4_1.gguf --seq-len 2048 --rows 2
   python benchmarks/diagnose_restore_gains.py --seq-len 4096 --hybrids dash=0,6,7 kl_restore=7,14,15
+  python benchmarks/diagnose_restore_gains.py --seq-len 2048 --ruler-tasks passkey --ruler-samples 2 --hybrids ...
 """
 import argparse
 import time
@@ -32,7 +39,11 @@ def main(argv=None):
     parser.add_argument("--budgets", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--hybrids", nargs="+", default=[], metavar="NAME=LAYERS",
                         help="score these hybrids (comma-separated full layers) instead of the per-layer gains")
+    parser.add_argument("--ruler-tasks", nargs="+", default=[], help="score --hybrids on these RULER tasks' answers")
+    parser.add_argument("--ruler-samples", type=int, default=2, help="prompts per RULER task (at --seq-len)")
     args = parser.parse_args(argv)
+    if args.ruler_tasks and not args.hybrids:
+        parser.error("--ruler-tasks scores --hybrids: name some")
     hybrids = {}
     for spec in args.hybrids:
         name, _, layers = spec.partition("=")
@@ -42,6 +53,9 @@ def main(argv=None):
             parser.error(f"--hybrids expects NAME=L1,L2,... (integers), got {spec!r}")
     model, tokenizer = load_model(args.model)
     net = build_supernet(model, ["full", args.efficient])
+    if args.ruler_tasks:
+        return score_ruler_answers(model, tokenizer, net, hybrids, args.ruler_tasks, args.seq_len,
+                                   args.ruler_samples)
     rows = default_data(tokenizer, args.seq_len, args.rows * args.seq_len * 3, seed=0).train[: args.rows]
     head = model.get_output_embeddings()
     num_layers = len(net.states)
@@ -77,6 +91,44 @@ def main(argv=None):
     for name, gain in gains.items():
         order = sorted(range(num_layers), key=lambda i: -gain[i])
         print(name, "top K:", " ".join(f"{k}: {sorted(order[:k])}" for k in args.budgets))
+
+
+def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_per_task):
+    from dash.ruler import generate_samples
+
+    rows = []  # (task, ids, answer positions: the logits that predict the answer's tokens)
+    for task in tasks:
+        for sample in generate_samples(tokenizer, task, length, samples_per_task, seed=1):
+            prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+            answer = tokenizer(" " + sample.answers[0], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor(prompt + answer)
+            rows.append((task, ids, torch.arange(len(prompt) - 1, len(ids) - 1)))
+    head = model.get_output_embeddings()
+    num_layers = len(net.states)
+    started = time.time()
+
+    def answer_hidden(row):
+        _, ids, at = row
+        return model.base_model(ids[None], use_cache=False).last_hidden_state[0, at]
+
+    with torch.no_grad(), net.teacher():
+        teacher = [answer_hidden(row) for row in rows]
+    print(f"{len(rows)} prompts of {length} tokens, tasks {tasks} ({time.time() - started:.0f} s)", flush=True)
+    for name, layers in {"all_efficient": [], **hybrids}.items():
+        choice = [0 if i in layers else 1 for i in range(num_layers)]
+        kl, nll = {t: [] for t in tasks}, {t: [] for t in tasks}
+        with torch.no_grad(), net.fixed(choice):
+            for row, t_hidden in zip(rows, teacher):
+                task, ids, at = row
+                hidden = answer_hidden(row)
+                kl[task].append(token_kl(hidden, t_hidden, head.weight, head.bias).mean())
+                logp = torch.log_softmax(torch.nn.functional.linear(hidden, head.weight, head.bias).float(), -1)
+                nll[task].append(-logp.gather(-1, ids[at + 1, None]).mean())
+        mean = {t: (torch.stack(kl[t]).mean().item(), torch.stack(nll[t]).mean().item()) for t in tasks}
+        print(f"{name:16s} full {layers}: answer KL {sum(v[0] for v in mean.values()) / len(tasks):.4f}  answer NLL "
+              f"{sum(v[1] for v in mean.values()) / len(tasks):.4f}  | "
+              + "  ".join(f"{t} {v[0]:.3f}/{v[1]:.3f}" for t, v in mean.items())
+              + f"  ({time.time() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
