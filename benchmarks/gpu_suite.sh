@@ -12,7 +12,8 @@
 #                  of the timing  ~8 min
 #     tests        GPU correctness tests (tests/test_gpu.py)          ~7 min
 #     tune         tile-config sweep per head dim                      ~5 min
-#     profile      CUDA time per kernel, fused vs one Flex attention   ~2 min
+#     profile      CUDA time per kernel, fused vs one Flex attention (PROFILE_ARGS="--sets 4cand --cuda-mainloops
+#                  mma+mma sm90tma+mma": the CUDA pairs too)   ~2 min
 #     bench        kernel benchmark vs the baselines (issue table)     ~5 min
 #     search_step  Qwen2.5-3B-shaped search step vs its floor          ~3 min
 #     linear       gated linear attention / gated delta rule vs fla 0.6.0 and cuDNN (fla from carried
@@ -93,7 +94,7 @@ for part in ${PARTS:-tests bench}; do
       timeout 200 python benchmarks/tune_configs.py --shape qwen2.5-3b --out "$OUT/tune_qwen.json" 2>&1 | grep "^best"
       timeout 120 python benchmarks/tune_configs.py --shape smollm2-135m --out "$OUT/tune_smol.json" 2>&1 | grep "^best" ;;
     profile)
-      timeout 150 python benchmarks/profile_kernels.py --out "$OUT/profile_qwen.json" 2>&1 | grep -v Warn | tee "$OUT/profile.log" ;;
+      timeout "${PROFILE_TIMEOUT:-150}" python benchmarks/profile_kernels.py --out "$OUT/profile_qwen.json" ${PROFILE_ARGS:-} 2>&1 | grep -v Warn | tee "$OUT/profile.log" ;;
     bench)
       timeout "${BENCH_TIMEOUT:-330}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
         ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"

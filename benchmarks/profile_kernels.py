@@ -2,8 +2,10 @@
 
 For each candidate set, runs forward+backward a few times under the profiler and prints, per kernel,
 the mean CUDA time of one call. The baseline row (one causal FlexAttention, forward+backward) is
-profiled in the same process.
+profiled in the same process. ``--cuda-mainloops mma+mma sm90tma+mma`` profiles the CUDA backend's pairs too
+(the first set, each pair's environment set around its runs), kernel by kernel beside Triton's.
   python benchmarks/profile_kernels.py --shape qwen2.5-3b --seq 4096 --sets 1cand 2cand 4cand
+  python benchmarks/profile_kernels.py --sets 4cand --cuda-mainloops mma+mma sm90tma+mma
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_mixed_attention import CANDIDATE_SETS, Case, build_methods, make_inputs
+from bench_mixed_attention import (CANDIDATE_SETS, Case, build_methods, cuda_column, environment_set, make_inputs,
+                                   mainloop_env)
 
 # a single full candidate: what the mixture machinery costs when there is nothing to mix
 SETS = dict(CANDIDATE_SETS, **{"1cand": ([None], [0])})
@@ -42,22 +45,30 @@ def main():
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--sets", nargs="+", default=["1cand", "2cand", "4cand"])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--cuda-mainloops", nargs="+", default=[], metavar="FWD+BWD",
+                        help="also profile these CUDA backend pairs (bench_mixed_attention.py --cuda-mainloops)")
     args = parser.parse_args()
     CANDIDATE_SETS.update(SETS)
     report = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "seq": args.seq, "runs": {}}
-    for name in args.sets + ["flex_causal"]:
-        case = Case(args.shape, args.seq, args.sets[0] if name == "flex_causal" else name)
+    for mainloops in args.cuda_mainloops:
+        mainloop_env(mainloops)  # a clear error before any GPU work
+    runs = [(name, name, "fused") for name in args.sets] + [("flex_causal", args.sets[0], "flex_causal")]
+    runs += [(cuda_column(m), args.sets[0], cuda_column(m)) for m in args.cuda_mainloops]
+    for name, cand_set, method_name in runs:
+        case = Case(args.shape, args.seq, cand_set)
         q, k, v, w = make_inputs(case)
-        methods = build_methods(case, q, k, v, w)
-        method, inputs, _ = methods["flex_causal" if name == "flex_causal" else "fused"]
+        methods = build_methods(case, q, k, v, w, cuda_mainloops=args.cuda_mainloops)
+        method, inputs, env = methods[method_name]
         for t in inputs:
             t.requires_grad_(True)
-        dy = torch.randn_like(method())
+        with environment_set(env):
+            dy = torch.randn_like(method())
 
         def step():
             for t in inputs:
                 t.grad = None
-            method().backward(dy)
+            with environment_set(env):
+                method().backward(dy)
 
         times = kernel_times(step)
         report["runs"][name] = times
