@@ -299,8 +299,9 @@ def _band_edge(b, CAND, NUM_C: tl.constexpr, NB: tl.constexpr):
 # How a backward tile picks each element's region (constexpr MODE of _mix_grad_tile):
 INSIDE = tl.constexpr(0)  # the whole tile lies in one region, in bounds and causal
 EDGE = tl.constexpr(1)  # non-sink keys, tile within two adjacent bands (narrower than every band)
-ANY = tl.constexpr(2)  # anything: each element's band and sink level, one select per region
-# ANY tiles select among up to this many regions (the 4-candidate DASH set has 6), else gather per element
+ANY = tl.constexpr(2)  # anything: each element's band and sink level, then its region's coefficients
+# ANY tiles select among up to this many regions, one select per region (the 4-candidate DASH set has 6);
+# more regions gather per element
 SELECT_REGIONS_UP_TO = tl.constexpr(8)
 
 
@@ -333,8 +334,8 @@ def _mix_grad_tile(
     ``q_idx``/``k_idx``: query/key indices broadcastable to ``s`` (either orientation).
     ``*_row``: region 0 of this head's [R, T] coefficient tables. INSIDE tiles use ``region``;
     EDGE tiles (smallest distance ``d_min``) straddle at most one band edge, so each element
-    selects between two regions' rows; ANY tiles select among all R regions per element (only
-    where needed: key tiles holding sinks, or bands narrower than a tile).
+    selects between two regions' rows; ANY tiles find each element's region among all R (only where
+    needed: key tiles holding sinks, or bands narrower than a tile) and select or gather its row.
     """
     NUM_R: tl.constexpr = (NB + 1) * (NS + 1)
     if MODE == INSIDE:
