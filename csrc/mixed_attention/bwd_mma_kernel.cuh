@@ -96,6 +96,31 @@ __device__ __forceinline__ void keys_by_queries(float (&acc)[BM / 8][4], uint32_
   }
 }
 
+// acc[16 keys x D] += A B over BM queries: A this warp's [16 keys, BM queries] as 16-bit A fragments (p A or
+// dS^T), B the BM rows of a query tile (dY or Q) read by ldmatrix.trans (b_lane: this lane's address in it).
+template <typename T, int D, int BM, int LD>
+__device__ __forceinline__ void keys_by_head_dim(float (&acc)[D / 8][4], const uint32_t (&a)[BM / 16][4],
+                                                 uint32_t b_lane) {
+#pragma unroll
+  for (int kk = 0; kk < BM / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t bt[4];
+      mma16::ldmatrix_x4_trans(bt, b_lane + (kk * 16 * LD + np * 16) * 2);
+      mma16::mma<T>(acc[2 * np], a[kk], bt[0], bt[1]);
+      mma16::mma<T>(acc[2 * np + 1], a[kk], bt[2], bt[3]);
+    }
+  }
+}
+
+// C fragment n of a score tile (4 floats: rows g, g + 8, cols 8 n + 2q, +1) into the 16-bit A fragment layout
+// (the C fragments of n8 tiles 2 kk and 2 kk + 1 are, pair by pair, A fragment kk).
+template <typename T, int BM>
+__device__ __forceinline__ void pack_as_a(uint32_t (&frag)[BM / 16][4], int n, const float (&x)[4]) {
+  frag[n >> 1][2 * (n & 1)] = mma16::pack2<T>(x[0], x[1]);
+  frag[n >> 1][2 * (n & 1) + 1] = mma16::pack2<T>(x[2], x[3]);
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdMmaTile<D>::kThreads, 1) mixed_attention_bwd_dkdv_mma_kernel(
     const BwdMmaParams p) {
@@ -233,10 +258,8 @@ __global__ void __launch_bounds__(BwdMmaTile<D>::kThreads, 1) mixed_attention_bw
             pa[e] = prob * ca;
             ds[e] = prob * (ca * dp[n][e] - cb);
           }
-          pa_frag[n >> 1][2 * (n & 1)] = mma16::pack2<T>(pa[0], pa[1]);
-          pa_frag[n >> 1][2 * (n & 1) + 1] = mma16::pack2<T>(pa[2], pa[3]);
-          ds_frag[n >> 1][2 * (n & 1)] = mma16::pack2<T>(ds[0], ds[1]);
-          ds_frag[n >> 1][2 * (n & 1) + 1] = mma16::pack2<T>(ds[2], ds[3]);
+          pack_as_a<T, BM>(pa_frag, n, pa);
+          pack_as_a<T, BM>(ds_frag, n, ds);
         }
       } else {
 #pragma unroll
@@ -258,10 +281,8 @@ __global__ void __launch_bounds__(BwdMmaTile<D>::kThreads, 1) mixed_attention_bw
               }
             }
           }
-          pa_frag[n >> 1][2 * (n & 1)] = mma16::pack2<T>(pa[0], pa[1]);
-          pa_frag[n >> 1][2 * (n & 1) + 1] = mma16::pack2<T>(pa[2], pa[3]);
-          ds_frag[n >> 1][2 * (n & 1)] = mma16::pack2<T>(ds[0], ds[1]);
-          ds_frag[n >> 1][2 * (n & 1) + 1] = mma16::pack2<T>(ds[2], ds[3]);
+          pack_as_a<T, BM>(pa_frag, n, pa);
+          pack_as_a<T, BM>(ds_frag, n, ds);
         }
       }
       // dS^T to shared memory for dQ: A fragment register 2 (n & 1) + i holds row g + 8 i, cols 8 n + 2q, +1
@@ -271,26 +292,8 @@ __global__ void __launch_bounds__(BwdMmaTile<D>::kThreads, 1) mixed_attention_bw
         ds_row[1][4 * n] = ds_frag[n >> 1][2 * (n & 1) + 1];
       }
       // dV += (p A)^T dY, dK += dS^T Q: A = this warp's [16 keys, 16 queries] blocks, B by ldmatrix.trans
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
-          uint32_t bt[4];
-          mma16::ldmatrix_x4_trans(bt, dy_tile + trans_lane + (kk * 16 * LD + np * 16) * 2);
-          mma16::mma<T>(dv[2 * np], pa_frag[kk], bt[0], bt[1]);
-          mma16::mma<T>(dv[2 * np + 1], pa_frag[kk], bt[2], bt[3]);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-        for (int np = 0; np < D / 16; ++np) {
-          uint32_t bt[4];
-          mma16::ldmatrix_x4_trans(bt, q_tile + trans_lane + (kk * 16 * LD + np * 16) * 2);
-          mma16::mma<T>(dk[2 * np], ds_frag[kk], bt[0], bt[1]);
-          mma16::mma<T>(dk[2 * np + 1], ds_frag[kk], bt[2], bt[3]);
-        }
-      }
+      keys_by_head_dim<T, D, BM, LD>(dv, pa_frag, dy_tile + trans_lane);
+      keys_by_head_dim<T, D, BM, LD>(dk, ds_frag, q_tile + trans_lane);
     } else {
 #pragma unroll
       for (int n = 0; n < NS; ++n) ds_row[0][4 * n] = ds_row[1][4 * n] = 0u;
