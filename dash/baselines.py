@@ -6,7 +6,7 @@ same one for every method), and the hybrid goes through DASH's own export path. 
   random        K layers drawn at random (run several seeds)
   first, last   the first or the last K layers
   ppl_drop      swap one layer at a time to the efficient operator; keep full the K whose swap raises the
-                calibration loss most
+                calibration loss (next-token NLL) most
   attn_mse      per layer, the relative error of the efficient operator's attention output against full
                 attention on the teacher's own activations; keep full the K largest
   kl_restore    start from all-efficient; restore one layer at a time to full attention; keep full the K whose
@@ -20,7 +20,10 @@ same one for every method), and the hybrid goes through DASH's own export path. 
                 keep full the K layers with the largest mean gate
   teacher / all_efficient   the two bounds (every layer full / none)
 The scoring selectors run on calibration rows (duo_gate: on passkey samples of the rows' length) and report their
-cost: tokens through forward passes (duo_gate also the tokens through backward passes) and wall seconds.
+cost: tokens through forward passes (duo_gate also the tokens through backward passes) and wall seconds. Given the
+rows' answer mask (``answers``: retrieval rows, ``dash.data``), ppl_drop and kl_restore weight their loss's tokens
+as DASH's ``answers`` objective does (``dash.search.answer_weights``): the same data and the same token weighting
+as the search, so a difference between the methods is the method's.
 """
 from __future__ import annotations
 
@@ -63,10 +66,21 @@ def teacher_hidden_states(net: Supernet, rows: torch.Tensor) -> List[torch.Tenso
         return [net.model.base_model(row[None], use_cache=False).last_hidden_state[0] for row in rows]
 
 
+def calibration_weights(answers: Optional[torch.Tensor], answer_weight: float) -> Optional[List[torch.Tensor]]:
+    """Per calibration row, the [T] token weights of DASH's ``answers`` objective over all the rows (mean KL plus
+    ``answer_weight`` times the answers' mean KL); None without an answer mask."""
+    from .search import answer_weights
+
+    if answers is None:
+        return None
+    return list(answer_weights(answers.reshape(-1), answer_weight).view(answers.shape))
+
+
 def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch.Tensor]], kind: str,
           weights: Optional[List[torch.Tensor]] = None) -> float:
     """Mean next-token NLL (kind 'nll') or KL(teacher || model) ('kl') over the calibration rows; with ``weights``
-    (one [T] tensor per row, 'kl' only) each token's KL is weighted (``dash.search``'s long_range objective)."""
+    (one [T] tensor per row, weight t for the prediction at position t) each token's loss is weighted
+    (``dash.search``'s long_range or answers objective)."""
     import torch.nn.functional as F
 
     model = net.model
@@ -77,7 +91,8 @@ def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch
             hidden = model.base_model(row[None], use_cache=False).last_hidden_state[0]
             logits = head(hidden).float()
             if kind == "nll":
-                total += F.cross_entropy(logits[:-1], row[1:], reduction="sum").item()
+                per_token = F.cross_entropy(logits[:-1], row[1:], reduction="none")
+                total += (per_token if weights is None else per_token * weights[i][:-1]).sum().item()
                 count += row.numel() - 1
             else:
                 t_logp = torch.log_softmax(head(teacher_hidden[i]).float(), -1)
@@ -158,12 +173,13 @@ def _duo_gate(net: Supernet, sequences: Sequence[tuple], full: int, eff: int) ->
 
 
 def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: Optional[torch.Tensor] = None,
-           seed: int = 0, tokenizer=None) -> Dict:
+           seed: int = 0, tokenizer=None, answers: Optional[torch.Tensor] = None, answer_weight: float = 1.0) -> Dict:
     """Layers that keep full attention under ``method``; returns {"full_layers", "choices", "scores", "cost"}
     (duo_gate also "gates": per layer, the gate of each KV-head group).
 
     ``rows``: [N, T] calibration token rows (needed by ppl_drop, attn_mse, kl_restore; duo_gate uses only their
-    length T). ``tokenizer``: the model's tokenizer (needed by duo_gate for its passkey samples)."""
+    length T). ``tokenizer``: the model's tokenizer (needed by duo_gate for its passkey samples). ``answers``:
+    the rows' [N, T] answer mask, if any: ppl_drop and kl_restore then weight the answer tokens (module docstring)."""
     if method not in METHODS:
         raise ValueError(f"unknown selector {method!r}; known: {list(METHODS)}")
     num_layers = len(net.states)
@@ -173,6 +189,11 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
     scored = method in ("ppl_drop", "attn_mse", "kl_restore", "duo_gate")
     if scored and (rows is None or rows.numel() == 0):
         raise ValueError(f"selector {method!r} needs calibration rows")
+    if answers is not None and (rows is None or answers.shape != rows.shape):
+        expected = None if rows is None else tuple(rows.shape)
+        raise ValueError(f"answers must be a mask of the calibration rows' shape {expected}, "
+                         f"got {tuple(answers.shape)}")
+    weights = calibration_weights(answers, answer_weight)
     started = time.time()
     scores: Optional[List[float]] = None
     gates: Optional[List[List[float]]] = None
@@ -193,15 +214,15 @@ def select(net: Supernet, method: str, budget: int, efficient: Candidate, rows: 
         scores = []
         for layer in range(num_layers):
             set_choices(net, [eff if i == layer else full for i in range(num_layers)])
-            scores.append(_loss(net, rows, None, "nll"))
+            scores.append(_loss(net, rows, None, "nll", weights))
     elif method == "kl_restore":
         teacher_hidden = teacher_hidden_states(net, rows)
         set_choices(net, [eff] * num_layers)
-        base = _loss(net, rows, teacher_hidden, "kl")
+        base = _loss(net, rows, teacher_hidden, "kl", weights)
         scores = []
         for layer in range(num_layers):
             set_choices(net, [full if i == layer else eff for i in range(num_layers)])
-            scores.append(base - _loss(net, rows, teacher_hidden, "kl"))  # KL removed by restoring this layer
+            scores.append(base - _loss(net, rows, teacher_hidden, "kl", weights))  # KL removed by restoring this layer
     elif method == "duo_gate":
         on_gpu = next(net.model.parameters()).device.type == "cuda"
         duo_steps = DUO_STEPS_GPU if on_gpu else DUO_STEPS

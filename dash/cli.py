@@ -20,6 +20,7 @@ from .search import INITS, OBJECTIVES, SearchConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_TOKENS = 16_384  # a smoke-sized search that finishes in minutes on a laptop CPU
+RETRIEVAL_FRACTION = 0.5  # default share of retrieval rows in the search's (and the selectors') data
 
 
 def _search_parser(sub):
@@ -45,8 +46,14 @@ def _search_parser(sub):
     p.add_argument("--compile-modules", action="store_true", default=None,
                    help="torch.compile the norms and MLPs (the stateless modules): fewer kernel launches a step")
     p.add_argument("--objective", choices=list(OBJECTIVES), help="token weighting of the search's KL (default "
+                   "answers: the mean plus --answer-weight times the mean over the retrieval rows' answer tokens; "
                    "uniform: the plain mean; long_range: each token's KL times the all-efficient model's KL to the "
                    "teacher there; see dash.search)")
+    p.add_argument("--answer-weight", type=float, help="objective answers: weight of the answer tokens' mean KL "
+                   f"(default {SearchConfig.answer_weight})")
+    p.add_argument("--retrieval-fraction", type=float, help="share of the training rows that are RULER-style "
+                   f"retrieval prompts with their answers (dash.data.add_retrieval_rows; default {RETRIEVAL_FRACTION}; "
+                   "0: the text alone, for objectives other than answers)")
     p.add_argument("--init", choices=list(INITS), help="where the logits start (default budget: every layer at "
                    "the budget's mix of candidates, e.g. p(full) = K / L; uniform: equal logits)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
@@ -115,8 +122,9 @@ def resolve_search_settings(args) -> dict:
     settings.setdefault("batch_size", 2 if on_gpu else 1)
     settings.setdefault("output", os.path.join("runs", "search"))
     settings.setdefault("seed", 0)
+    settings.setdefault("retrieval_fraction", RETRIEVAL_FRACTION)
     known = {f.name for f in fields(SearchConfig)} | {"model", "data", "candidates", "per_kv_group", "seq_len",
-                                                       "output", "device", "dtype", "bank"}
+                                                       "output", "device", "dtype", "bank", "retrieval_fraction"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {sorted(known)}")
@@ -138,7 +146,7 @@ def _load_bank_if_needed(net, settings: dict) -> None:
 def run_search(settings: dict, progress: bool = True) -> dict:
     import yaml
 
-    from .data import default_data, pack, read_documents
+    from .data import add_retrieval_rows, default_data, pack, read_documents
     from .models import load_model
     from .search import Search
     from .supernet import build_supernet
@@ -155,6 +163,7 @@ def run_search(settings: dict, progress: bool = True) -> dict:
         data = pack(read_documents(settings["data"]), tokenizer, seq_len, seed=seed)
     else:
         data = default_data(tokenizer, seq_len, min(tokens, 2_000_000), seed=seed)
+    data = add_retrieval_rows(data, tokenizer, settings["retrieval_fraction"], seed=seed)
     data_s = time.perf_counter() - started
     net = build_supernet(model, settings.get("candidates"), per_kv_group=bool(settings.get("per_kv_group")))
     _load_bank_if_needed(net, settings)
@@ -289,9 +298,14 @@ def _compare_parser(sub):
     p.add_argument("--methods", nargs="*", default=None, help="selectors (default: all of dash.baselines; "
                    "none: DASH alone)")
     p.add_argument("--skip-dash", action="store_true", help="the selectors only, no DASH search")
-    p.add_argument("--search-objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES),
-                   help="one DASH search per objective (`dash search --objective`): the first's row is 'dash', "
-                   "the others' 'dash_<objective>' (default: uniform, and long_range as the ablation)")
+    p.add_argument("--search-objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES[:1]),
+                   help=f"one DASH search per objective (`dash search --objective`): the default's "
+                   f"({OBJECTIVES[0]}) row is 'dash', the others' 'dash_<objective>' (default: {OBJECTIVES[0]} alone)")
+    p.add_argument("--retrieval-fraction", type=float, default=RETRIEVAL_FRACTION, help="share of retrieval rows "
+                   "in the data of the search and of the selectors' calibration (as for `dash search`)")
+    p.add_argument("--answer-weight", type=float, default=SearchConfig.answer_weight, help="weight of the answer "
+                   "tokens in the search's answers objective, and in the calibration loss of ppl_drop, kl_restore and "
+                   "the refinement")
     p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
                    "rounds of full-layer swaps that lower the search's own objective on the calibration rows "
                    "(dash.refine), as the row dash_refined; 0: off")
@@ -308,7 +322,9 @@ def _compare_parser(sub):
                    "sink + window candidate if any, else the first non-full one)")
     p.add_argument("--search-tokens", type=int, default=None, help="per search (default 12.3M GPU, 16K CPU)")
     p.add_argument("--seq-len", type=int, default=None, help="search and calibration length (default 4096 GPU)")
-    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--calibration-tokens", type=int, default=65536, help="calibration rows of the scoring selectors "
+                   "and the refinement, from the search's training rows (default 65536: 16 rows of 4K, about 8 of "
+                   "them retrieval prompts)")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="RULER prompt lengths (default: 1K, 2K, 4K and 8K, those the model's context holds)")
     p.add_argument("--tasks", nargs="+", default=None)
@@ -339,18 +355,24 @@ def _shard_arguments(args) -> list:
                         ("--calibration-tokens", args.calibration_tokens), ("--lengths", args.lengths),
                         ("--tasks", args.tasks), ("--samples", args.samples), ("--eval-batch", args.eval_batch),
                         ("--finetune-tokens", args.finetune_tokens), ("--finetune-rank", args.finetune_rank),
-                        ("--refine-rounds", args.refine_rounds),
+                        ("--refine-rounds", args.refine_rounds), ("--retrieval-fraction", args.retrieval_fraction),
+                        ("--answer-weight", args.answer_weight),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
         if value is not None:
             out += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     return out
 
 
+def _data_settings(args) -> dict:
+    return {"retrieval_fraction": args.retrieval_fraction, "calibration_tokens": args.calibration_tokens,
+            "answer_weight": args.answer_weight}
+
+
 def run_compare(args) -> dict:
     from .baselines import METHODS
     from .candidates import Candidate
     from .compare import compare, comparison_candidates, run_sharded, search_settings
-    from .data import default_data
+    from .data import add_retrieval_rows, default_data
     from .models import load_model
     from .supernet import build_supernet
 
@@ -364,7 +386,8 @@ def run_compare(args) -> dict:
         os.makedirs(args.output, exist_ok=True)
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
-                    "seed": args.seed, "refine_rounds": args.refine_rounds, **search_settings()}
+                    "seed": args.seed, "refine_rounds": args.refine_rounds, **_data_settings(args),
+                    **search_settings()}
         if args.selector_shards < 1:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
@@ -376,6 +399,7 @@ def run_compare(args) -> dict:
                                   dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
     search_tokens = args.search_tokens or (12_300_000 if on_gpu else CPU_DEFAULT_TOKENS)
     data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=args.seed, heldout_fraction=0.1)
+    data = add_retrieval_rows(data, tokenizer, args.retrieval_fraction, seed=args.seed)
     context = int(getattr(model.config, "max_position_embeddings", 8192))
     candidates = args.candidates
     if candidates is None:  # the selectors' two operators: DASH chooses from exactly what they choose from
@@ -394,7 +418,9 @@ def run_compare(args) -> dict:
     if "full" not in names:
         raise SystemExit(f"--candidates must include full attention (the budget counts full layers), got {names}")
     lengths = args.lengths or [n for n in COMPARE_LENGTHS if n <= context]
-    calibration = data.train[: max(1, args.calibration_tokens // seq_len)].to(args.device)
+    calibration_rows = torch.arange(min(data.train.shape[0], max(1, args.calibration_tokens // seq_len)))
+    calibration = data.train[calibration_rows].to(args.device)
+    answers = data.answers(calibration_rows).to(args.device) if data.train_answers is not None else None
     heldout = data.heldout[: max(1, 32768 // seq_len)].to(args.device)
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
                    methods=methods, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
@@ -402,7 +428,8 @@ def run_compare(args) -> dict:
                    eval_batch=args.eval_batch or (args.samples if on_gpu else 1), refine_rounds=args.refine_rounds,
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
-                   search_objectives=args.search_objectives)
+                   search_objectives=args.search_objectives, calibration_answers=answers,
+                   answer_weight=args.answer_weight, data_settings=_data_settings(args))
 
 
 def run_eval(args) -> dict:

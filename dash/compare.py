@@ -1,8 +1,8 @@
 """DASH against the selector baselines at several budgets: one command, one table.
 
-For every budget K (full-attention layers): a DASH search per objective (``dash.search``: row ``dash`` the default
-plain mean KL, ``dash_long_range`` the long_range token weighting as the ablation; its own budget regulariser, the
-same search-token budget for all K), then every selector of ``dash.baselines`` (random over several seeds), each hybrid scored by
+For every budget K (full-attention layers): a DASH search per objective (``dash.search``: row ``dash`` the default,
+the ``answers`` weighting of the KL, ``dash_uniform`` and ``dash_long_range`` the ablations; its own budget
+regulariser, the same search-token budget for all K), then every selector of ``dash.baselines`` (random over several seeds), each hybrid scored by
 RULER-style tasks and held-out perplexity on the same samples. Every hybrid is evaluated in place through the
 supernet with one-hot logits, which computes exactly what its exported model computes (the export path turns
 the same choices into the model directory). Writes ``compare.json``, ``compare.md`` and ``compare.png``.
@@ -71,7 +71,10 @@ def _ruler(net, tokenizer, lengths, tasks, samples, seed, batch_size) -> Dict:
 # resumes from its checkpoint at once; the selectors take seconds) and fine-tuned again.
 EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
 # files written before these were recorded
-LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_init": "uniform", "search_lr": 0.05}
+LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_init": "uniform", "search_lr": 0.05,
+                   "retrieval_fraction": 0.0, "calibration_tokens": 16384, "answer_weight": 1.0}
+# what the search and the selectors learn from: other data, everything is selected again
+DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight")
 
 
 def search_settings() -> Dict:
@@ -96,7 +99,8 @@ def _same_selection(saved: Dict, settings: Dict) -> bool:
 
     # files without "candidates" came from the 4-candidate default: their DASH hybrids are not comparable
     return (_saved(saved, "seed") == settings["seed"] and fine_tuning(saved) == fine_tuning(settings)
-            and saved.get("candidates") == settings.get("candidates"))
+            and saved.get("candidates") == settings.get("candidates")
+            and all(_saved(saved, key) == _saved(settings, key) for key in DATA_SETTINGS))
 
 
 def resume_rows(path: str, settings: Dict):
@@ -185,11 +189,17 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
             finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
-            refine_rounds: int = 2, search_objectives: Sequence[str] = OBJECTIVES) -> Dict:
+            refine_rounds: int = 2, search_objectives: Sequence[str] = OBJECTIVES[:1],
+            calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
+            data_settings: Optional[Dict] = None) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
     search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
     ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
-    ``dash.refine`` (swaps of full layers while the search's own objective drops on the calibration rows)."""
+    ``dash.refine`` (swaps of full layers while the search's own objective drops on the calibration rows).
+    ``calibration_answers``: the calibration rows' answer mask (retrieval rows, ``dash.data``): ppl_drop, kl_restore
+    and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``).
+    ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
+    again."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
 
@@ -200,6 +210,10 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         raise ValueError(f"search_objectives {unknown} unknown; choose from {OBJECTIVES}")
     if refine_rounds < 0:
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
+    if (include_dash and refine_rounds and search_objectives and search_objectives[0] == "answers"
+            and calibration_answers is None):
+        raise ValueError("refining the answers objective's hybrid needs calibration_answers (the calibration rows' "
+                         "answer mask)")
     if finetune_tokens:  # bad settings fail now, not after the first search
         FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr, rank=finetune_rank).validate()
     tasks = list(tasks or TASKS)
@@ -209,7 +223,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     settings = {"lengths": list(lengths), "tasks": tasks, "samples": samples, "seed": seed,
                 "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
                 "finetune_lr": finetune_lr, "candidates": names, "refine_rounds": refine_rounds,
-                **search_settings()}
+                "answer_weight": answer_weight, **(data_settings or {}), **search_settings()}
     context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
     done = {_row_key(r) for r in rows}
@@ -272,12 +286,13 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                             and not score_earlier(refined_key))
             if need_dash or need_refined:
                 config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed,
-                                      objective=objective)
-                # another candidate set, objective, start or seed, another search (a checkpoint resumes only its
-                # own; the folders of searches from uniform logits, which lack the start's name, are left alone)
+                                      objective=objective, answer_weight=answer_weight)
+                # another candidate set, objective, start, seed or data, another search (a checkpoint resumes only
+                # its own; the folders of searches from uniform logits, which lack the start's name, are left alone)
                 default = names == [c.name for c in default_candidates(context)]
                 folder = f"search_K{budget}_{objective}_{config.init}" + \
-                    ("" if default else "_" + "+".join(names)) + ("" if seed == 0 else f"_seed{seed}")
+                    ("" if default else "_" + "+".join(names)) + ("" if seed == 0 else f"_seed{seed}") + \
+                    f"_data{search_data.digest()[:8]}"
                 search = Search(net, search_data, config, os.path.join(output_dir, folder))
                 summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
                 # the loop's seconds over every run of it (a resumed, finished search takes ~0 s now)
@@ -290,7 +305,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 if need_refined:
                     from .refine import refine_full_layers
 
-                    refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=objective)
+                    refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=objective,
+                                                 answers=calibration_answers, answer_weight=answer_weight)
                     cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
                                 seconds=search_cost["seconds"] + refined["cost"]["seconds"],
                                 refine={"rounds": refine_rounds, "objective": objective,
@@ -305,7 +321,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 if key in done or score_earlier(key):
                     continue
                 out = select(net, method, budget, efficient, rows=calibration, seed=run_seed or 0,
-                             tokenizer=tokenizer)
+                             tokenizer=tokenizer, answers=calibration_answers, answer_weight=answer_weight)
                 score(method, budget, run_seed, out["choices"], _with_concurrency(out["cost"]))
     return write_tables(rows, budgets, settings, output_dir, finetune_rank)
 
@@ -369,7 +385,7 @@ def noise_note(rows: Sequence[Dict], settings: Dict) -> str:
 
 
 def plan_shards(budgets: Sequence[int], methods: Sequence[str], selector_groups: int = 1,
-                search_objectives: Sequence[str] = OBJECTIVES) -> List[Dict]:
+                search_objectives: Sequence[str] = OBJECTIVES[:1]) -> List[Dict]:
     """The sharded comparison's work: per budget, a DASH search per objective (the longest part; ``"dash"``
     names the shard's objective, None for a shard without a search) and the selectors, split into
     ``selector_groups`` shards of about equal work (random counts once per seed); then the bounds, measured once,
@@ -401,7 +417,7 @@ RANDOM_SEEDS_WEIGHT = {"random": 3}  # rows a selector adds per budget, where no
 
 def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence[str], devices: Sequence[str],
                 output_dir: str, settings: Dict, *, poll_s: float = 5.0, progress: bool = True,
-                command=None, selector_groups: int = 1, search_objectives: Sequence[str] = OBJECTIVES) -> Dict:
+                command=None, selector_groups: int = 1, search_objectives: Sequence[str] = OBJECTIVES[:1]) -> Dict:
     """Runs plan_shards' shards as ``dash compare`` processes, each on the next free device (a device named
     n times takes n shards at once), each in ``output_dir/shards/<name>`` with its log beside it; then merges
     their rows. Rerunning resumes every shard. ``shard_args``: the parent's arguments that every shard

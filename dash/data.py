@@ -5,6 +5,13 @@ language reference topics of ``pydoc_data``, ~110K tokens) with synthetic docume
 long-range dependencies: facts stated early and asked about much later, key-value lists recalled out
 of order, passages repeated after long gaps, with natural prose from the same source as filler. Such
 documents reward exactly what full attention gives over a window, which is the signal the search needs.
+
+Retrieval rows (``add_retrieval_rows``, any data): RULER-style prompts (``dash.ruler``'s generators, at seeds
+the evaluation never uses) followed by their answers, teacher-forced, each alone in a row (the rest of the row is
+natural text after an EOS), with a mask of the positions that predict an answer token. Retrieval is where a
+hybrid's missing context shows, and those few answer tokens are where it shows most: scored on them, the
+hybrids of the SmolLM2 comparison rank as RULER ranks them, where the mean KL over the text does not
+(benchmarks/NOTES.md, session 9). ``dash.search``'s ``answers`` objective weights them.
 """
 from __future__ import annotations
 
@@ -125,24 +132,44 @@ def synthetic_documents(words: Sequence[str], num_docs: int, approx_words: int, 
 
 @dataclass
 class PackedData:
-    """Token sequences of equal length: ``train`` [N, T] and ``heldout`` [M, T] (int64)."""
+    """Token sequences of equal length: ``train`` [N, T] and ``heldout`` [M, T] (int64); ``train_answers`` [N, T]
+    (bool, or None: no retrieval rows) marks the positions whose next token is a retrieval answer's."""
 
     train: torch.Tensor
     heldout: torch.Tensor
+    train_answers: Optional[torch.Tensor] = None
 
     @property
     def seq_len(self) -> int:
         return self.train.shape[1]
 
-    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
-        """The batch of a given step: a seeded permutation per epoch, so a resumed run sees the same data."""
+    def batch_rows(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """Row indices of a given step's batch: a seeded permutation per epoch, so a resumed run sees the same data."""
         n = self.train.shape[0]
         if batch_size > n:
             raise ValueError(f"batch size {batch_size} exceeds the {n} packed training sequences")
         per_epoch = n // batch_size
         epoch, index = divmod(step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        return self.train[order[index * batch_size:(index + 1) * batch_size]]
+        return order[index * batch_size:(index + 1) * batch_size]
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        return self.train[self.batch_rows(step, batch_size, seed)]
+
+    def answers(self, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), T] answer mask of those training rows (all False without retrieval rows)."""
+        if self.train_answers is None:
+            return torch.zeros(len(rows), self.seq_len, dtype=torch.bool)
+        return self.train_answers[rows]
+
+    def digest(self) -> str:
+        """A fingerprint of the training rows and answer mask: a checkpoint continues only on its own data."""
+        import hashlib
+
+        h = hashlib.sha1(self.train.numpy().tobytes())
+        if self.train_answers is not None:
+            h.update(self.train_answers.numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def pack(documents: Iterable[str], tokenizer, seq_len: int, *, seed: int = 0, heldout_fraction: float = 0.05,
@@ -168,6 +195,80 @@ def pack(documents: Iterable[str], tokenizer, seq_len: int, *, seed: int = 0, he
     data = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
     n_held = max(1, int(round(rows * heldout_fraction))) if heldout_fraction > 0 else 0
     return PackedData(train=data[n_held:], heldout=data[:n_held])
+
+
+RETRIEVAL_SEED_OFFSET = 1000  # retrieval rows draw samples at seed + this; `dash eval` / `dash compare` use the seed
+ANSWER_ROOM = 96  # tokens kept after a retrieval prompt for its answer (cwe's ten words need the most)
+
+
+def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int], *, seed: int = 0,
+                   tasks: Optional[Sequence[str]] = None):
+    """``count`` rows of ``seq_len`` tokens, each a RULER-style prompt, its answers (joined by commas,
+    teacher-forced), EOS, then ``filler_ids`` (natural text, from a seeded offset) to the end; and the [count, T]
+    mask of the positions that predict an answer token. Tasks take turns (default: every task of ``dash.ruler``
+    whose prompt fits); prompt lengths take turns over a quarter, a half and all of the row less ``ANSWER_ROOM``,
+    so the answers sit at several distances from their needles. Samples are ``dash.ruler``'s at seed
+    ``seed + RETRIEVAL_SEED_OFFSET``: disjoint from the evaluation's prompts (seed ``seed``)."""
+    from .ruler import TASKS, generate_samples
+
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    tasks = list(TASKS if tasks is None else tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown retrieval tasks {unknown}; known: {list(TASKS)}")
+    lengths = sorted({n for n in (seq_len // 4, seq_len // 2, seq_len - ANSWER_ROOM) if n >= 64})
+    if not lengths or len(filler_ids) < seq_len:
+        raise ValueError(f"retrieval rows need seq_len >= {64 + ANSWER_ROOM} and {seq_len} filler tokens, got "
+                         f"seq_len {seq_len} and {len(filler_ids)} (text alone: --retrieval-fraction 0, with an "
+                         "objective other than answers)")
+    words = vocabulary_words(tokenizer)
+    seed_of_samples = seed + RETRIEVAL_SEED_OFFSET
+
+    def fits(task, length):  # the task's question and needles alone may exceed a short length
+        try:
+            generate_samples(tokenizer, task, length, 1, seed_of_samples, words=words)
+            return True
+        except ValueError:
+            return False
+
+    slots = [(task, length) for length in lengths for task in tasks if fits(task, length)]
+    if not slots:
+        raise ValueError(f"tasks {tasks} yield no retrieval prompt of at most {lengths[-1]} tokens")
+    samples = []
+    for i, (task, length) in enumerate(slots):
+        n = count // len(slots) + (i < count % len(slots))
+        samples.extend(generate_samples(tokenizer, task, length, n, seed_of_samples, words=words) if n else [])
+    rng = random.Random(seed)
+    rng.shuffle(samples)
+    filler = torch.as_tensor(filler_ids, dtype=torch.long).flatten()
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids = torch.empty(count, seq_len, dtype=torch.long)
+    mask = torch.zeros(count, seq_len, dtype=torch.bool)
+    for i, sample in enumerate(samples):
+        prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False)["input_ids"]
+        head = torch.tensor((prompt + answer + eos)[:seq_len], dtype=torch.long)
+        start = rng.randrange(filler.numel() - seq_len + 1)
+        ids[i] = torch.cat([head, filler[start:start + seq_len - head.numel()]])
+        mask[i, len(prompt) - 1:min(len(prompt) + len(answer), seq_len) - 1] = True
+    return ids, mask
+
+
+def add_retrieval_rows(data: PackedData, tokenizer, fraction: float, *, seed: int = 0,
+                       tasks: Optional[Sequence[str]] = None) -> PackedData:
+    """``data`` with retrieval rows (``retrieval_rows``) making up ``fraction`` of its training rows, shuffled in
+    (seeded); the held-out rows stay as they are (perplexity is measured on text). Filler: the data's own text."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"retrieval fraction must be in [0, 1), got {fraction}")
+    count = int(round(data.train.shape[0] * fraction / (1.0 - fraction)))
+    if count == 0:
+        return data
+    ids, mask = retrieval_rows(tokenizer, data.seq_len, count, data.train.flatten(), seed=seed, tasks=tasks)
+    old_mask = data.answers(torch.arange(data.train.shape[0]))
+    order = torch.randperm(data.train.shape[0] + count, generator=torch.Generator().manual_seed(seed))
+    return PackedData(train=torch.cat([data.train, ids])[order], heldout=data.heldout,
+                      train_answers=torch.cat([old_mask, mask])[order])
 
 
 def default_data(tokenizer, seq_len: int, num_tokens: int, *, seed: int = 0, heldout_fraction: float = 0.05):

@@ -15,29 +15,33 @@ calibration: 145 passes, seconds on a GPU).
 from __future__ import annotations
 
 import time
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from .baselines import _loss, set_choices, teacher_hidden_states
+from .baselines import _loss, calibration_weights, set_choices, teacher_hidden_states
 from .candidates import Candidate
 from .search import OBJECTIVES, efficient_reference, long_range_weights
 from .supernet import Supernet
 
 
 def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.Tensor, rounds: int = 2,
-                       tolerance: float = 1e-4, objective: str = "uniform") -> Dict:
+                       tolerance: float = 1e-4, objective: str = "uniform",
+                       answers: Optional[torch.Tensor] = None, answer_weight: float = 1.0) -> Dict:
     """The refined choice (list of Candidates), its KL and the searched one's, the swaps taken, and the cost.
 
     ``tolerance``: a swap must lower the KL by this fraction of it (rows are few: below that, noise).
     ``objective``: the search's token weighting of the KL (``dash.search``): with ``long_range`` each token's KL
-    is weighted by the all-efficient model's KL there (one more pass over the rows), mean 1 over the rows."""
+    is weighted by the all-efficient model's KL there (one more pass over the rows), mean 1 over the rows; with
+    ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if rows is None or rows.numel() == 0:
         raise ValueError("refinement needs calibration rows")
+    if objective == "answers" and (answers is None or answers.shape != rows.shape):
+        raise ValueError(f"objective 'answers' needs the rows' answer mask, of shape {tuple(rows.shape)}")
     names = [c.name for c in net.candidates]
     if len(choices) != len(net.states):
         raise ValueError(f"choices has {len(choices)} entries, the model {len(net.states)} layers")
@@ -55,6 +59,8 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         flat = long_range_weights(torch.stack(efficient), torch.stack(teacher), head, 1024)
         weights = list(flat.view(rows.shape[0], -1))  # mean 1 over all the rows' tokens
         passes += 1
+    elif objective == "answers":
+        weights = calibration_weights(answers, answer_weight)
 
     def kl(choice: Sequence[Candidate]) -> float:
         nonlocal passes

@@ -9,15 +9,19 @@ choice, with the mixture temperature annealed from ``tau_start`` to ``tau_end``.
 checkpoints its logits, optimizer and history; a killed run resumes to the same final logits as an
 uninterrupted one (batches are a pure function of the seed and the step).
 
-Token weighting (``objective``). ``"uniform"`` (default): the mean KL over tokens. ``"long_range"``: each token's
+Token weighting (``objective``). ``"answers"`` (default): the mean KL over tokens plus ``answer_weight`` times the
+mean KL over the answer tokens of the data's retrieval rows (``dash.data.add_retrieval_rows``: RULER-style prompts at
+seeds the evaluation never uses, answers teacher-forced). Why: on SmolLM2 the plain mean KL over the search's text
+could not tell DASH's K 9 hybrid from kl_restore's (0.01566 against 0.01573), which RULER scores 5 points apart,
+while the KL on the answers of retrieval prompts ranks the hybrids measured as RULER does (kl_restore's K 9 0.039,
+DASH's 0.066, benchmarks/NOTES.md, session 9): retrieval is where a hybrid's missing context shows, and a few
+answer tokens in thousands carry it. ``"uniform"``: the mean KL over tokens alone. ``"long_range"``: each token's
 KL is weighted by how much the teacher's prediction there needs context beyond the efficient candidates, measured
 as KL(teacher || all-efficient model) at that token (one extra no-grad forward a step, every layer its cheapest
 window, see ``efficient_reference``), normalised to mean 1 over the batch (LongPPL's key tokens, soft,
-arXiv 2410.23771). It was the default for one comparison run and is kept as the ablation: on SmolLM2 it did not
-beat the uniform KL (RULER 16.5 / 22.8 / 21.2 against 16.5 / 22.8 / 22.1 at K 3 / 6 / 9), and scored on the
-search's own data (6 rows of 4K tokens) it prefers DASH's K 9 hybrid to kl_restore's, which RULER scores 6 points
-higher, where the uniform KL ranks the two, and the other hybrids measured, as RULER does (benchmarks/NOTES.md,
-session 8). The uniform search's miss of those layers is put down to its optimisation (see ``init`` and ``lr``).
+arXiv 2410.23771). Both are kept as ablations: on SmolLM2 with the text-only data, RULER 16.5 / 22.8 / 22.1
+(uniform, budget start, lr 0.01) and 16.5 / 22.8 / 21.2 (long_range) at K 3 / 6 / 9, against kl_restore's 27.3
+at K 9 (benchmarks/NOTES.md, sessions 8 and 9).
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ from .data import PackedData
 from .supernet import Supernet, attention_shape
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
-OBJECTIVES = ("uniform", "long_range")  # token weighting of the search's KL, the default first (module docstring)
+OBJECTIVES = ("answers", "uniform", "long_range")  # token weighting of the search's KL, the default first (module
+                                                  # docstring)
 INITS = ("budget", "uniform")  # where the logits start (SearchConfig.init)
 LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
 
@@ -59,7 +64,8 @@ class SearchConfig:
     checkpoint_every: int = 50
     seed: int = 0
     compile_modules: bool = False  # torch.compile the stateless modules (norms, MLPs): fewer launches a step
-    objective: str = "uniform"  # or "long_range": the KL's token weighting (module docstring)
+    objective: str = "answers"  # or "uniform", "long_range": the KL's token weighting (module docstring)
+    answer_weight: float = 1.0  # objective "answers": the answer tokens' mean KL counts this much beside the mean
     init: str = "budget"  # or "uniform": every layer starts at the budget's mix of candidates (budget_prior)
 
     def validate(self, num_layers: int) -> None:
@@ -67,6 +73,8 @@ class SearchConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not self.answer_weight >= 0:
+            raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.budget_kind not in BUDGET_KINDS:
@@ -168,6 +176,16 @@ def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int,
     return total / s.shape[0]
 
 
+def answer_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """Token weights of the ``answers`` objective, the shape of ``answers`` (bool: the position predicts a retrieval
+    answer's token): 1 everywhere plus ``answer_weight * N / (answer positions)`` on the answers, so that the
+    weighted mean KL is the mean KL plus ``answer_weight`` times the answers' mean KL (the plain mean where there
+    are none)."""
+    flags = answers.float()
+    count = flags.sum().clamp_min(1.0)  # on the device: no host read
+    return 1.0 + answer_weight * flags * (flags.numel() / count)
+
+
 @torch.no_grad()
 def long_range_weights(efficient_hidden, teacher_hidden, lm_head, chunk_tokens: int) -> torch.Tensor:
     """[N] token weights of the ``long_range`` objective: KL(teacher || all-efficient model) per token, over its
@@ -246,6 +264,10 @@ class Search:
         # on the logits' device once (a per-layer host-to-device copy would stall every step)
         self.costs = layer_costs(net, config).to(net.arch_parameters()[0].device)
         self.efficient = efficient_reference(net) if config.objective == "long_range" else None
+        if config.objective == "answers" and (data.train_answers is None or not bool(data.train_answers.any())):
+            raise ValueError("objective 'answers' needs retrieval rows in the data (dash.data.add_retrieval_rows, "
+                             "`--retrieval-fraction` > 0); or choose objective 'uniform'")
+        self.data_digest = data.digest()
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
         with torch.no_grad():  # where the logits start (a resumed run then loads its own)
             start = budget_prior(self.costs, config.budget, num_layers) if config.init == "budget" else None
@@ -270,7 +292,7 @@ class Search:
         state = {"step": self.step, "alphas": [a.detach().cpu() for a in self.net.arch_parameters()],
                  "optimizer": self.optimizer.state_dict(), "history": self.history,
                  "config": asdict(self.config), "candidates": [c.name for c in self.net.candidates],
-                 "elapsed_s": self.elapsed_s}
+                 "elapsed_s": self.elapsed_s, "data_digest": self.data_digest}
         save_checkpoint(self.state_path, state)
 
     def try_resume(self) -> bool:
@@ -285,16 +307,21 @@ class Search:
                 alpha.copy_(saved.to(alpha.device))
         self.optimizer.load_state_dict(state["optimizer"])
         # a checkpoint continues only its own trajectory (older checkpoints: uniform objective and init, lr 0.05)
-        saved = dict({"objective": "uniform", "init": "uniform", "lr": 0.05}, **state.get("config", {}))
-        for name in ("objective", "init", "lr"):
+        saved = dict({"objective": "uniform", "init": "uniform", "lr": 0.05, "answer_weight": 1.0},
+                     **state.get("config", {}))
+        for name in ("objective", "init", "lr", "answer_weight"):
             if saved[name] != getattr(self.config, name):
                 raise ValueError(f"{self.state_path} was made with {name} {saved[name]!r}, not "
                                  f"{getattr(self.config, name)!r}: use another output folder or the same {name}")
+        if state.get("data_digest", self.data_digest) != self.data_digest:
+            raise ValueError(f"{self.state_path} was made on other training data (digest {state['data_digest']}, "
+                             f"now {self.data_digest}): use another output folder or the same data")
         self.step, self.history = state["step"], state["history"]
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
         return True
 
-    def loss_terms(self, input_ids: torch.Tensor) -> dict:
+    def loss_terms(self, input_ids: torch.Tensor, answers: Optional[torch.Tensor] = None) -> dict:
+        """The step's loss and its parts; ``answers``: the batch's answer mask (the ``answers`` objective)."""
         model = self.net.model
         base, head = model.base_model, model.get_output_embeddings()
         with torch.no_grad(), self.net.teacher():
@@ -305,6 +332,10 @@ class Search:
                 efficient_hidden = base(input_ids, use_cache=False).last_hidden_state
             weights = long_range_weights(efficient_hidden, teacher_hidden, head, self.config.kl_chunk_tokens)
             del efficient_hidden
+        elif self.config.objective == "answers":
+            if answers is None:
+                raise ValueError("objective 'answers' needs the batch's answer mask")
+            weights = answer_weights(answers.reshape(-1), self.config.answer_weight)
         student_hidden = base(input_ids, use_cache=False).last_hidden_state
         kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens, weights)
         cost = expected_cost(self.net, self.costs)
@@ -338,13 +369,15 @@ class Search:
         pending = []  # per-step records still on the GPU: reading them every step would stall the queue
         while self.step < end:
             self.net.set_temperature(self.temperature(self.step))
-            batch = self.data.batch(self.step, self.config.batch_size, self.config.seed)
+            rows = self.data.batch_rows(self.step, self.config.batch_size, self.config.seed)
+            batch, answers = self.data.train[rows], self.data.answers(rows)
             if device.type == "cuda":
                 batch = batch.pin_memory().to(device, non_blocking=True)
+                answers = answers.pin_memory().to(device, non_blocking=True)
             else:
-                batch = batch.to(device)
+                batch, answers = batch.to(device), answers.to(device)
             self.optimizer.zero_grad(set_to_none=True)
-            terms = self.loss_terms(batch)
+            terms = self.loss_terms(batch, answers)
             terms["loss"].backward()
             self.optimizer.step()
             self.step += 1

@@ -20,6 +20,13 @@ def _rows(length=24):
     return torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(0))
 
 
+def _answers(rows):
+    """An answer mask for calibration rows: the first row stands for a retrieval row, 4 answers near its end."""
+    mask = torch.zeros(rows.shape, dtype=torch.bool)
+    mask[0, -6:-2] = True
+    return mask
+
+
 PASSKEY_LENGTH = 96  # duo_gate's passkey samples are as long as the rows: room for the prompt and its needle
 
 
@@ -93,6 +100,24 @@ def test_selectors_are_deterministic_and_scores_make_sense():
     # restoring full attention can only bring the model back toward the teacher on these rows (KL >= 0)
     kl = select(net, "kl_restore", 1, EFFICIENT, rows=rows)["scores"]
     assert max(kl) > 0
+
+
+@pytest.mark.parametrize("method", ["kl_restore", "ppl_drop"])
+def test_scoring_selectors_weight_the_answers_as_the_search_does(method):
+    """With the rows' answer mask, the loss is the mean plus answer_weight times the answers' mean: scores are
+    affine in the weight, weight 0 is the plain mean, and the answers move them."""
+    net, rows = _net(), _rows()
+    mask = _answers(rows)
+    if method == "ppl_drop":
+        mask = torch.roll(mask, -1, 1)  # NLL: the prediction at t of token t + 1; the mask's last column unused
+    by_weight = {w: torch.tensor(select(net, method, 1, EFFICIENT, rows=rows, answers=mask, answer_weight=w)["scores"])
+                 for w in (0.0, 1.0, 2.0)}
+    plain = torch.tensor(select(net, method, 1, EFFICIENT, rows=rows)["scores"])
+    torch.testing.assert_close(by_weight[0.0], plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(by_weight[2.0] - plain, 2 * (by_weight[1.0] - plain), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(by_weight[1.0], plain)
+    with pytest.raises(ValueError, match="answers must be a mask of the calibration rows' shape"):
+        select(net, method, 1, EFFICIENT, rows=rows, answers=mask[:1])
 
 
 def test_one_hot_choices_compute_the_chosen_operator():
@@ -173,7 +198,7 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     rows = _rows()
     kwargs = dict(methods=["first", "random", "kl_restore", "teacher"], random_seeds=(0, 1), search_tokens=96,
                   search_batch=2, lengths=[700], tasks=["passkey"], samples=2, eval_batch=2, output_dir=str(tmp_path),
-                  progress=False)
+                  progress=False, search_objectives=["answers", "long_range"], calibration_answers=_answers(rows))
     out = compare(net, CharTokenizer(), random_data(), rows, rows, [1, 2], EFFICIENT, **kwargs)
     measured = {(r["method"], r["budget"], r["seed"]) for r in out["rows"]}
     assert ("dash", 1, None) in measured and ("random", 2, 1) in measured and ("teacher", 1, None) in measured
@@ -184,11 +209,12 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     assert "K=1 KV MiB" in table and all(r["kv_cache_mib"] > 0 for r in out["rows"])
     assert "DASH minus each method" in table and "2 samples per task and length" in table
     saved = json.load(open(tmp_path / "compare.json"))
-    # the default searches both objectives: uniform's row "dash", long_range's the ablation "dash_long_range"; and
-    # refines "dash" by its own objective ("dash_refined")
+    # the default objective's row is "dash", long_range's the ablation "dash_long_range"; "dash" is refined by its
+    # own objective ("dash_refined")
     assert set(saved["paired"]) == {"dash_long_range", "dash_refined", "first", "random", "kl_restore", "teacher"}
     refined = next(r for r in saved["rows"] if r["method"] == "dash_refined")
-    assert refined["cost"]["refine"]["objective"] == "uniform"
+    assert refined["cost"]["refine"]["objective"] == "answers"
+    assert saved["answer_weight"] == 1.0
     assert saved["paired"]["teacher"]["2"]["resamples"] > 0  # the bound's one row stands for every budget
     # a second run finds every row measured and recomputes none of them
     monkeypatch.setattr("dash.compare.select", lambda *a, **k: pytest.fail("should have resumed"))
@@ -214,7 +240,8 @@ def test_compare_rescored_from_stored_choices_when_only_evaluation_changes(tmp_p
     _small_vocabulary(monkeypatch)
     net, rows = _compare_net(), _rows()
     kwargs = dict(methods=["first", "random"], random_seeds=(0, 1), search_tokens=96, search_batch=2, lengths=[300],
-                  tasks=["passkey"], samples=1, output_dir=str(tmp_path), progress=False)
+                  tasks=["passkey"], samples=1, output_dir=str(tmp_path), progress=False,
+                  calibration_answers=_answers(rows))
     first = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT, **kwargs)
     monkeypatch.setattr(compare_module, "select", lambda *a, **k: pytest.fail("the selection should be reused"))
     monkeypatch.setattr("dash.search.Search.run", lambda *a, **k: pytest.fail("the search should be reused"))
@@ -222,8 +249,8 @@ def test_compare_rescored_from_stored_choices_when_only_evaluation_changes(tmp_p
                                   **dict(kwargs, samples=3))
     key = lambda r: (r["method"], r["seed"])  # noqa: E731
     before, after = {key(r): r for r in first["rows"]}, {key(r): r for r in more["rows"]}
-    assert set(after) == set(before) == {("dash", None), ("dash_long_range", None), ("dash_refined", None),
-                                         ("first", None), ("random", 0), ("random", 1)}
+    assert set(after) == set(before) == {("dash", None), ("dash_refined", None), ("first", None), ("random", 0),
+                                         ("random", 1)}
     for k, row in after.items():
         assert row["choice"] == before[k]["choice"] and row["cost"] == before[k]["cost"] and row["reused_choice"]
         assert len(row["ruler_samples"]["passkey"]["300"]) == 3
@@ -262,8 +289,9 @@ def test_resume_rows_sorts_kept_rescored_and_redone(tmp_path):
     assert resume_rows(str(path), settings) == ([row], {})
     for change in ({"samples": 20}, {"lengths": [2048]}, {"tasks": ["vt"]}, {"eval_batch": 1}):
         assert resume_rows(str(path), dict(settings, **change)) == ([], {("first", 3, None): row}), change
-    for change in ({"seed": 1}, {"finetune_tokens": 1000}, {"candidates": ["full", "sink64_swa512"]}):
-        assert resume_rows(str(path), dict(settings, **change)) == ([], {}), change
+    for change in ({"seed": 1}, {"finetune_tokens": 1000}, {"candidates": ["full", "sink64_swa512"]},
+                   {"retrieval_fraction": 0.5}, {"calibration_tokens": 65536}, {"answer_weight": 2.0}):
+        assert resume_rows(str(path), dict(settings, **change)) == ([], {}), change  # other data: select again
     # without fine-tuning its rank and learning rate do not matter; with it they do
     assert resume_rows(str(path), dict(settings, finetune_rank=4)) == ([row], {})
     path.write_text(json.dumps({"rows": [row], **dict(settings, finetune_tokens=1000)}))
@@ -310,11 +338,11 @@ def test_compare_with_the_selectors_two_candidates(tmp_path, monkeypatch):
     rows = _rows()
     out = compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT, methods=["first"],
                   search_tokens=96, search_batch=2, lengths=[300], tasks=["passkey"], samples=1,
-                  output_dir=str(tmp_path), progress=False, refine_rounds=2, search_objectives=["uniform"])
+                  output_dir=str(tmp_path), progress=False, refine_rounds=2, calibration_answers=_answers(rows))
     dash_row, first_row = (next(r for r in out["rows"] if r["method"] == m) for m in ("dash", "first"))
     assert set(dash_row["choice"]) <= {"full", EFFICIENT.name} and dash_row["choice"].count("full") == 1
     assert dash_row["kv_cache_mib"] == pytest.approx(first_row["kv_cache_mib"])
-    assert (tmp_path / f"search_K1_uniform_budget_full+{EFFICIENT.name}").is_dir()
+    assert len(list(tmp_path.glob(f"search_K1_answers_budget_full+{EFFICIENT.name}_data*"))) == 1
     assert {r["method"] for r in out["rows"]} == {"dash", "dash_refined", "first"}
     refined = next(r for r in out["rows"] if r["method"] == "dash_refined")
     assert refined["choice"].count("full") == 1 and refined["cost"]["refine"]["kl"] <= \

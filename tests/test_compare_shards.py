@@ -7,7 +7,7 @@ import pytest
 from dash.baselines import METHODS
 from dash.compare import dash_method, merge_shard_rows, plan_shards, resume_rows, run_sharded, search_settings
 
-ONE = ("uniform",)  # one DASH search per budget
+ONE = ("answers",)  # one DASH search per budget
 
 
 def test_plan_measures_the_bounds_once_and_splits_the_selectors():
@@ -29,9 +29,10 @@ def test_plan_measures_the_bounds_once_and_splits_the_selectors():
         work = [sum(3 if m == "random" else 1 for m in g) for g in groups]
         assert max(work) - min(work) <= 1, groups
     assert [s["name"] for s in plan_shards([2], [], search_objectives=ONE)] == ["K2_dash"]  # DASH alone
-    # the default: a search per objective, the long_range weighting's as the ablation row dash_long_range
-    both = plan_shards([2], [])
-    assert [(s["name"], s["dash"]) for s in both] == [("K2_dash", "uniform"), ("K2_dash_long_range", "long_range")]
+    # the default: one search, of the default objective; others are ablation rows, dash_<objective>
+    assert [(s["name"], s["dash"]) for s in plan_shards([2], [])] == [("K2_dash", "answers")]
+    both = plan_shards([2], [], search_objectives=("answers", "long_range"))
+    assert [(s["name"], s["dash"]) for s in both] == [("K2_dash", "answers"), ("K2_dash_long_range", "long_range")]
     assert len(plan_shards([2], ["first"], selector_groups=4, search_objectives=ONE)) == 2  # no empty shards
     with pytest.raises(ValueError, match="selector_groups"):
         plan_shards([2], METHODS, selector_groups=0)
@@ -72,7 +73,8 @@ def test_a_failed_shard_is_named_and_the_rest_is_kept(tmp_path):
         return _fake_shard(dict(shard, folder=str(tmp_path / "shards" / shard["name"])), device, fail={"K1_dash"})
 
     with pytest.raises(RuntimeError, match="K1_dash"):
-        run_sharded([], [1], ["first"], ["cpu"], str(tmp_path), {}, poll_s=0.05, progress=False, command=command)
+        run_sharded([], [1], ["first"], ["cpu"], str(tmp_path), {}, poll_s=0.05, progress=False, command=command,
+                    search_objectives=("answers", "long_range"))
     rows = json.load(open(tmp_path / "compare.json"))["rows"]  # what finished is merged all the same
     assert {r["method"] for r in rows} == {"dash", "dash_long_range", "first"}
 

@@ -188,7 +188,7 @@ def test_compare_fine_tunes_every_hybrid_the_same_way(tmp_path, monkeypatch):
     # one DASH row (no ablation, no refined row): they are not what this test is about
     kwargs = dict(methods=["first", "teacher"], search_tokens=48, search_batch=2, lengths=[96], tasks=["passkey"],
                   samples=1, output_dir=str(tmp_path), progress=False, finetune_tokens=96, finetune_rank=2,
-                  search_objectives=["uniform"], refine_rounds=0)
+                  search_objectives=["answers"], refine_rounds=0)
     out = compare_module.compare(net, WordTokenizer(), random_data(), rows, rows, [1],
                                  Candidate(window=4, sink=1), **kwargs)
     by_method = {r["method"]: r for r in out["rows"]}

@@ -11,15 +11,19 @@ import transformers  # noqa: E402
 
 from dash import build_supernet  # noqa: E402
 from dash.data import PackedData, pack, read_documents, synthetic_documents  # noqa: E402
-from dash.search import (Search, SearchConfig, budget_prior, distillation_kl, efficient_reference,  # noqa: E402
+from dash.search import (Search, SearchConfig, answer_weights, budget_prior, distillation_kl,  # noqa: E402
+                         efficient_reference,
                          expected_cost, long_range_weights)
 from test_supernet import tiny_model  # noqa: E402
 
 
 def random_data(rows=12, seq_len=24, seed=0):
+    """Random rows; every other one stands for a retrieval row, with 4 answer positions near its end."""
     gen = torch.Generator().manual_seed(seed)
+    answers = torch.zeros(rows, seq_len, dtype=torch.bool)
+    answers[::2, seq_len - 6:seq_len - 2] = True
     return PackedData(train=torch.randint(0, 97, (rows, seq_len), generator=gen),
-                      heldout=torch.randint(0, 97, (2, seq_len), generator=gen))
+                      heldout=torch.randint(0, 97, (2, seq_len), generator=gen), train_answers=answers)
 
 
 def make_search(tmp_path, steps=6, **overrides):
@@ -61,6 +65,29 @@ def test_weighted_kl_and_the_long_range_weights():
     torch.testing.assert_close(long_range_weights(t, t, head, 4), torch.ones(14))
 
 
+def test_answer_weights_add_the_answers_mean_to_the_mean():
+    kl = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0])
+    answers = torch.tensor([False, False, False, False, True, True])
+    weights = answer_weights(answers, 0.5)
+    assert float((weights * kl).mean()) == pytest.approx(kl.mean().item() + 0.5 * 15.0)
+    assert torch.equal(answer_weights(torch.zeros(6, dtype=torch.bool), 0.5), torch.ones(6))  # no answers: the mean
+    assert answer_weights(answers.view(2, 3), 1.0).shape == (2, 3)
+
+
+def test_the_answers_objective_needs_answers_and_a_checkpoint_its_own_data(tmp_path):
+    net = build_supernet(tiny_model("llama"), ["full", "swa4"])
+    plain = random_data()
+    plain.train_answers = None
+    config = SearchConfig(tokens=4 * 24, batch_size=2, budget=1, checkpoint_every=1)
+    with pytest.raises(ValueError, match="objective 'answers' needs retrieval rows"):
+        Search(net, plain, config, str(tmp_path / "a"))
+    Search(net, random_data(), config, str(tmp_path / "b")).run(progress=False, stop_after=1)
+    with pytest.raises(ValueError, match="made on other training data"):
+        Search(net, random_data(seed=1), config, str(tmp_path / "b")).run(progress=False)
+    with pytest.raises(ValueError, match="answer_weight must be >= 0"):
+        Search(net, random_data(), SearchConfig(answer_weight=-1.0), str(tmp_path / "c"))
+
+
 def test_fixed_choice_computes_that_hybrid_and_leaves_the_logits():
     from dash.baselines import set_choices
 
@@ -85,13 +112,17 @@ def test_fixed_choice_computes_that_hybrid_and_leaves_the_logits():
 
 
 def test_objectives_search_apart_and_a_resume_keeps_the_time(tmp_path):
-    uniform = make_search(tmp_path / "u").run(progress=False)  # uniform, the default
+    answers = make_search(tmp_path / "a").run(progress=False)  # answers, the default
+    uniform = make_search(tmp_path / "u", objective="uniform").run(progress=False)
     weighted = make_search(tmp_path / "w", objective="long_range").run(progress=False)
-    assert uniform["probabilities"] != weighted["probabilities"]
+    assert uniform["probabilities"] != weighted["probabilities"] != answers["probabilities"]
+    assert uniform["probabilities"] != answers["probabilities"]
     with pytest.raises(ValueError, match="objective 'long_range', not 'uniform'"):
         make_search(tmp_path / "w", objective="uniform").run(progress=False)
     with pytest.raises(ValueError, match="objective must be one of"):
         make_search(tmp_path / "x", objective="mean")
+    with pytest.raises(ValueError, match="answer_weight 1.0, not 2.0"):
+        make_search(tmp_path / "a", answer_weight=2.0).run(progress=False)
     first = make_search(tmp_path / "r")
     first.run(progress=False, stop_after=4)
     spent = torch.load(first.state_path, weights_only=False)["elapsed_s"]  # as of its last checkpoint
@@ -268,7 +299,7 @@ def test_compiled_stateless_modules_give_the_same_search(tmp_path):
     results = []
     for compiled in (False, True):
         search = make_search(tmp_path / str(compiled), compile_modules=compiled)
-        loss = search.loss_terms(ids)["loss"]
+        loss = search.loss_terms(ids, search.data.answers(torch.arange(2)))["loss"]
         loss.backward()
         results.append((loss.detach(), [a.grad.clone() for a in search.net.arch_parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)

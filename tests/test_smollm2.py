@@ -45,14 +45,14 @@ def test_supernet_on_smollm2_reproduces_the_teacher(smollm2):
 
 
 def test_search_smoke_on_smollm2_with_default_data(smollm2, tmp_path):
-    from dash.data import default_data
+    from dash.data import add_retrieval_rows, default_data
     from dash.search import Search, SearchConfig
 
     model, tokenizer = smollm2
-    data = default_data(tokenizer, seq_len=96, num_tokens=400, seed=0)
+    data = add_retrieval_rows(default_data(tokenizer, seq_len=256, num_tokens=1000, seed=0), tokenizer, 0.5)
     net = build_supernet(model)
     try:
-        search = Search(net, data, SearchConfig(tokens=2 * 96, batch_size=1, budget=6), str(tmp_path))
+        search = Search(net, data, SearchConfig(tokens=2 * 256, batch_size=1, budget=6), str(tmp_path))
         summary = search.run(progress=False)
         assert summary["steps"] == 2 and len(summary["choice"]) == 30
         assert all(torch.isfinite(torch.tensor(h["kl"])) for h in search.history)
@@ -60,18 +60,51 @@ def test_search_smoke_on_smollm2_with_default_data(smollm2, tmp_path):
         model.set_attn_implementation("sdpa")
 
 
+def test_retrieval_rows_hold_their_answers_where_the_mask_says(smollm2):
+    from dash.data import RETRIEVAL_SEED_OFFSET, add_retrieval_rows, default_data, retrieval_rows
+    from dash.ruler import generate_samples
+
+    _, tokenizer = smollm2
+    data = default_data(tokenizer, seq_len=512, num_tokens=8 * 512, seed=0)
+    mixed = add_retrieval_rows(data, tokenizer, 0.5, seed=0)
+    n = data.train.shape[0]
+    assert mixed.train.shape[0] == 2 * n and torch.equal(mixed.heldout, data.heldout)
+    assert int(mixed.train_answers.any(1).sum()) == n  # one retrieval row per text row, each with answers
+    again = add_retrieval_rows(data, tokenizer, 0.5, seed=0)
+    assert torch.equal(again.train, mixed.train) and mixed.digest() == again.digest() != data.digest()
+    ids, mask = retrieval_rows(tokenizer, 512, 6, data.train.flatten(), seed=0, tasks=["passkey", "niah_single_1"])
+    assert ids.shape == mask.shape == (6, 512)
+    keys = set()
+    for row, at in zip(ids, mask):
+        positions = at.nonzero().flatten()
+        assert positions.numel() > 0 and torch.equal(positions, torch.arange(positions[0], positions[-1] + 1))
+        answer = tokenizer.decode(row[positions + 1]).strip()  # the tokens the masked positions predict
+        prompt = tokenizer.decode(row[:positions[0] + 1])
+        assert answer.isdigit() and answer in prompt  # the needle is in the prompt before it
+        keys.add(answer)
+    assert len(keys) == 6
+    # the evaluation's prompts (seed 0) are not among the training ones (seed 0 + RETRIEVAL_SEED_OFFSET)
+    evaluated = {s.answers[0] for length in (128, 256, 416) for task in ("passkey", "niah_single_1")
+                 for s in generate_samples(tokenizer, task, length, 3, seed=0)}
+    assert not keys & evaluated and RETRIEVAL_SEED_OFFSET > 0
+    with pytest.raises(ValueError, match="retrieval fraction must be in"):
+        add_retrieval_rows(data, tokenizer, 1.0)
+    with pytest.raises(ValueError, match="unknown retrieval tasks"):
+        retrieval_rows(tokenizer, 512, 2, data.train.flatten(), tasks=["qa"])
+
+
 def test_cli_search_end_to_end_and_resume(tmp_path):
     import json
 
     from dash.cli import main
 
-    args = ["search", "--tokens", "128", "--seq-len", "64", "--candidates", "full", "swa16", "sink4_swa16",
+    args = ["search", "--tokens", "512", "--seq-len", "256", "--candidates", "full", "swa64", "sink4_swa64",
             "--budget", "10", "--output", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["steps"] == 2 and len(summary["choice"]) == 30
     assert (tmp_path / "hybrid" / "report.md").exists()  # search runs end to end: hybrid + report
-    assert summary["candidates"] == ["full", "swa16", "sink4_swa16"]
+    assert summary["candidates"] == ["full", "swa64", "sink4_swa64"]
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "search_state.pt").exists()
     assert main(args) == 0  # a finished run resumes to the same end without more steps
     assert json.load(open(tmp_path / "summary.json"))["probabilities"] == summary["probabilities"]
@@ -85,8 +118,11 @@ def test_cli_export_and_eval_after_search(tmp_path):
     from dash.cli import main
 
     search_dir = tmp_path / "search"
+    with pytest.raises(ValueError, match="--retrieval-fraction 0"):  # too short for retrieval prompts
+        main(["search", "--tokens", "128", "--seq-len", "64", "--output", str(search_dir), "--no-progress"])
     assert main(["search", "--tokens", "128", "--seq-len", "64", "--candidates", "full", "swa16",
-                 "--budget", "10", "--output", str(search_dir), "--no-progress", "--no-export"]) == 0
+                 "--budget", "10", "--output", str(search_dir), "--no-progress", "--no-export",
+                 "--retrieval-fraction", "0", "--objective", "uniform"]) == 0
     hybrid_dir = tmp_path / "hybrid"
     assert main(["export", "--search", str(search_dir), "--budget", "10", "--output", str(hybrid_dir)]) == 0
     report = json.load(open(hybrid_dir / "report.json"))
@@ -119,13 +155,14 @@ def test_cli_align_then_search_with_the_linear_candidate(tmp_path):
     assert all(len(meta["heldout_relative_error"][kind]) == 30 for kind in ("gla", "gdn"))
     out = tmp_path / "search"
     assert main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "swa16", "gla", "gdn",
-                 "--bank", str(bank), "--budget", "5", "--output", str(out), "--no-progress"]) == 0
+                 "--bank", str(bank), "--budget", "5", "--output", str(out), "--no-progress",
+                 "--retrieval-fraction", "0", "--objective", "uniform"]) == 0
     assert json.load(open(out / "summary.json"))["candidates"] == ["full", "swa16", "gla", "gdn"]
     hybrid = json.load(open(out / "hybrid" / "dash_hybrid.json"))  # align -> search -> export, linear layers incl.
     assert len(hybrid["layers"]) == 30
     with pytest.raises(SystemExit, match="need an aligned bank"):
         main(["search", "--tokens", "64", "--seq-len", "64", "--candidates", "full", "gla",
-              "--output", str(tmp_path / "nobank"), "--no-progress"])
+              "--output", str(tmp_path / "nobank"), "--no-progress", "--retrieval-fraction", "0"])
 
 
 def test_cli_eval_ruler_suite(tmp_path):
