@@ -341,6 +341,9 @@ def _compare_parser(sub):
     p.add_argument("--finetune-rank", type=int, default=FinetuneConfig.rank, help="LoRA rank of that fine-tuning")
     p.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr, help="learning rate of that fine-tuning")
     p.add_argument("--output", default=os.path.join("runs", "compare"))
+    p.add_argument("--score-cache", default="", help="folder of hybrid scores (default: <output>/scores): a hybrid "
+                   "that another method already chose, with the same evaluation settings, takes those scores "
+                   "instead of another RULER run (dash.compare.ScoreCache)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -429,7 +432,8 @@ def run_compare(args) -> dict:
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
                    search_objectives=args.search_objectives, calibration_answers=answers,
-                   answer_weight=args.answer_weight, data_settings=_data_settings(args))
+                   answer_weight=args.answer_weight, data_settings=_data_settings(args),
+                   score_cache=args.score_cache)
 
 
 def run_eval(args) -> dict:

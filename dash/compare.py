@@ -48,6 +48,47 @@ from .search import OBJECTIVES, Search, SearchConfig, candidate_cache_bytes
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
+class ScoreCache:
+    """Scores of hybrids by what they compute: the layers' choices, the evaluation settings and the held-out rows.
+    Methods that choose the same layers build the same hybrid, which answers the same prompts the same way (greedy
+    decoding): DASH's refined hybrid is its searched one when no swap helps, and a selector may pick DASH's layers.
+    Such a row takes the first scoring's numbers (and says whose) instead of another RULER run. One JSON file per
+    hybrid in ``folder``, shared by the shards of a sharded comparison."""
+
+    def __init__(self, folder: Optional[str], settings: Dict, heldout: torch.Tensor):
+        import hashlib
+
+        self.folder = folder
+        evaluation = {key: settings[key] for key in EVALUATION_SETTINGS}
+        evaluation["heldout"] = hashlib.sha1(heldout.detach().cpu().numpy().tobytes()).hexdigest()
+        self.evaluation = json.dumps(evaluation, sort_keys=True)
+
+    def _path(self, choice: Sequence[str]) -> Optional[str]:
+        import hashlib
+
+        if self.folder is None:
+            return None
+        key = hashlib.sha1((self.evaluation + json.dumps(list(choice))).encode()).hexdigest()[:20]
+        return os.path.join(self.folder, key + ".json")
+
+    def get(self, choice: Sequence[str]) -> Optional[Dict]:
+        path = self._path(choice)
+        if path is None or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def put(self, choice: Sequence[str], scores: Dict) -> None:
+        path = self._path(choice)
+        if path is None:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # another shard may write the same hybrid's scores at the same time
+        with open(tmp, "w") as f:
+            json.dump(scores, f)
+        os.replace(tmp, path)
+
+
 def _perplexity(net, rows: torch.Tensor) -> float:
     return math.exp(_loss(net, rows, None, "nll"))
 
@@ -191,7 +232,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
             refine_rounds: int = 2, search_objectives: Sequence[str] = OBJECTIVES[:1],
             calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
-            data_settings: Optional[Dict] = None) -> Dict:
+            data_settings: Optional[Dict] = None, score_cache: Optional[str] = "") -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
     search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
     ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
@@ -199,7 +240,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     ``calibration_answers``: the calibration rows' answer mask (retrieval rows, ``dash.data``): ppl_drop, kl_restore
     and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``).
     ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
-    again."""
+    again. ``score_cache``: the folder of ``ScoreCache`` ("": ``output_dir/scores``; None: none)."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
 
@@ -227,6 +268,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
     done = {_row_key(r) for r in rows}
+    # fine-tuned hybrids differ by their adapters, not only their layers: scored one by one
+    cache = ScoreCache(None if finetune_tokens or score_cache is None else
+                       score_cache or os.path.join(output_dir, "scores"), settings, heldout)
 
     def teacher_hidden(batch):
         with net.teacher():
@@ -234,6 +278,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
 
     def score(method, budget, run_seed, choices, cost, earlier_row=None):
         set_choices(net, [names.index(c.name) for c in choices])
+        choice = [c.name for c in choices]
+        label = f"{method} K{budget}" + ("" if run_seed is None else f" seed {run_seed}")
+        shared = cache.get(choice)
         tuner, tuned = None, None
         if finetune_tokens:  # the same light fine-tuning for every hybrid, resumable like the searches
             tag = f"{method}_K{budget}" + ("" if run_seed is None else f"_seed{run_seed}")
@@ -248,15 +295,23 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 tuned = {k: summary[k] for k in ("tokens", "seconds", "trained_parameters", "train_kl_first",
                                                  "train_kl_last")}
                 tuned.update(rank=finetune_rank, lr=finetune_lr)
-            ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed, eval_batch)
-            perplexity = _perplexity(net, heldout)
+            if shared is None:
+                started = time.time()
+                ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed, eval_batch)
+                shared = {"ruler_average": ruler["average"], "ruler": ruler["scores"],
+                          "ruler_samples": per_sample_scores(ruler["records"]),  # paired comparisons: dash.stats
+                          "perplexity": _perplexity(net, heldout), "eval_seconds": time.time() - started,
+                          "scored_as": label}
+                shared = json.loads(json.dumps(shared))  # as a resumed or shared row reads it (string keys)
+                cache.put(choice, shared)
+            else:
+                shared = dict(shared, score_shared_with=shared["scored_as"])
         finally:
             if tuner is not None:  # the next hybrid starts from the teacher's own weights again
                 tuner.remove(merge=False)
-        row = {"method": method, "budget": budget, "seed": run_seed, "choice": [c.name for c in choices],
-               "ruler_average": ruler["average"], "ruler": ruler["scores"], "perplexity": perplexity, "cost": cost,
-               "ruler_samples": per_sample_scores(ruler["records"]),  # paired comparisons: dash.stats
+        row = {"method": method, "budget": budget, "seed": run_seed, "choice": choice, **shared, "cost": cost,
                "kv_cache_mib": kv_cache_mib(net.model.config, choices, context)}
+        row.pop("scored_as")
         if earlier_row is not None:  # its choice and cost (and fine-tuning's) are the earlier run's
             row["reused_choice"] = True
             tuned = earlier_row.get("finetune", tuned)  # a resumed fine-tuning's own seconds would read ~0
@@ -266,7 +321,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         _dump({"rows": rows, **settings}, path)  # after every row: a long run keeps results
         if progress:
             print(f"[compare] K={budget} {method}{'' if run_seed is None else f' seed {run_seed}'}"
-                  f"{' (earlier choice)' if earlier_row is not None else ''}: "
+                  f"{' (earlier choice)' if earlier_row is not None else ''}"
+                  f"{' (scores of ' + row['score_shared_with'] + ')' if 'score_shared_with' in row else ''}: "
                   f"RULER {100 * row['ruler_average']:.1f}, ppl {row['perplexity']:.2f}", flush=True)
 
     def score_earlier(key) -> bool:
@@ -431,7 +487,8 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
             return command(shard, device)
         local = "cuda" if device.startswith("cuda:") else device  # the process sees its one GPU as cuda
         args = [sys.executable, "-m", "dash", "compare", *shard_args, "--budgets", str(shard["budget"]),
-                "--device", local, "--output", os.path.join(folder, shard["name"]), "--no-progress"]
+                "--device", local, "--output", os.path.join(folder, shard["name"]), "--no-progress",
+                "--score-cache", os.path.join(output_dir, "scores")]  # one hybrid, one scoring, across shards
         args += ["--methods", *shard["methods"]] if shard["methods"] else ["--methods"]
         return args + (["--search-objectives", shard["dash"]] if shard["dash"] else ["--skip-dash"])
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import string
 import uuid
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -269,6 +270,22 @@ def generate_samples(tokenizer, task: str, length: int, num_samples: int, seed: 
     return out
 
 
+_PROMPTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> evaluate's samples
+
+
+def _evaluation_samples(tokenizer, task: str, length: int, num_samples: int, seed: int) -> List[Sample]:
+    """generate_samples, kept while the tokenizer lives: a comparison scores many hybrids on the same prompts, whose
+    making (a binary search over the filler by tokenizing the prompt) costs about a minute at 1K-8K."""
+    try:
+        kept = _PROMPTS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer without weak references: made each time
+        return generate_samples(tokenizer, task, length, num_samples, seed)
+    key = (task, length, num_samples, seed)
+    if key not in kept:
+        kept[key] = generate_samples(tokenizer, task, length, num_samples, seed)
+    return kept[key]
+
+
 def _filler_id(tokenizer) -> int:
     """The token that left-fills the shorter prompts of a batch: a newline (harmless before a prompt)."""
     ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -304,7 +321,7 @@ def evaluate(model, tokenizer, lengths: Sequence[int], tasks: Sequence[str] = TA
         for length in lengths:
             total = 0.0
             # prompt + answer fit the length (RULER counts the answer budget inside the sequence length)
-            samples = generate_samples(tokenizer, task, length - new_tokens, num_samples, seed)
+            samples = _evaluation_samples(tokenizer, task, length - new_tokens, num_samples, seed)
             for start in range(0, len(samples), batch_size):
                 group = samples[start:start + batch_size]
                 encoded = [list(tokenizer(s.prompt, add_special_tokens=False)["input_ids"]) for s in group]

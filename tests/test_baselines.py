@@ -376,3 +376,31 @@ def test_refinement_keeps_the_budget_and_never_raises_the_kl():
         refine_full_layers(net, start, rows, rounds=-1)
     with pytest.raises(ValueError, match="layers"):
         refine_full_layers(net, start[:-1], rows)
+
+
+def test_a_hybrid_chosen_twice_is_scored_once(tmp_path, monkeypatch):
+    """first K=3 of 3 layers is the teacher: the second row takes the first's scores and says whose; a comparison
+    with other evaluation settings or without the cache scores it again."""
+    import dash.compare as compare_module
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    net, rows = _compare_net(), _rows()
+    runs = []
+    real = compare_module._ruler
+    monkeypatch.setattr(compare_module, "_ruler", lambda *a, **k: runs.append(1) or real(*a, **k))
+    kwargs = dict(methods=["first", "teacher"], search_tokens=96, search_batch=2, lengths=[300], tasks=["passkey"],
+                  samples=1, output_dir=str(tmp_path / "a"), progress=False, include_dash=False)
+    out = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [3], EFFICIENT, **kwargs)
+    first, teacher = (next(r for r in out["rows"] if r["method"] == m) for m in ("first", "teacher"))
+    assert len(runs) == 1 and first["choice"] == teacher["choice"]
+    assert teacher["score_shared_with"] == "first K3" and "score_shared_with" not in first
+    assert teacher["ruler_samples"] == first["ruler_samples"] and teacher["perplexity"] == first["perplexity"]
+    assert first["eval_seconds"] > 0 and "scored_as" not in first
+    compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [3], EFFICIENT,
+                           **dict(kwargs, output_dir=str(tmp_path / "b"), score_cache=None))
+    assert len(runs) == 3  # no cache: each scored
+    compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [3], EFFICIENT,
+                           **dict(kwargs, output_dir=str(tmp_path / "c"), score_cache=str(tmp_path / "a" / "scores"),
+                                  samples=2))
+    assert len(runs) == 4  # other evaluation settings: scored again (once)
