@@ -341,6 +341,10 @@ def _compare_parser(sub):
     p.add_argument("--finetune-rank", type=int, default=FinetuneConfig.rank, help="LoRA rank of that fine-tuning")
     p.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr, help="learning rate of that fine-tuning")
     p.add_argument("--output", default=os.path.join("runs", "compare"))
+    p.add_argument("--import-scores", nargs="+", default=None, metavar="COMPARE_JSON", help="earlier compare.json "
+                   "files: a hybrid they scored under the same evaluation settings is not scored again once its "
+                   "held-out perplexity, computed again, matches (the data-free selectors and the bounds choose the "
+                   "same layers in every run)")
     p.add_argument("--score-cache", default="", help="folder of hybrid scores (default: <output>/scores): a hybrid "
                    "that another method already chose, with the same evaluation settings, takes those scores "
                    "instead of another RULER run (dash.compare.ScoreCache)")
@@ -359,7 +363,7 @@ def _shard_arguments(args) -> list:
                         ("--tasks", args.tasks), ("--samples", args.samples), ("--eval-batch", args.eval_batch),
                         ("--finetune-tokens", args.finetune_tokens), ("--finetune-rank", args.finetune_rank),
                         ("--refine-rounds", args.refine_rounds), ("--retrieval-fraction", args.retrieval_fraction),
-                        ("--answer-weight", args.answer_weight),
+                        ("--answer-weight", args.answer_weight), ("--import-scores", args.import_scores),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
         if value is not None:
             out += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
@@ -433,7 +437,7 @@ def run_compare(args) -> dict:
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
                    search_objectives=args.search_objectives, calibration_answers=answers,
                    answer_weight=args.answer_weight, data_settings=_data_settings(args),
-                   score_cache=args.score_cache)
+                   score_cache=args.score_cache, import_scores=args.import_scores or ())
 
 
 def run_eval(args) -> dict:

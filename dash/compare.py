@@ -49,19 +49,23 @@ from .stats import cell_scores, paired_difference, per_sample_scores, standard_e
 
 
 class ScoreCache:
-    """Scores of hybrids by what they compute: the layers' choices, the evaluation settings and the held-out rows.
-    Methods that choose the same layers build the same hybrid, which answers the same prompts the same way (greedy
-    decoding): DASH's refined hybrid is its searched one when no swap helps, and a selector may pick DASH's layers.
-    Such a row takes the first scoring's numbers (and says whose) instead of another RULER run. One JSON file per
-    hybrid in ``folder``, shared by the shards of a sharded comparison."""
+    """Scores of hybrids by what they compute: the layers' choices under the evaluation settings (and the held-out
+    rows). Methods that choose the same layers build the same hybrid, which answers the same prompts the same way
+    (greedy decoding): DASH's refined hybrid is its searched one when no swap helps, a selector may pick DASH's
+    layers, and the selectors that read no data (uniform, random, first, last, the bounds) choose as in any earlier
+    comparison. Such a row takes the first scoring's numbers (and says whose) instead of another RULER run. One
+    JSON file per hybrid in ``folder``, shared by the shards of a sharded comparison.
 
-    def __init__(self, folder: Optional[str], settings: Dict, heldout: torch.Tensor):
-        import hashlib
+    Entries carry the digest of the held-out rows they were scored with. ``import_rows`` adds an earlier
+    compare.json's rows without one: such an entry is used only after the hybrid's held-out perplexity, computed
+    again (seconds), matches the stored one (``PERPLEXITY_MATCH``), which checks model, held-out rows and choice."""
 
+    PERPLEXITY_MATCH = 2e-3  # relative; bf16 perplexities of the same hybrid agree to ~1e-4 between runs
+
+    def __init__(self, folder: Optional[str], settings: Dict, heldout: Optional[torch.Tensor] = None):
         self.folder = folder
-        evaluation = {key: settings[key] for key in EVALUATION_SETTINGS}
-        evaluation["heldout"] = hashlib.sha1(heldout.detach().cpu().numpy().tobytes()).hexdigest()
-        self.evaluation = json.dumps(evaluation, sort_keys=True)
+        self.evaluation = json.dumps({key: settings[key] for key in EVALUATION_SETTINGS}, sort_keys=True)
+        self.heldout = None if heldout is None else _digest(heldout)
 
     def _path(self, choice: Sequence[str]) -> Optional[str]:
         import hashlib
@@ -71,22 +75,61 @@ class ScoreCache:
         key = hashlib.sha1((self.evaluation + json.dumps(list(choice))).encode()).hexdigest()[:20]
         return os.path.join(self.folder, key + ".json")
 
-    def get(self, choice: Sequence[str]) -> Optional[Dict]:
+    def get(self, choice: Sequence[str], perplexity=None) -> Optional[Dict]:
+        """The stored scores of this hybrid, or None. ``perplexity``: a callable giving the hybrid's held-out
+        perplexity now, to check an imported entry (without it, imported entries are not used)."""
         path = self._path(choice)
         if path is None or not os.path.exists(path):
             return None
         with open(path) as f:
-            return json.load(f)
+            entry = json.load(f)
+        if entry.pop("heldout", None) == self.heldout:
+            return entry
+        if entry.pop("imported", False) and perplexity is not None:
+            now = perplexity()
+            if abs(now - entry["perplexity"]) <= self.PERPLEXITY_MATCH * entry["perplexity"]:
+                return dict(entry, perplexity=now)
+        return None
 
-    def put(self, choice: Sequence[str], scores: Dict) -> None:
+    def put(self, choice: Sequence[str], scores: Dict, imported: bool = False) -> None:
         path = self._path(choice)
         if path is None:
             return
         os.makedirs(self.folder, exist_ok=True)
+        entry = dict(scores, imported=True) if imported else dict(scores, heldout=self.heldout)
         tmp = f"{path}.{os.getpid()}.tmp"  # another shard may write the same hybrid's scores at the same time
         with open(tmp, "w") as f:
-            json.dump(scores, f)
+            json.dump(entry, f)
         os.replace(tmp, path)
+
+    def import_rows(self, path: str) -> int:
+        """Adds the rows of the compare.json at ``path`` measured under the same evaluation settings (fine-tuned
+        rows excluded; ``path`` names them in the rows that use them); an entry already there is kept. Returns how
+        many were added."""
+        with open(path) as f:
+            saved = json.load(f)
+        if json.dumps({key: _saved(saved, key) for key in EVALUATION_SETTINGS}, sort_keys=True) != self.evaluation:
+            return 0
+        if _saved(saved, "finetune_tokens"):
+            return 0
+        added = 0
+        for row in saved["rows"]:
+            if "ruler_samples" not in row or self._path(row["choice"]) is None or \
+                    os.path.exists(self._path(row["choice"])):
+                continue
+            label = f"{row['method']} K{row['budget']}" + ("" if row.get("seed") is None else f" seed {row['seed']}")
+            where = row.get("score_shared_with", label)
+            self.put(row["choice"], {key: row[key] for key in ("ruler_average", "ruler", "ruler_samples",
+                                                                "perplexity")}
+                     | {"scored_as": f"{where} of {path}"}, imported=True)
+            added += 1
+        return added
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha1(tensor.detach().cpu().numpy().tobytes()).hexdigest()
 
 
 def _perplexity(net, rows: torch.Tensor) -> float:
@@ -232,7 +275,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
             refine_rounds: int = 2, search_objectives: Sequence[str] = OBJECTIVES[:1],
             calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
-            data_settings: Optional[Dict] = None, score_cache: Optional[str] = "") -> Dict:
+            data_settings: Optional[Dict] = None, score_cache: Optional[str] = "",
+            import_scores: Sequence[str] = ()) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
     search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
     ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
@@ -240,7 +284,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     ``calibration_answers``: the calibration rows' answer mask (retrieval rows, ``dash.data``): ppl_drop, kl_restore
     and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``).
     ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
-    again. ``score_cache``: the folder of ``ScoreCache`` ("": ``output_dir/scores``; None: none)."""
+    again. ``score_cache``: the folder of ``ScoreCache`` ("": ``output_dir/scores``; None: none); ``import_scores``:
+    earlier compare.json files whose hybrids need no second scoring (``ScoreCache.import_rows``)."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
 
@@ -271,6 +316,10 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     # fine-tuned hybrids differ by their adapters, not only their layers: scored one by one
     cache = ScoreCache(None if finetune_tokens or score_cache is None else
                        score_cache or os.path.join(output_dir, "scores"), settings, heldout)
+    for earlier_file in import_scores:
+        added = cache.import_rows(earlier_file)
+        if progress:
+            print(f"[compare] {added} hybrids' scores imported from {earlier_file}", flush=True)
 
     def teacher_hidden(batch):
         with net.teacher():
@@ -280,7 +329,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         set_choices(net, [names.index(c.name) for c in choices])
         choice = [c.name for c in choices]
         label = f"{method} K{budget}" + ("" if run_seed is None else f" seed {run_seed}")
-        shared = cache.get(choice)
+        shared = cache.get(choice, lambda: _perplexity(net, heldout))
         tuner, tuned = None, None
         if finetune_tokens:  # the same light fine-tuning for every hybrid, resumable like the searches
             tag = f"{method}_K{budget}" + ("" if run_seed is None else f"_seed{run_seed}")

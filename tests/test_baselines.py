@@ -381,6 +381,8 @@ def test_refinement_keeps_the_budget_and_never_raises_the_kl():
 def test_a_hybrid_chosen_twice_is_scored_once(tmp_path, monkeypatch):
     """first K=3 of 3 layers is the teacher: the second row takes the first's scores and says whose; a comparison
     with other evaluation settings or without the cache scores it again."""
+    import json
+
     import dash.compare as compare_module
     from test_search import random_data
 
@@ -404,3 +406,18 @@ def test_a_hybrid_chosen_twice_is_scored_once(tmp_path, monkeypatch):
                            **dict(kwargs, output_dir=str(tmp_path / "c"), score_cache=str(tmp_path / "a" / "scores"),
                                   samples=2))
     assert len(runs) == 4  # other evaluation settings: scored again (once)
+    # an earlier comparison's rows, imported: used once the perplexity computed again matches the stored one
+    earlier = tmp_path / "a" / "compare.json"
+    again = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [3], EFFICIENT,
+                                   **dict(kwargs, output_dir=str(tmp_path / "d"), import_scores=[str(earlier)]))
+    assert len(runs) == 4
+    assert {r["score_shared_with"] for r in again["rows"]} == {f"first K3 of {earlier}"}
+    assert [r["ruler_samples"] for r in again["rows"]] == [first["ruler_samples"]] * 2
+    doctored = json.loads(earlier.read_text())
+    for row in doctored["rows"]:
+        row["perplexity"] *= 1.01  # another model or other held-out rows
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [3], EFFICIENT,
+                           **dict(kwargs, output_dir=str(tmp_path / "e"),
+                                  import_scores=[str(tmp_path / "doctored.json")]))
+    assert len(runs) == 5  # the check failed: scored again (once: then the first row's fresh scores serve)
