@@ -574,14 +574,27 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
             proc.terminate()
             proc.wait()
             log.close()
-    rows = merge_shard_rows([os.path.join(folder, s["name"]) for s in shards])
-    result = write_tables(rows, budgets, dict(settings, devices=list(devices)), output_dir,
-                          settings.get("finetune_rank", 8))  # what is done so far
+    folders = [os.path.join(folder, s["name"]) for s in shards]
+    rows = merge_shard_rows(folders)
+    settings = dict(settings, **resolved_evaluation(folders), devices=list(devices))
+    result = write_tables(rows, budgets, settings, output_dir, settings.get("finetune_rank", 8))  # what is done so far
     if interrupted:
         raise SystemExit(f"interrupted with {len(rows)} rows measured; rerun the same command to resume")
     if failed:
         raise RuntimeError(f"shards {failed} failed (logs in {folder}); rerun the same command to resume them")
     return result
+
+
+def resolved_evaluation(folders: Sequence[str]) -> Dict:
+    """The evaluation settings as the shards resolved them (lengths by the model's context, the evaluation batch by
+    the device), from the first shard's compare.json: the parent's own may be None (``ScoreCache`` needs them)."""
+    for shard_folder in folders:
+        path = os.path.join(shard_folder, "compare.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            return {key: saved[key] for key in EVALUATION_SETTINGS if saved.get(key) is not None}
+    return {}
 
 
 def merge_shard_rows(folders: Sequence[str]) -> List[Dict]:

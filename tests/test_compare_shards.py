@@ -43,7 +43,7 @@ def _fake_shard(shard, device, fail=()):
     methods = shard["methods"] + ([dash_method(shard["dash"])] if shard["dash"] else [])
     rows = [{"method": m, "budget": shard["budget"], "seed": None, "ruler_average": 0.5, "ruler": {},
              "perplexity": 10.0, "cost": {"device": device}} for m in methods]
-    saved = {"rows": rows, **search_settings()}
+    saved = {"rows": rows, **search_settings(), "lengths": [64], "eval_batch": 4}  # as resolved in the shard
     script = (f"import json, os, sys; os.makedirs({shard['folder']!r}, exist_ok=True); "
               f"json.dump({saved!r}, open(os.path.join({shard['folder']!r}, 'compare.json'), 'w')); "
               f"sys.exit({1 if shard['name'] in fail else 0})")
@@ -58,13 +58,14 @@ def test_sharded_run_uses_every_device_and_merges(tmp_path):
         shard = dict(shard, folder=str(tmp_path / "shards" / shard["name"]))
         return _fake_shard(shard, device)
 
-    out = run_sharded([], [1, 2], ["first", "teacher"], ["cuda:0", "cuda:1"], str(tmp_path), {"lengths": [64]},
+    out = run_sharded([], [1, 2], ["first", "teacher"], ["cuda:0", "cuda:1"], str(tmp_path), {"lengths": None},
                       poll_s=0.05, progress=False, command=command, search_objectives=ONE)
     assert {d for _, d in seen} == {"cuda:0", "cuda:1"} and len(seen) == 5  # 2 DASH, 2 selectors, the bounds
     measured = {(r["method"], r["budget"]) for r in out["rows"]}
     assert measured == {("dash", 1), ("dash", 2), ("first", 1), ("first", 2), ("teacher", 1)}
     saved = json.load(open(tmp_path / "compare.json"))
     assert saved["devices"] == ["cuda:0", "cuda:1"] and len(saved["rows"]) == 5
+    assert saved["lengths"] == [64] and saved["eval_batch"] == 4  # the shards' resolved evaluation settings
     assert "| dash |" in (tmp_path / "compare.md").read_text() and (tmp_path / "compare.png").exists()
 
 
