@@ -73,7 +73,7 @@ def calibration_weights(answers: Optional[torch.Tensor], answer_weight: float) -
 
     if answers is None:
         return None
-    return list(answer_weights(answers.reshape(-1), answer_weight).view(answers.shape))
+    return list(answer_weights(answers, answer_weight))
 
 
 def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch.Tensor]], kind: str,

@@ -44,6 +44,7 @@ import torch
 
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate, default_candidates
+from .data import tensor_digest
 from .search import OBJECTIVES, Search, SearchConfig, candidate_cache_bytes
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
@@ -65,7 +66,7 @@ class ScoreCache:
     def __init__(self, folder: Optional[str], settings: Dict, heldout: Optional[torch.Tensor] = None):
         self.folder = folder
         self.evaluation = json.dumps({key: settings[key] for key in EVALUATION_SETTINGS}, sort_keys=True)
-        self.heldout = None if heldout is None else _digest(heldout)
+        self.heldout = None if heldout is None else tensor_digest(heldout)
 
     def _path(self, choice: Sequence[str]) -> Optional[str]:
         import hashlib
@@ -83,7 +84,8 @@ class ScoreCache:
             return None
         with open(path) as f:
             entry = json.load(f)
-        if entry.pop("heldout", None) == self.heldout:
+        scored_on = entry.pop("heldout", None)
+        if scored_on is not None and scored_on == self.heldout:
             return entry
         if entry.pop("imported", False) and perplexity is not None:
             now = perplexity()
@@ -117,19 +119,12 @@ class ScoreCache:
             if "ruler_samples" not in row or self._path(row["choice"]) is None or \
                     os.path.exists(self._path(row["choice"])):
                 continue
-            label = f"{row['method']} K{row['budget']}" + ("" if row.get("seed") is None else f" seed {row['seed']}")
-            where = row.get("score_shared_with", label)
+            where = row.get("score_shared_with", _row_label(row["method"], row["budget"], row.get("seed")))
             self.put(row["choice"], {key: row[key] for key in ("ruler_average", "ruler", "ruler_samples",
                                                                 "perplexity")}
                      | {"scored_as": f"{where} of {path}"}, imported=True)
             added += 1
         return added
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha1(tensor.detach().cpu().numpy().tobytes()).hexdigest()
 
 
 def _perplexity(net, rows: torch.Tensor) -> float:
@@ -203,6 +198,10 @@ def resume_rows(path: str, settings: Dict):
     if all(_saved(saved, key) == settings[key] for key in EVALUATION_SETTINGS):
         return saved["rows"], {}
     return [], {_row_key(row): row for row in saved["rows"]}
+
+
+def _row_label(method: str, budget: int, seed: Optional[int]) -> str:
+    return f"{method} K{budget}" + ("" if seed is None else f" seed {seed}")
 
 
 def _row_key(row: Dict):
@@ -328,7 +327,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     def score(method, budget, run_seed, choices, cost, earlier_row=None):
         set_choices(net, [names.index(c.name) for c in choices])
         choice = [c.name for c in choices]
-        label = f"{method} K{budget}" + ("" if run_seed is None else f" seed {run_seed}")
+        label = _row_label(method, budget, run_seed)
         shared = cache.get(choice, lambda: _perplexity(net, heldout))
         tuner, tuned = None, None
         if finetune_tokens:  # the same light fine-tuning for every hybrid, resumable like the searches

@@ -164,12 +164,18 @@ class PackedData:
 
     def digest(self) -> str:
         """A fingerprint of the training rows and answer mask: a checkpoint continues only on its own data."""
-        import hashlib
+        return tensor_digest(self.train, self.train_answers)[:16]
 
-        h = hashlib.sha1(self.train.numpy().tobytes())
-        if self.train_answers is not None:
-            h.update(self.train_answers.numpy().tobytes())
-        return h.hexdigest()[:16]
+
+def tensor_digest(*tensors: Optional[torch.Tensor]) -> str:
+    """SHA-1 of the tensors' bytes (None skipped): the same data, the same digest."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for tensor in tensors:
+        if tensor is not None:
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def pack(documents: Iterable[str], tokenizer, seq_len: int, *, seed: int = 0, heldout_fraction: float = 0.05,
