@@ -325,7 +325,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             return net.model.base_model(batch, use_cache=False).last_hidden_state
 
     def score(method, budget, run_seed, choices, cost, earlier_row=None):
-        set_choices(net, [names.index(c.name) for c in choices])
+        indices = [names.index(c.name) for c in choices]
+        set_choices(net, indices)
         choice = [c.name for c in choices]
         label = _row_label(method, budget, run_seed)
         shared = cache.get(choice, lambda: _perplexity(net, heldout))
@@ -345,7 +346,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 tuned.update(rank=finetune_rank, lr=finetune_lr)
             if shared is None:
                 started = time.time()
-                ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed, eval_batch)
+                with net.fixed(indices):  # the same one-hot weights; a decode step computes the chosen candidate only
+                    ruler = _ruler(net, tokenizer, lengths, tasks, samples, seed, eval_batch)
                 shared = {"ruler_average": ruler["average"], "ruler": ruler["scores"],
                           "ruler_samples": per_sample_scores(ruler["records"]),  # paired comparisons: dash.stats
                           "perplexity": _perplexity(net, heldout), "eval_seconds": time.time() - started,

@@ -155,7 +155,11 @@ def _cached_decode(state, query, key, value, scaling):
     keys = torch.arange(kv_len, device=query.device)[None, :]
     weights = state.mixture_weights().index_select(-1, state.softmax_positions.to(query.device))  # [C] or [Hq, C]
     out = 0
-    for c, (window, sink) in enumerate(zip(state.windows, state.sinks)):
+    # a forced choice (Supernet.fixed) computes its one candidate: the others' weights are exactly 0, so the sum is
+    # the same to the bit, with a fraction of the kernels of a decode step
+    active = range(len(state.windows)) if state.forced is None else [state.softmax_index.index(state.forced)]
+    for c in active:
+        window, sink = state.windows[c], state.sinks[c]
         mask = candidate_mask(positions, keys, window, sink)
         o_c = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
         w_c = weights[..., c]

@@ -138,3 +138,35 @@ def test_triton_backend_matches_reference_in_the_supernet():
     torch.testing.assert_close(loss_tri, loss_ref, atol=1e-5, rtol=1e-5)
     for g_tri, g_ref in zip(grads_tri, grads_ref):
         torch.testing.assert_close(g_tri, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_a_fixed_hybrid_decodes_its_one_candidate_to_the_bit(monkeypatch):
+    """Supernet.fixed: a decode step computes only the chosen candidate; the result equals the one-hot mixture's
+    decode bit for bit and the whole-sequence forward to fp32 rounding."""
+    from dash_kernels.ops.mixed_attention import spec
+
+    model = tiny_model("llama")
+    net = build_supernet(model, ["full", "swa4", "sink1_swa4"])
+    choice = [0, 2, 1]
+    for state, index in zip(net.states, choice):  # the one-hot logits set_choices writes
+        with torch.no_grad():
+            state.alpha.copy_(torch.full_like(state.alpha, -1e4).index_fill_(-1, torch.tensor(index), 1e4))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    masks = []  # one per candidate computed in a layer's decode step
+    original = spec.candidate_mask
+    monkeypatch.setattr(spec, "candidate_mask", lambda *a, **k: masks.append(1) or original(*a, **k))
+
+    def last_step():
+        with torch.no_grad():
+            prefix = model(ids[:, :-1], use_cache=True)
+            return model(ids[:, -1:], past_key_values=prefix.past_key_values, use_cache=True).logits[:, -1]
+
+    mixed = last_step()
+    assert len(masks) == 3 * 3  # every candidate in every layer
+    with net.fixed(choice):
+        fixed = last_step()
+    assert len(masks) == 3 * 3 + 3  # then one a layer
+    assert torch.equal(fixed, mixed)
+    with torch.no_grad():
+        whole = model(ids, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(fixed, whole, rtol=1e-4, atol=1e-5)
