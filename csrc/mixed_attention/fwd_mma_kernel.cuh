@@ -106,6 +106,53 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 }  // namespace mma16
 
+// A candidate's output row from a thread's share of it, in the register-fragment mainloops (this one and the sm90
+// one): ND pairs of adjacent columns of one query row; acc(d, k) reads element k of pair d of the fp32
+// accumulator, wherever the mainloop's fragment keeps it. Base-2 log-sum-exps throughout.
+namespace frag_rows {
+
+// The online softmax's row as it stands: O = acc / l into value; returns LSE = m + log2 l.
+template <int ND, typename Acc>
+__device__ __forceinline__ float finish(float (&value)[ND][2], Acc acc, float m, float l) {
+  const float inv_l = 1.f / l;
+  const float lse = m + log2f(l);
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+    value[d][0] = acc(d, 0) * inv_l;
+    value[d][1] = acc(d, 1) * inv_l;
+  }
+  return lse;
+}
+
+// A sink candidate's row: its window's part (the snapshot: window(d) the fp32 pair d, LSE lse_w) merged with the
+// online state over its sink keys outside the window (acc, m, l; l == 0: no such key) into value; returns its LSE.
+template <int ND, typename Window, typename Acc>
+__device__ __forceinline__ float merge_sink(float (&value)[ND][2], Window window, float lse_w, Acc acc, float m,
+                                            float l) {
+  if (l > 0.f) {
+    const float top_m = fmaxf(lse_w, m);
+    const float a = exp2f(lse_w - top_m), bs = exp2f(m - top_m);
+    const float total_w = a + l * bs;
+    const float inv = 1.f / total_w;
+#pragma unroll
+    for (int d = 0; d < ND; ++d) {
+      const float2 w2 = window(d);
+      value[d][0] = (w2.x * a + acc(d, 0) * bs) * inv;
+      value[d][1] = (w2.y * a + acc(d, 1) * bs) * inv;
+    }
+    return top_m + log2f(total_w);
+  }
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+    const float2 w2 = window(d);
+    value[d][0] = w2.x;
+    value[d][1] = w2.y;
+  }
+  return lse_w;
+}
+
+}  // namespace frag_rows
+
 // S[16 rows of this warp, 64 keys] = Q K^T (unscaled, fp32) in C fragments: s[n][.] covers keys 8 n .. 8 n + 7.
 // q_addr: shared address of this lane's ldmatrix row of Q (row 16 warp + 8 ((lane / 8) % 2) + lane % 8, column
 // 8 (lane / 16)); k_addr: that of K (key 8 (lane / 16) + lane % 8, column 8 ((lane / 8) % 2)).
@@ -352,14 +399,8 @@ __global__ void __launch_bounds__(FwdMmaTile<D>::kThreads, 1) mixed_attention_fw
       if (!row_ok[i]) continue;
       const int lo = window >= kFullWindow ? 0 : max(0, t[i] - window + 1);
       if (lo < j0 || lo >= j0 + BN) continue;
-      const float inv_l = 1.f / l[i];
-      const float lse = m[i] + log2f(l[i]);
       float value[ND][2];
-#pragma unroll
-      for (int d = 0; d < ND; ++d) {
-        value[d][0] = acc[d][2 * i] * inv_l;
-        value[d][1] = acc[d][2 * i + 1] * inv_l;
-      }
+      const float lse = frag_rows::finish(value, [&](int d, int k) { return acc[d][2 * i + k]; }, m[i], l[i]);
       for (int c = 0; c < C; ++c) {
         if (p.windows[c] != window) continue;
         if (p.sinks[c] > 0) {  // fp32 scratch until its sink keys are merged in
@@ -428,29 +469,10 @@ __global__ void __launch_bounds__(FwdMmaTile<D>::kThreads, 1) mixed_attention_fw
       if (!row_ok[i]) continue;
       // written by this thread (O) and by lane 4 g of its quad (LSE), before the barriers of the sink tiles
       const float* window_out = p.sink_o + c * o_plane + out_row[i];
-      const float lse_w = p.sink_lse[lse_row[i] + int64_t(c) * p.seq];
       float value[ND][2];
-      float lse = lse_w;
-      if (l[i] > 0.f) {
-        const float top_m = fmaxf(lse_w, m[i]);
-        const float a = exp2f(lse_w - top_m), bs = exp2f(m[i] - top_m);
-        const float total_w = a + l[i] * bs;
-        const float inv = 1.f / total_w;
-#pragma unroll
-        for (int d = 0; d < ND; ++d) {
-          const float2 w2 = *reinterpret_cast<const float2*>(window_out + 8 * d);
-          value[d][0] = (w2.x * a + acc[d][2 * i] * bs) * inv;
-          value[d][1] = (w2.y * a + acc[d][2 * i + 1] * bs) * inv;
-        }
-        lse = top_m + log2f(total_w);
-      } else {
-#pragma unroll
-        for (int d = 0; d < ND; ++d) {
-          const float2 w2 = *reinterpret_cast<const float2*>(window_out + 8 * d);
-          value[d][0] = w2.x;
-          value[d][1] = w2.y;
-        }
-      }
+      const float lse = frag_rows::merge_sink(
+          value, [&](int d) { return *reinterpret_cast<const float2*>(window_out + 8 * d); },
+          p.sink_lse[lse_row[i] + int64_t(c) * p.seq], [&](int d, int k) { return acc[d][2 * i + k]; }, m[i], l[i]);
       emit(c, i, value, lse);
     }
   }

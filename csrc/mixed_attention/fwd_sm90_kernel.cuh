@@ -368,14 +368,8 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
       if (!row_ok[i]) continue;
       const int lo = window >= kFullWindow ? 0 : max(0, t[i] - window + 1);
       if (lo < j0 || lo >= j0 + BN) continue;
-      const float inv_l = 1.f / l[i];
-      const float lse = m[i] + log2f(l[i]);
       float value[ND][2];
-#pragma unroll
-      for (int d = 0; d < ND; ++d) {
-        value[d][0] = O(i, 2 * d) * inv_l;
-        value[d][1] = O(i, 2 * d + 1) * inv_l;
-      }
+      const float lse = frag_rows::finish(value, [&](int d, int k) { return O(i, 2 * d + k); }, m[i], l[i]);
       for (int c = 0; c < C; ++c) {
         if (p.windows[c] != window) continue;
         if (p.sinks[c] > 0) {  // fp32 scratch until its sink keys are merged in
@@ -445,29 +439,10 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
       if (!row_ok[i]) continue;
       // written by this thread (O) and by the LSE writer of its row, before the barriers of the sink tiles
       const float* window_out = p.sink_o + c * o_plane + out_row(i);
-      const float lse_w = p.sink_lse[lse_row(i) + int64_t(c) * p.seq];
       float value[ND][2];
-      float lse = lse_w;
-      if (l[i] > 0.f) {
-        const float top_m = fmaxf(lse_w, m[i]);
-        const float a = exp2f(lse_w - top_m), bs = exp2f(m[i] - top_m);
-        const float total_w = a + l[i] * bs;
-        const float inv = 1.f / total_w;
-#pragma unroll
-        for (int d = 0; d < ND; ++d) {
-          const float2 w2 = *reinterpret_cast<const float2*>(window_out + o_col(d));
-          value[d][0] = (w2.x * a + O(i, 2 * d) * bs) * inv;
-          value[d][1] = (w2.y * a + O(i, 2 * d + 1) * bs) * inv;
-        }
-        lse = top_m + log2f(total_w);
-      } else {
-#pragma unroll
-        for (int d = 0; d < ND; ++d) {
-          const float2 w2 = *reinterpret_cast<const float2*>(window_out + o_col(d));
-          value[d][0] = w2.x;
-          value[d][1] = w2.y;
-        }
-      }
+      const float lse = frag_rows::merge_sink(
+          value, [&](int d) { return *reinterpret_cast<const float2*>(window_out + o_col(d)); },
+          p.sink_lse[lse_row(i) + int64_t(c) * p.seq], [&](int d, int k) { return O(i, 2 * d + k); }, m[i], l[i]);
       emit(c, i, value, lse);
     }
   }
