@@ -169,3 +169,24 @@ def test_each_shard_sees_only_its_gpu(tmp_path):
         env = json.load(open(tmp_path / "shards" / name / "compare.json"))["env"]
         assert env == device.split(":")[1], (name, env)
     assert os.environ.get("CUDA_VISIBLE_DEVICES") != "1"  # the parent's own environment is untouched
+
+
+def test_the_committed_smollm2_tables_import_into_a_score_cache(tmp_path):
+    """The next comparison on SmolLM2 imports these tables' hybrids (`--import-scores`): their recorded evaluation
+    settings must be what a shard resolves on a GPU (1K-8K, every task, 10 samples, batch 10)."""
+    import os
+
+    from dash.compare import ScoreCache
+    from dash.ruler import TASKS
+
+    results = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+    shard = {"lengths": [1024, 2048, 4096, 8192], "tasks": list(TASKS), "samples": 10, "eval_batch": 10}
+    cache = ScoreCache(str(tmp_path), shard)
+    added = [cache.import_rows(os.path.join(results, name))
+             for name in ("compare_smollm2_h200.json", "compare_smollm2_h200_1c641e8.json")]
+    assert added[0] >= 30 and sum(added) >= 35
+    row = json.load(open(os.path.join(results, "compare_smollm2_h200.json")))["rows"][0]
+    entry = cache.get(row["choice"], perplexity=lambda: row["perplexity"])  # a matching perplexity: used
+    assert entry["ruler_average"] == row["ruler_average"] and entry["scored_as"].endswith("compare_smollm2_h200.json")
+    assert cache.get(row["choice"], perplexity=lambda: row["perplexity"] * 1.01) is None  # another model: not
+    assert cache.get(row["choice"]) is None  # nothing to check it with: not
