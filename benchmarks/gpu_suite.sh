@@ -14,6 +14,10 @@
 #     tune         tile-config sweep per head dim                      ~5 min
 #     profile      CUDA time per kernel, fused vs one Flex attention (PROFILE_ARGS="--sets 4cand --cuda-mainloops
 #                  mma+mma sm90tma+mma": the CUDA pairs too)   ~2 min
+#     ncu          Nsight Compute on one forward+backward per NCU_METHODS entry (default: "fused cuda[sm90tma+mma]
+#                  cuda[mma+mma] sdpa_cudnn", Qwen2.5-3B shape, T 4096, 4 candidates; NCU_ARGS more arguments of
+#                  benchmarks/ncu_mixed_attention.py): per kernel, duration, SM and memory throughput, occupancy,
+#                  registers, the main stall reasons; CSV, JSON and a table per method  ~1 min each
 #     bench        kernel benchmark vs the baselines (issue table)     ~5 min
 #     search_step  Qwen2.5-3B-shaped search step vs its floor          ~3 min
 #     linear       gated linear attention / gated delta rule vs fla 0.6.0 and cuDNN (fla from carried
@@ -95,6 +99,18 @@ for part in ${PARTS:-tests bench}; do
       timeout 120 python benchmarks/tune_configs.py --shape smollm2-135m --out "$OUT/tune_smol.json" 2>&1 | grep "^best" ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-150}" python benchmarks/profile_kernels.py --out "$OUT/profile_qwen.json" ${PROFILE_ARGS:-} 2>&1 | grep -v Warn | tee "$OUT/profile.log" ;;
+    ncu)  # the CUDA pairs need the extension: PARTS="build ncu" on a fresh machine
+      set -f  # cuda[...] is a method name, not a glob
+      for method in ${NCU_METHODS:-fused cuda[sm90tma+mma] cuda[mma+mma] sdpa_cudnn}; do
+        name=$(echo "$method" | tr -c 'A-Za-z0-9_\n' '_')
+        timeout "${NCU_TIMEOUT:-150}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+          --section WarpStateStats --section LaunchStats \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
+          python benchmarks/ncu_mixed_attention.py --method "$method" ${NCU_ARGS:-} > "$OUT/ncu_$name.csv" 2> "$OUT/ncu_$name.log"
+        echo "== ncu $method (exit $?)"
+        python benchmarks/ncu_mixed_attention.py --summarize "$OUT/ncu_$name.csv" --json "$OUT/ncu_$name.json" 2>&1 | tail -12
+      done
+      set +f ;;
     bench)
       timeout "${BENCH_TIMEOUT:-330}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
         ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"
