@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_mixed_attention import (CANDIDATE_SETS, Case, build_methods, cuda_column, environment_set, make_inputs,
-                                   mainloop_env)
+                                   mainloop_env, make_step)
 
 # a single full candidate: what the mixture machinery costs when there is nothing to mix
 SETS = dict(CANDIDATE_SETS, **{"1cand": ([None], [0])})
@@ -59,18 +59,8 @@ def main():
         q, k, v, w = make_inputs(case)
         methods = build_methods(case, q, k, v, w, cuda_mainloops=args.cuda_mainloops)
         method, inputs, env = methods[method_name]
-        for t in inputs:
-            t.requires_grad_(True)
-        with environment_set(env):
-            dy = torch.randn_like(method())
-
-        def step():
-            for t in inputs:
-                t.grad = None
-            with environment_set(env):
-                method().backward(dy)
-
-        times = kernel_times(step)
+        with environment_set(env):  # the forward and the backward both read it
+            times = kernel_times(make_step(method, inputs, "fwd_bwd"))
         report["runs"][name] = times
         total = sum(times.values())
         print(f"== {name}: {total:.3f} ms of CUDA time per forward+backward")
