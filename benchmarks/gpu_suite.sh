@@ -103,7 +103,7 @@ for part in ${PARTS:-tests bench}; do
       set -f  # cuda[...] is a method name, not a glob
       for method in ${NCU_METHODS:-fused cuda[sm90tma+mma] cuda[mma+mma] sdpa_cudnn}; do
         name=$(echo "$method" | tr -c 'A-Za-z0-9_\n' '_')
-        timeout "${NCU_TIMEOUT:-150}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+        timeout "${NCU_TIMEOUT:-150}" ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
           --section WarpStateStats --section LaunchStats \
           --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
           python benchmarks/ncu_mixed_attention.py --method "$method" ${NCU_ARGS:-} > "$OUT/ncu_$name.csv" 2> "$OUT/ncu_$name.log"
