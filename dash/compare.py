@@ -645,7 +645,12 @@ def markdown(summary: Dict, budgets: Sequence[int], paired: Optional[Dict] = Non
     for method, by_budget in summary.items():
         cells = []
         for k in budgets:
-            entry = by_budget.get(k) or next(iter(by_budget.values()))  # bounds: one entry for all budgets
+            entry = by_budget.get(k)
+            if entry is None and method in BOUNDS:  # measured once, for all budgets
+                entry = next(iter(by_budget.values()))
+            if entry is None:
+                cells.append("not measured | | ")
+                continue
             spread = f" ± {100 * entry['ruler_std']:.1f}" if entry["runs"] > 1 else ""
             kv = entry.get("kv_cache_mib")
             cells.append(f"{100 * entry['ruler']:.1f}{spread} | {entry['perplexity']:.2f} | "

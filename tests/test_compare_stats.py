@@ -93,6 +93,11 @@ def test_tables_mark_the_intervals_that_exclude_zero(tmp_path):
     paired_part = table.split("DASH minus each method")[1]
     last = next(line for line in paired_part.splitlines() if line.startswith("| last |"))
     assert last.split("|")[2].strip() == "—" and last.split("|")[3].strip() == ""  # not measured at K=6
+    main_table = table.split("DASH minus each method")[0]
+    main_last = next(line for line in main_table.splitlines() if line.startswith("| last |")).split("|")
+    assert main_last[5].strip() == "not measured"  # not K=3's numbers again
+    main_teacher = next(line for line in main_table.splitlines() if line.startswith("| teacher |")).split("|")
+    assert main_teacher[2] == main_teacher[5]  # a bound stands for every budget
     # the per-sample scores take one line per (task, length) in compare.json
     assert '"1024": [' in (tmp_path / "compare.json").read_text()
 
