@@ -412,7 +412,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                     from .refine import refine_full_layers
 
                     refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=objective,
-                                                 answers=calibration_answers, answer_weight=answer_weight)
+                                                 answers=calibration_answers, answer_weight=answer_weight,
+                                                 checkpoint=os.path.join(output_dir, folder, "refine_kl.json"),
+                                                 progress=progress)
                     cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
                                 seconds=search_cost["seconds"] + refined["cost"]["seconds"],
                                 refine={"rounds": refine_rounds, "objective": objective,

@@ -9,11 +9,14 @@ takes the other's candidate), scoring KL(teacher || hybrid) on calibration rows,
 the best swap if it lowers the KL, and stops when none does or after ``rounds``. The budget and the multiset
 of efficient candidates are unchanged, so the hybrid's cache is the same.
 
-Cost: one teacher pass over the rows, then K * (L - K) + 1 hybrid passes a round (SmolLM2, K 6, 16K tokens of
-calibration: 145 passes, seconds on a GPU).
+Cost: one teacher pass over the rows, then K * (L - K) + 1 hybrid passes a round (SmolLM2, K 9, 64K tokens of
+calibration: 190 passes a round, as many tokens as the search; minutes on a GPU). With ``checkpoint`` each
+hybrid's KL is kept in a JSON file as it is measured, so an interrupted refinement resumes where it stopped.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Dict, Optional, Sequence
 
@@ -21,19 +24,24 @@ import torch
 
 from .baselines import _loss, calibration_weights, set_choices, teacher_hidden_states
 from .candidates import Candidate
+from .data import tensor_digest
 from .search import OBJECTIVES, efficient_reference, long_range_weights
 from .supernet import Supernet
 
 
 def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.Tensor, rounds: int = 2,
                        tolerance: float = 1e-4, objective: str = "uniform",
-                       answers: Optional[torch.Tensor] = None, answer_weight: float = 1.0) -> Dict:
+                       answers: Optional[torch.Tensor] = None, answer_weight: float = 1.0,
+                       checkpoint: Optional[str] = None, progress: bool = False) -> Dict:
     """The refined choice (list of Candidates), its KL and the searched one's, the swaps taken, and the cost.
 
     ``tolerance``: a swap must lower the KL by this fraction of it (rows are few: below that, noise).
     ``objective``: the search's token weighting of the KL (``dash.search``): with ``long_range`` each token's KL
     is weighted by the all-efficient model's KL there (one more pass over the rows), mean 1 over the rows; with
-    ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole."""
+    ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole.
+    ``checkpoint``: a JSON file of the KLs measured so far (kept only for the same rows, objective and
+    candidates); a rerun reads it and measures only the hybrids it lacks. The cost counts every pass, those of
+    earlier runs included, so a resumed refinement reports what an uninterrupted one would."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     if objective not in OBJECTIVES:
@@ -49,6 +57,9 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     if unknown:
         raise ValueError(f"choices name candidates {unknown} that the supernet lacks ({names})")
     started = time.time()
+    key = {"rows": tensor_digest(rows, answers if objective == "answers" else None), "objective": objective,
+           "answer_weight": answer_weight if objective == "answers" else None, "candidates": names}
+    measured, earlier_seconds = _read_checkpoint(checkpoint, key)
     teacher = teacher_hidden_states(net, rows)
     passes = 1
     weights = None
@@ -62,11 +73,23 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     elif objective == "answers":
         weights = calibration_weights(answers, answer_weight)
 
+    from tqdm.auto import tqdm
+
+    full_count = sum(c.is_full for c in choices)
+    bar = tqdm(total=1 + rounds * full_count * (len(choices) - full_count), disable=not progress, unit="hybrid",
+               desc="refine")
+
     def kl(choice: Sequence[Candidate]) -> float:
         nonlocal passes
         passes += 1
-        set_choices(net, [names.index(c.name) for c in choice])
-        return _loss(net, rows, teacher, "kl", weights)
+        label = ",".join(c.name for c in choice)
+        if label not in measured:
+            set_choices(net, [names.index(c.name) for c in choice])
+            measured[label] = _loss(net, rows, teacher, "kl", weights)
+            if checkpoint:
+                _write_checkpoint(checkpoint, key, measured, earlier_seconds + time.time() - started)
+        bar.update(1)
+        return measured[label]
 
     current = list(choices)
     searched = best = kl(current)
@@ -88,6 +111,26 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         current[f], current[o] = current[o], current[f]
         swaps.append({"now_full": o, "now_efficient": f, "its_candidate": current[f].name, "kl": move_kl})
         best = move_kl
+    bar.close()
     tokens = int(rows.numel())
     return {"choices": current, "kl": best, "searched_kl": searched, "swaps": swaps,
-            "cost": {"forward_tokens": tokens * passes, "seconds": time.time() - started}}
+            "cost": {"forward_tokens": tokens * passes, "seconds": earlier_seconds + time.time() - started}}
+
+
+def _read_checkpoint(path: Optional[str], key: Dict):
+    """The KLs a checkpoint holds for this key ({} for another key or none) and the seconds spent on them."""
+    if not path or not os.path.exists(path):
+        return {}, 0.0
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("key") != key:  # other rows, objective or candidates: measure again
+        return {}, 0.0
+    return dict(saved["kl"]), float(saved.get("seconds", 0.0))
+
+
+def _write_checkpoint(path: str, key: Dict, measured: Dict[str, float], seconds: float) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "kl": measured, "seconds": seconds}, f)
+    os.replace(tmp, path)  # a run killed while writing leaves the previous checkpoint whole

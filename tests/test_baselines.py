@@ -1,4 +1,6 @@
 """Selector baselines on a tiny random model: sizes, determinism, scores, bounds, errors, export."""
+import json
+
 import pytest
 import torch
 
@@ -376,6 +378,42 @@ def test_refinement_keeps_the_budget_and_never_raises_the_kl():
         refine_full_layers(net, start, rows, rounds=-1)
     with pytest.raises(ValueError, match="layers"):
         refine_full_layers(net, start[:-1], rows)
+
+
+def test_an_interrupted_refinement_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Killed after a few hybrids, the rerun measures only the rest and ends where an uninterrupted run does; a
+    checkpoint of other rows or another objective is not used."""
+    import dash.refine as refine
+
+    net, rows = _net(), _rows()
+    eff = EFFICIENT
+    start = [net.candidates[0] if i == 0 else eff for i in range(len(net.states))]
+    whole = refine.refine_full_layers(net, start, rows, rounds=2)
+    path = tmp_path / "refine_kl.json"
+    measure, calls = refine._loss, []
+
+    def dies_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(refine, "_loss", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        refine.refine_full_layers(net, start, rows, rounds=2, checkpoint=str(path))
+    assert len(json.load(open(path))["kl"]) == 2
+    monkeypatch.setattr(refine, "_loss", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    calls.clear()
+    resumed = refine.refine_full_layers(net, start, rows, rounds=2, checkpoint=str(path))
+    assert [c.name for c in resumed["choices"]] == [c.name for c in whole["choices"]]
+    assert resumed["kl"] == pytest.approx(whole["kl"]) and len(resumed["swaps"]) == len(whole["swaps"])
+    assert resumed["cost"]["forward_tokens"] == whole["cost"]["forward_tokens"]
+    measured = len(json.load(open(path))["kl"])
+    assert measured > 2
+    assert len(calls) == measured - 2  # the two measured before the kill are read, not measured again
+    calls.clear()
+    refine.refine_full_layers(net, start, rows[:1], rounds=2, checkpoint=str(path))  # other rows: all again
+    assert len(calls) == len(json.load(open(path))["kl"])
 
 
 def test_a_hybrid_chosen_twice_is_scored_once(tmp_path, monkeypatch):
