@@ -77,10 +77,12 @@ def calibration_weights(answers: Optional[torch.Tensor], answer_weight: float) -
 
 
 def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch.Tensor]], kind: str,
-          weights: Optional[List[torch.Tensor]] = None) -> float:
+          weights: Optional[List[torch.Tensor]] = None,
+          label_weights: Optional[List[torch.Tensor]] = None) -> float:
     """Mean next-token NLL (kind 'nll') or KL(teacher || model) ('kl') over the calibration rows; with ``weights``
     (one [T] tensor per row, weight t for the prediction at position t) each token's loss is weighted
-    (``dash.search``'s long_range or answers objective)."""
+    (``dash.search``'s long_range or answers objective). ``label_weights`` (kind 'kl'; per row, [T]): plus the
+    next-token NLL times these, summed and divided by the same count (the answers_nll objective)."""
     import torch.nn.functional as F
 
     model = net.model
@@ -96,8 +98,12 @@ def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch
                 count += row.numel() - 1
             else:
                 t_logp = torch.log_softmax(head(teacher_hidden[i]).float(), -1)
-                per_token = (t_logp.exp() * (t_logp - torch.log_softmax(logits, -1))).sum(-1)
+                logp = torch.log_softmax(logits, -1)
+                per_token = (t_logp.exp() * (t_logp - logp)).sum(-1)
                 total += (per_token if weights is None else per_token * weights[i]).sum().item()
+                if label_weights is not None:
+                    nll = -logp[:-1].gather(-1, row[1:, None])[:, 0]
+                    total += (nll * label_weights[i][:-1]).sum().item()
                 count += row.numel()
     return total / max(1, count)
 

@@ -48,12 +48,14 @@ def _search_parser(sub):
     p.add_argument("--objective", choices=list(OBJECTIVES), help="token weighting of the search's KL (default "
                    "answers: the mean plus --answer-weight times the mean over the retrieval rows' answer tokens; "
                    "uniform: the plain mean; long_range: each token's KL times the all-efficient model's KL to the "
-                   "teacher there; see dash.search)")
-    p.add_argument("--answer-weight", type=float, help="objective answers: weight of the answer tokens' mean KL "
+                   "teacher there; answers_nll: the mean plus --answer-weight times the answer tokens' mean NLL; "
+                   "see dash.search)")
+    p.add_argument("--answer-weight", type=float, help="objectives answers / answers_nll: weight of the answer "
+                   "tokens' mean KL / NLL "
                    f"(default {SearchConfig.answer_weight})")
     p.add_argument("--retrieval-fraction", type=float, help="share of the training rows that are RULER-style "
                    f"retrieval prompts with their answers (dash.data.add_retrieval_rows; default {RETRIEVAL_FRACTION}; "
-                   "0: the text alone, for objectives other than answers)")
+                   "0: the text alone, for objectives other than answers and answers_nll)")
     p.add_argument("--init", choices=list(INITS), help="where the logits start (default budget: every layer at "
                    "the budget's mix of candidates, e.g. p(full) = K / L; uniform: equal logits)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")

@@ -45,7 +45,7 @@ import torch
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate, default_candidates
 from .data import tensor_digest
-from .search import OBJECTIVES, Search, SearchConfig, candidate_cache_bytes
+from .search import ANSWER_OBJECTIVES, OBJECTIVES, Search, SearchConfig, candidate_cache_bytes
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
@@ -295,10 +295,10 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         raise ValueError(f"search_objectives {unknown} unknown; choose from {OBJECTIVES}")
     if refine_rounds < 0:
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
-    if (include_dash and refine_rounds and search_objectives and search_objectives[0] == "answers"
+    if (include_dash and refine_rounds and search_objectives and search_objectives[0] in ANSWER_OBJECTIVES
             and calibration_answers is None):
-        raise ValueError("refining the answers objective's hybrid needs calibration_answers (the calibration rows' "
-                         "answer mask)")
+        raise ValueError(f"refining the {search_objectives[0]} objective's hybrid needs calibration_answers (the "
+                         "calibration rows' answer mask)")
     if finetune_tokens:  # bad settings fail now, not after the first search
         FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr, rank=finetune_rank).validate()
     tasks = list(tasks or TASKS)

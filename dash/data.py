@@ -227,7 +227,7 @@ def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int
     if not lengths or len(filler_ids) < seq_len:
         raise ValueError(f"retrieval rows need seq_len >= {64 + ANSWER_ROOM} and {seq_len} filler tokens, got "
                          f"seq_len {seq_len} and {len(filler_ids)} (text alone: --retrieval-fraction 0, with an "
-                         "objective other than answers)")
+                         "objective other than answers or answers_nll)")
     words = vocabulary_words(tokenizer)
     seed_of_samples = seed + RETRIEVAL_SEED_OFFSET
 

@@ -25,7 +25,8 @@ import torch
 from .baselines import _loss, calibration_weights, set_choices, teacher_hidden_states
 from .candidates import Candidate
 from .data import tensor_digest
-from .search import OBJECTIVES, efficient_reference, long_range_weights
+from .search import (ANSWER_OBJECTIVES, OBJECTIVES, answer_label_weights, efficient_reference,
+                     long_range_weights)
 from .supernet import Supernet
 
 
@@ -38,7 +39,8 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     ``tolerance``: a swap must lower the KL by this fraction of it (rows are few: below that, noise).
     ``objective``: the search's token weighting of the KL (``dash.search``): with ``long_range`` each token's KL
     is weighted by the all-efficient model's KL there (one more pass over the rows), mean 1 over the rows; with
-    ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole.
+    ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole;
+    with ``answers_nll`` the answers' mean NLL counts ``answer_weight`` beside the mean KL.
     ``checkpoint``: a JSON file of the KLs measured so far (kept only for the same rows, objective and
     candidates); a rerun reads it and measures only the hybrids it lacks. The cost counts every pass, those of
     earlier runs included, so a resumed refinement reports what an uninterrupted one would."""
@@ -48,8 +50,9 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if rows is None or rows.numel() == 0:
         raise ValueError("refinement needs calibration rows")
-    if objective == "answers" and (answers is None or answers.shape != rows.shape):
-        raise ValueError(f"objective 'answers' needs the rows' answer mask, of shape {tuple(rows.shape)}")
+    answer_objective = objective in ANSWER_OBJECTIVES
+    if answer_objective and (answers is None or answers.shape != rows.shape):
+        raise ValueError(f"objective '{objective}' needs the rows' answer mask, of shape {tuple(rows.shape)}")
     names = [c.name for c in net.candidates]
     if len(choices) != len(net.states):
         raise ValueError(f"choices has {len(choices)} entries, the model {len(net.states)} layers")
@@ -57,12 +60,12 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     if unknown:
         raise ValueError(f"choices name candidates {unknown} that the supernet lacks ({names})")
     started = time.time()
-    key = {"rows": tensor_digest(rows, answers if objective == "answers" else None), "objective": objective,
-           "answer_weight": answer_weight if objective == "answers" else None, "candidates": names}
+    key = {"rows": tensor_digest(rows, answers if answer_objective else None), "objective": objective,
+           "answer_weight": answer_weight if answer_objective else None, "candidates": names}
     measured, earlier_seconds = _read_checkpoint(checkpoint, key)
     teacher = teacher_hidden_states(net, rows)
     passes = 1
-    weights = None
+    weights = label_weights = None
     if objective == "long_range":
         head = net.model.get_output_embeddings()
         with torch.no_grad(), net.fixed(efficient_reference(net)):
@@ -72,6 +75,8 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         passes += 1
     elif objective == "answers":
         weights = calibration_weights(answers, answer_weight)
+    elif objective == "answers_nll":
+        label_weights = list(answer_label_weights(answers, answer_weight))
 
     from tqdm.auto import tqdm
 
@@ -85,7 +90,7 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         label = ",".join(c.name for c in choice)
         if label not in measured:
             set_choices(net, [names.index(c.name) for c in choice])
-            measured[label] = _loss(net, rows, teacher, "kl", weights)
+            measured[label] = _loss(net, rows, teacher, "kl", weights, label_weights)
             if checkpoint:
                 _write_checkpoint(checkpoint, key, measured, earlier_seconds + time.time() - started)
         bar.update(1)

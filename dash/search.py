@@ -21,7 +21,12 @@ as KL(teacher || all-efficient model) at that token (one extra no-grad forward a
 window, see ``efficient_reference``), normalised to mean 1 over the batch (LongPPL's key tokens, soft,
 arXiv 2410.23771). Both are kept as ablations: on SmolLM2 with the text-only data, RULER 16.5 / 22.8 / 22.1
 (uniform, budget start, lr 0.01) and 16.5 / 22.8 / 21.2 (long_range) at K 3 / 6 / 9, against kl_restore's 27.3
-at K 9 (benchmarks/NOTES.md, sessions 8 and 9).
+at K 9 (benchmarks/NOTES.md, sessions 8 and 9). ``"answers_nll"``: the mean KL over tokens plus ``answer_weight``
+times the mean NLL of the true answer tokens (cross-entropy, not KL to the teacher). KL rewards matching the teacher
+everywhere, also where the teacher is unsure of the answer; RULER rewards the right answer. On SmolLM2 at K 9 the
+answers objective's hybrid has a lower answer KL than ppl_drop's (0.028 against 0.063), a higher answer NLL (0.504
+against 0.494) and 2.6 fewer RULER points; at K 6 the KL ranked the two as RULER did and the NLL tied them
+(benchmarks/NOTES.md, session 11). An ablation until a comparison measures it.
 """
 from __future__ import annotations
 
@@ -41,8 +46,9 @@ from .data import PackedData
 from .supernet import Supernet, attention_shape
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
-OBJECTIVES = ("answers", "uniform", "long_range")  # token weighting of the search's KL, the default first (module
-                                                  # docstring)
+# the search's loss over tokens, the default first (module docstring); the answer ones need the data's answer mask
+OBJECTIVES = ("answers", "uniform", "long_range", "answers_nll")
+ANSWER_OBJECTIVES = ("answers", "answers_nll")
 INITS = ("budget", "uniform")  # where the logits start (SearchConfig.init)
 LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
 
@@ -64,8 +70,8 @@ class SearchConfig:
     checkpoint_every: int = 50
     seed: int = 0
     compile_modules: bool = False  # torch.compile the stateless modules (norms, MLPs): fewer launches a step
-    objective: str = "answers"  # or "uniform", "long_range": the KL's token weighting (module docstring)
-    answer_weight: float = 1.0  # objective "answers": the answer tokens' mean KL counts this much beside the mean
+    objective: str = "answers"  # or "uniform", "long_range", "answers_nll" (module docstring)
+    answer_weight: float = 1.0  # the answer tokens' mean KL ("answers") or NLL ("answers_nll") counts this much
     init: str = "budget"  # or "uniform": every layer starts at the budget's mix of candidates (budget_prior)
 
     def validate(self, num_layers: int) -> None:
@@ -147,32 +153,48 @@ def expected_cost(net: Supernet, costs: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _log_probs(hidden, head_weight, head_bias):
+    return torch.log_softmax(F.linear(hidden, head_weight, head_bias).float(), -1)
+
+
+def _kl(student_logp, teacher_logp):
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
 def token_kl(student_h, teacher_h, head_weight, head_bias):
     """[N] KL(teacher || student) per token, from the last hidden states through the LM head."""
-    student = F.linear(student_h, head_weight, head_bias).float()
-    teacher = F.linear(teacher_h, head_weight, head_bias).float()
-    t_logp = torch.log_softmax(teacher, -1)
-    return (t_logp.exp() * (t_logp - torch.log_softmax(student, -1))).sum(-1)
+    return _kl(_log_probs(student_h, head_weight, head_bias), _log_probs(teacher_h, head_weight, head_bias))
 
 
-def _kl_chunk(student_h, teacher_h, head_weight, head_bias, weights):
-    per_token = token_kl(student_h, teacher_h, head_weight, head_bias)
-    return (per_token if weights is None else per_token * weights).sum()
+def _kl_chunk(student_h, teacher_h, head_weight, head_bias, weights, labels, label_weights):
+    student = _log_probs(student_h, head_weight, head_bias)
+    per_token = _kl(student, _log_probs(teacher_h, head_weight, head_bias))
+    total = (per_token if weights is None else per_token * weights).sum()
+    if labels is not None:
+        total = total - (student.gather(-1, labels[:, None])[:, 0] * label_weights).sum()
+    return total
 
 
 def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int,
-                    weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    weights: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                    label_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean per-token KL(teacher || student), each token's times ``weights`` ([N] over the flattened tokens) when
-    given; chunked over tokens and recomputed in backward."""
+    given; plus, with ``labels`` ([N] token ids), the student's NLL of each label times ``label_weights`` ([N]),
+    summed and divided by N alike. Chunked over tokens and recomputed in backward."""
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
     t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    if weights is not None and weights.shape != (s.shape[0],):
-        raise ValueError(f"weights must have shape ({s.shape[0]},) (one per token), got {tuple(weights.shape)}")
+    for name, value in (("weights", weights), ("labels", labels), ("label_weights", label_weights)):
+        if value is not None and value.shape != (s.shape[0],):
+            raise ValueError(f"{name} must have shape ({s.shape[0]},) (one per token), got {tuple(value.shape)}")
+    if (labels is None) != (label_weights is None):
+        raise ValueError("labels and label_weights go together")
     total = s.new_zeros((), dtype=torch.float32)
     for start in range(0, s.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
         total = total + checkpoint(_kl_chunk, s[part], t[part], lm_head.weight, lm_head.bias,
-                                   None if weights is None else weights[part], use_reentrant=False)
+                                   None if weights is None else weights[part],
+                                   None if labels is None else labels[part],
+                                   None if label_weights is None else label_weights[part], use_reentrant=False)
     return total / s.shape[0]
 
 
@@ -181,9 +203,22 @@ def answer_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
     answer's token): 1 everywhere plus ``answer_weight * N / (answer positions)`` on the answers, so that the
     weighted mean KL is the mean KL plus ``answer_weight`` times the answers' mean KL (the plain mean where there
     are none)."""
+    return 1.0 + answer_label_weights(answers, answer_weight)
+
+
+def answer_label_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """The ``answers_nll`` objective's weights of each position's NLL, the shape of ``answers``: ``answer_weight *
+    N / (answer positions)`` on the answers, 0 elsewhere, so that their weighted mean over the N positions is
+    ``answer_weight`` times the answers' mean NLL."""
     flags = answers.float()
     count = flags.sum().clamp_min(1.0)  # on the device: no host read
-    return 1.0 + answer_weight * flags * (flags.numel() / count)
+    return answer_weight * flags * (flags.numel() / count)
+
+
+def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+    """Each position's next token, the shape of ``input_ids`` (the last position's is a placeholder: no answer mask
+    marks it)."""
+    return torch.roll(input_ids, -1, dims=-1)
 
 
 @torch.no_grad()
@@ -264,9 +299,9 @@ class Search:
         # on the logits' device once (a per-layer host-to-device copy would stall every step)
         self.costs = layer_costs(net, config).to(net.arch_parameters()[0].device)
         self.efficient = efficient_reference(net) if config.objective == "long_range" else None
-        if config.objective == "answers" and (data.train_answers is None or not bool(data.train_answers.any())):
-            raise ValueError("objective 'answers' needs retrieval rows in the data (dash.data.add_retrieval_rows, "
-                             "`--retrieval-fraction` > 0); or choose objective 'uniform'")
+        if config.objective in ANSWER_OBJECTIVES and (data.train_answers is None or not bool(data.train_answers.any())):
+            raise ValueError(f"objective '{config.objective}' needs retrieval rows in the data "
+                             "(dash.data.add_retrieval_rows, `--retrieval-fraction` > 0); or choose objective 'uniform'")
         self.data_digest = data.digest()
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
         with torch.no_grad():  # where the logits start (a resumed run then loads its own)
@@ -332,12 +367,17 @@ class Search:
                 efficient_hidden = base(input_ids, use_cache=False).last_hidden_state
             weights = long_range_weights(efficient_hidden, teacher_hidden, head, self.config.kl_chunk_tokens)
             del efficient_hidden
-        elif self.config.objective == "answers":
-            if answers is None:
-                raise ValueError("objective 'answers' needs the batch's answer mask")
+        elif self.config.objective in ANSWER_OBJECTIVES and answers is None:
+            raise ValueError(f"objective '{self.config.objective}' needs the batch's answer mask")
+        labels = label_weights = None
+        if self.config.objective == "answers":
             weights = answer_weights(answers.reshape(-1), self.config.answer_weight)
+        elif self.config.objective == "answers_nll":
+            labels = next_tokens(input_ids).reshape(-1)
+            label_weights = answer_label_weights(answers.reshape(-1), self.config.answer_weight)
         student_hidden = base(input_ids, use_cache=False).last_hidden_state
-        kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens, weights)
+        kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens, weights, labels,
+                             label_weights)
         cost = expected_cost(self.net, self.costs)
         overshoot = torch.relu(cost - self.config.budget) / max(self.config.budget, 1e-9)
         entropy = torch.stack([-(p * p.clamp_min(1e-12).log()).sum(-1).mean()

@@ -353,6 +353,26 @@ def test_compare_with_the_selectors_two_candidates(tmp_path, monkeypatch):
     assert "| dash_refined |" in (tmp_path / "compare.md").read_text()
 
 
+def test_the_calibration_loss_adds_the_answers_mean_nll():
+    """dash.baselines._loss with label weights (the answers_nll objective, as the refinement scores it) is the mean
+    KL plus answer_weight times the answer tokens' mean NLL."""
+    import torch.nn.functional as F
+
+    from dash.baselines import _loss, teacher_hidden_states
+    from dash.search import answer_label_weights
+
+    net, rows = _net(), _rows()
+    answers = _answers(rows)
+    set_choices(net, [1] * len(net.states))
+    teacher = teacher_hidden_states(net, rows)
+    plain = _loss(net, rows, teacher, "kl")
+    with_nll = _loss(net, rows, teacher, "kl", None, list(answer_label_weights(answers, 0.5)))
+    with torch.no_grad():
+        logits = net.model(rows).logits.float()
+    nll = F.cross_entropy(logits[:, :-1][answers[:, :-1]], rows[:, 1:][answers[:, :-1]])
+    assert with_nll - plain == pytest.approx(0.5 * nll.item(), rel=1e-4)
+
+
 def test_refinement_keeps_the_budget_and_never_raises_the_kl():
     from dash.refine import refine_full_layers
 
@@ -360,18 +380,20 @@ def test_refinement_keeps_the_budget_and_never_raises_the_kl():
     names = [c.name for c in net.candidates]
     full, eff = net.candidates[0], EFFICIENT
     start = [full if i == 0 else eff for i in range(len(net.states))]  # the first layer full
-    for objective in ("uniform", "long_range"):  # the search's objectives: the weighted KL never rises either
-        out = refine_full_layers(net, start, rows, rounds=2, objective=objective)
+    for objective in ("uniform", "long_range", "answers", "answers_nll"):  # the weighted objective never rises
+        out = refine_full_layers(net, start, rows, rounds=2, objective=objective, answers=_answers(rows))
         assert sum(c.is_full for c in out["choices"]) == 1 and all(c.name in names for c in out["choices"])
         assert out["kl"] <= out["searched_kl"] and len(out["swaps"]) <= 2
+        if out["swaps"]:
+            assert out["choices"][out["swaps"][-1]["now_full"]].is_full
+        # the teacher's pass, the all-efficient pass (long_range), the searched hybrid's, (L - 1) swaps a round tried
+        rounds_tried = len(out["swaps"]) + (len(out["swaps"]) < 2)
+        assert out["cost"]["forward_tokens"] == rows.numel() * (2 + (objective == "long_range") + rounds_tried
+                                                                * (len(net.states) - 1))
     with pytest.raises(ValueError, match="objective must be one of"):
         refine_full_layers(net, start, rows, objective="mean")
-    if out["swaps"]:
-        assert out["choices"][out["swaps"][-1]["now_full"]].is_full
-    layers = len(net.states)
-    # the teacher's pass, the all-efficient pass (long_range), the searched hybrid's, (L - 1) swaps a round tried
-    assert out["cost"]["forward_tokens"] == rows.numel() * (3 + (len(out["swaps"]) + (len(out["swaps"]) < 2))
-                                                            * (layers - 1))
+    with pytest.raises(ValueError, match="objective 'answers_nll' needs the rows' answer mask"):
+        refine_full_layers(net, start, rows, objective="answers_nll")
     same = refine_full_layers(net, start, rows, rounds=0)
     assert [c.name for c in same["choices"]] == [c.name for c in start] and same["kl"] == same["searched_kl"]
     with pytest.raises(ValueError, match="rounds"):

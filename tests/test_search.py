@@ -74,6 +74,30 @@ def test_answer_weights_add_the_answers_mean_to_the_mean():
     assert answer_weights(answers.view(2, 3), 1.0).shape == (2, 3)
 
 
+def test_the_answers_nll_loss_is_the_mean_kl_plus_the_answers_mean_nll():
+    from dash.search import answer_label_weights, distillation_kl, next_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(8, 11)
+    student, teacher = torch.randn(2, 7, 8, generator=gen), torch.randn(2, 7, 8, generator=gen)
+    ids = torch.randint(0, 11, (2, 7), generator=gen)
+    answers = torch.zeros(2, 7, dtype=torch.bool)
+    answers[0, 2:4] = answers[1, 5] = True  # positions whose next token is an answer's
+    s_logp, t_logp = (torch.log_softmax(head(h), -1) for h in (student, teacher))
+    mean_kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    labels = ids[:, 1:][answers[:, :-1]]
+    answer_nll = -s_logp[:, :-1][answers[:, :-1]].gather(-1, labels[:, None]).mean()
+    got = distillation_kl(student, teacher, head, 5, labels=next_tokens(ids).reshape(-1),
+                          label_weights=answer_label_weights(answers.reshape(-1), 0.5))
+    assert got.item() == pytest.approx((mean_kl + 0.5 * answer_nll).item(), rel=1e-5)
+    assert distillation_kl(student, teacher, head, 5).item() == pytest.approx(mean_kl.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="labels and label_weights go together"):
+        distillation_kl(student, teacher, head, 5, labels=next_tokens(ids).reshape(-1))
+    with pytest.raises(ValueError, match="label_weights must have shape"):
+        distillation_kl(student, teacher, head, 5, labels=next_tokens(ids).reshape(-1),
+                        label_weights=torch.ones(3))
+
+
 def test_the_answers_objective_needs_answers_and_a_checkpoint_its_own_data(tmp_path):
     net = build_supernet(tiny_model("llama"), ["full", "swa4"])
     plain = random_data()
@@ -81,6 +105,9 @@ def test_the_answers_objective_needs_answers_and_a_checkpoint_its_own_data(tmp_p
     config = SearchConfig(tokens=4 * 24, batch_size=2, budget=1, checkpoint_every=1)
     with pytest.raises(ValueError, match="objective 'answers' needs retrieval rows"):
         Search(net, plain, config, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="objective 'answers_nll' needs retrieval rows"):
+        Search(net, plain, SearchConfig(tokens=4 * 24, batch_size=2, budget=1, objective="answers_nll"),
+               str(tmp_path / "a"))
     Search(net, random_data(), config, str(tmp_path / "b")).run(progress=False, stop_after=1)
     with pytest.raises(ValueError, match="made on other training data"):
         Search(net, random_data(seed=1), config, str(tmp_path / "b")).run(progress=False)
@@ -115,7 +142,9 @@ def test_objectives_search_apart_and_a_resume_keeps_the_time(tmp_path):
     answers = make_search(tmp_path / "a").run(progress=False)  # answers, the default
     uniform = make_search(tmp_path / "u", objective="uniform").run(progress=False)
     weighted = make_search(tmp_path / "w", objective="long_range").run(progress=False)
+    nll = make_search(tmp_path / "n", objective="answers_nll").run(progress=False)
     assert uniform["probabilities"] != weighted["probabilities"] != answers["probabilities"]
+    assert nll["probabilities"] not in (answers["probabilities"], uniform["probabilities"])
     assert uniform["probabilities"] != answers["probabilities"]
     with pytest.raises(ValueError, match="objective 'long_range', not 'uniform'"):
         make_search(tmp_path / "w", objective="uniform").run(progress=False)
