@@ -373,7 +373,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             print(f"[compare] K={budget} {method}{'' if run_seed is None else f' seed {run_seed}'}"
                   f"{' (earlier choice)' if earlier_row is not None else ''}"
                   f"{' (scores of ' + row['score_shared_with'] + ')' if 'score_shared_with' in row else ''}: "
-                  f"RULER {100 * row['ruler_average']:.1f}, ppl {row['perplexity']:.2f}", flush=True)
+                  f"RULER {100 * row['ruler_average']:.1f}, ppl {row['perplexity']:.2f}"
+                  f"{', scored in %.0f s' % row['eval_seconds'] if row.get('eval_seconds') else ''}"
+                  f" ({time.strftime('%H:%M:%S')})", flush=True)
 
     def score_earlier(key) -> bool:
         """Scores an earlier run's hybrid again, if there is one (only evaluation settings changed)."""
@@ -539,7 +541,7 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
             return command(shard, device)
         local = "cuda" if device.startswith("cuda:") else device  # the process sees its one GPU as cuda
         args = [sys.executable, "-m", "dash", "compare", *shard_args, "--budgets", str(shard["budget"]),
-                "--device", local, "--output", os.path.join(folder, shard["name"]), "--no-progress",
+                "--device", local, "--output", os.path.join(folder, shard["name"]),
                 "--score-cache", os.path.join(output_dir, "scores")]  # one hybrid, one scoring, across shards
         args += ["--methods", *shard["methods"]] if shard["methods"] else ["--methods"]
         return args + (["--search-objectives", shard["dash"]] if shard["dash"] else ["--skip-dash"])
@@ -550,16 +552,17 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
             while queue and free:
                 shard, device = queue.pop(0), free.pop(0)
                 log = open(os.path.join(folder, shard["name"] + ".log"), "a")
-                env = dict(os.environ, DASH_CONCURRENT=str(len(devices)))
+                # the log says what the shard did and when: each row, and progress bars once a minute
+                env = dict(os.environ, DASH_CONCURRENT=str(len(devices)), TQDM_MININTERVAL="60")
                 if device.startswith("cuda:"):  # one visible GPU a process: Triton launches on the current device
                     env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
                 proc = subprocess.Popen(argv(shard, device), stdout=log, stderr=subprocess.STDOUT, env=env)
-                running.append((shard, device, proc, log))
+                running.append((shard, device, proc, log, time.time()))
                 if progress:
                     print(f"[compare] {shard['name']} started on {device}", flush=True)
             time.sleep(poll_s if running else 0)
             for item in list(running):
-                shard, device, proc, log = item
+                shard, device, proc, log, started = item
                 if proc.poll() is None:
                     continue
                 running.remove(item)
@@ -569,11 +572,11 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
                     failed.append(shard["name"])
                 if progress:
                     state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see its log)"
-                    print(f"[compare] {shard['name']} {state}", flush=True)
+                    print(f"[compare] {shard['name']} {state} after {time.time() - started:.0f} s", flush=True)
     except KeyboardInterrupt:  # Ctrl-C, `timeout -s INT`: stop the shards (each resumes from its checkpoints)
         interrupted = True
     finally:
-        for _, _, proc, log in running:
+        for _, _, proc, log, _ in running:
             proc.terminate()
             proc.wait()
             log.close()
