@@ -48,7 +48,7 @@ def _search_parser(sub):
     p.add_argument("--objective", choices=list(OBJECTIVES), help="token weighting of the search's KL (default "
                    "answers: the mean plus --answer-weight times the mean over the retrieval rows' answer tokens; "
                    "uniform: the plain mean; long_range: each token's KL times the all-efficient model's KL to the "
-                   "teacher there; answers_nll: the mean plus --answer-weight times the answer tokens' mean NLL; "
+                   "teacher there; answers_nll: the mean plus --answer-weight times the answers' NLL, averaged per prompt; "
                    "see dash.search)")
     p.add_argument("--answer-weight", type=float, help="objectives answers / answers_nll: weight of the answer "
                    "tokens' mean KL / NLL "

@@ -25,8 +25,8 @@ import torch
 from .baselines import _loss, calibration_weights, set_choices, teacher_hidden_states
 from .candidates import Candidate
 from .data import tensor_digest
-from .search import (ANSWER_OBJECTIVES, OBJECTIVES, answer_label_weights, efficient_reference,
-                     long_range_weights)
+from .search import (ANSWER_OBJECTIVES, OBJECTIVES, efficient_reference, long_range_weights,
+                     prompt_answer_weights)
 from .supernet import Supernet
 
 
@@ -40,7 +40,7 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     ``objective``: the search's token weighting of the KL (``dash.search``): with ``long_range`` each token's KL
     is weighted by the all-efficient model's KL there (one more pass over the rows), mean 1 over the rows; with
     ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole;
-    with ``answers_nll`` the answers' mean NLL counts ``answer_weight`` beside the mean KL.
+    with ``answers_nll`` the answers' NLL, averaged per prompt (a row), counts ``answer_weight`` beside the mean KL.
     ``checkpoint``: a JSON file of the KLs measured so far (kept only for the same rows, objective and
     candidates); a rerun reads it and measures only the hybrids it lacks. The cost counts every pass, those of
     earlier runs included, so a resumed refinement reports what an uninterrupted one would."""
@@ -76,7 +76,7 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     elif objective == "answers":
         weights = calibration_weights(answers, answer_weight)
     elif objective == "answers_nll":
-        label_weights = list(answer_label_weights(answers, answer_weight))
+        label_weights = list(prompt_answer_weights(answers, answer_weight))
 
     from tqdm.auto import tqdm
 

@@ -22,11 +22,12 @@ window, see ``efficient_reference``), normalised to mean 1 over the batch (LongP
 arXiv 2410.23771). Both are kept as ablations: on SmolLM2 with the text-only data, RULER 16.5 / 22.8 / 22.1
 (uniform, budget start, lr 0.01) and 16.5 / 22.8 / 21.2 (long_range) at K 3 / 6 / 9, against kl_restore's 27.3
 at K 9 (benchmarks/NOTES.md, sessions 8 and 9). ``"answers_nll"``: the mean KL over tokens plus ``answer_weight``
-times the mean NLL of the true answer tokens (cross-entropy, not KL to the teacher). KL rewards matching the teacher
-everywhere, also where the teacher is unsure of the answer; RULER rewards the right answer. On SmolLM2 at K 9 the
-answers objective's hybrid has a lower answer KL than ppl_drop's (0.028 against 0.063), a higher answer NLL (0.504
-against 0.494) and 2.6 fewer RULER points; at K 6 the KL ranked the two as RULER did and the NLL tied them
-(benchmarks/NOTES.md, session 11). An ablation until a comparison measures it.
+times the true answer's NLL (cross-entropy, not KL to the teacher), averaged per prompt and then over prompts, so
+that every prompt counts alike (``prompt_answer_weights``). KL rewards matching the teacher everywhere, also where
+the teacher is unsure of the answer; RULER rewards the right answer, and counts every task alike. On SmolLM2 at
+K 9 the answers objective's hybrid has a lower answer KL than ppl_drop's (0.028 against 0.063), a higher answer
+NLL (0.504 against 0.494) and 2.6 fewer RULER points; at K 6 the KL ranked the two as RULER did and the NLL tied
+them (benchmarks/NOTES.md, session 11). An ablation until a comparison measures it.
 """
 from __future__ import annotations
 
@@ -203,16 +204,24 @@ def answer_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
     answer's token): 1 everywhere plus ``answer_weight * N / (answer positions)`` on the answers, so that the
     weighted mean KL is the mean KL plus ``answer_weight`` times the answers' mean KL (the plain mean where there
     are none)."""
-    return 1.0 + answer_label_weights(answers, answer_weight)
-
-
-def answer_label_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
-    """The ``answers_nll`` objective's weights of each position's NLL, the shape of ``answers``: ``answer_weight *
-    N / (answer positions)`` on the answers, 0 elsewhere, so that their weighted mean over the N positions is
-    ``answer_weight`` times the answers' mean NLL."""
     flags = answers.float()
     count = flags.sum().clamp_min(1.0)  # on the device: no host read
-    return answer_weight * flags * (flags.numel() / count)
+    return 1.0 + answer_weight * flags * (flags.numel() / count)
+
+
+def prompt_answer_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """The ``answers_nll`` objective's weights of each position's NLL, the shape of ``answers`` ([rows, T]; a
+    retrieval row holds one prompt): on a row's answer positions ``answer_weight * N / (rows with answers x the
+    row's answer positions)``, 0 elsewhere. Their weighted mean over the N positions is ``answer_weight`` times the
+    mean over prompts of each prompt's mean answer NLL: every prompt counts alike, as RULER counts every task,
+    where a mean over tokens would let the long answers (a UUID, three 7-digit values, ten words: 20-35 tokens,
+    tasks no hybrid of SmolLM2 solves among them) outweigh a passkey's 6 tokens."""
+    if answers.dim() != 2:
+        raise ValueError(f"answers must be [rows, T] (one prompt a row), got shape {tuple(answers.shape)}")
+    flags = answers.float()
+    per_row = flags.sum(-1, keepdim=True)
+    prompts = (per_row > 0).sum().clamp_min(1)  # on the device: no host read
+    return answer_weight * flags / per_row.clamp_min(1.0) * (flags.numel() / prompts)
 
 
 def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
@@ -374,7 +383,7 @@ class Search:
             weights = answer_weights(answers.reshape(-1), self.config.answer_weight)
         elif self.config.objective == "answers_nll":
             labels = next_tokens(input_ids).reshape(-1)
-            label_weights = answer_label_weights(answers.reshape(-1), self.config.answer_weight)
+            label_weights = prompt_answer_weights(answers, self.config.answer_weight).reshape(-1)
         student_hidden = base(input_ids, use_cache=False).last_hidden_state
         kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens, weights, labels,
                              label_weights)

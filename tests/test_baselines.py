@@ -355,18 +355,18 @@ def test_compare_with_the_selectors_two_candidates(tmp_path, monkeypatch):
 
 def test_the_calibration_loss_adds_the_answers_mean_nll():
     """dash.baselines._loss with label weights (the answers_nll objective, as the refinement scores it) is the mean
-    KL plus answer_weight times the answer tokens' mean NLL."""
+    KL plus answer_weight times the answers' mean NLL (one prompt here: per prompt and per token alike)."""
     import torch.nn.functional as F
 
     from dash.baselines import _loss, teacher_hidden_states
-    from dash.search import answer_label_weights
+    from dash.search import prompt_answer_weights
 
     net, rows = _net(), _rows()
     answers = _answers(rows)
     set_choices(net, [1] * len(net.states))
     teacher = teacher_hidden_states(net, rows)
     plain = _loss(net, rows, teacher, "kl")
-    with_nll = _loss(net, rows, teacher, "kl", None, list(answer_label_weights(answers, 0.5)))
+    with_nll = _loss(net, rows, teacher, "kl", None, list(prompt_answer_weights(answers, 0.5)))
     with torch.no_grad():
         logits = net.model(rows).logits.float()
     nll = F.cross_entropy(logits[:, :-1][answers[:, :-1]], rows[:, 1:][answers[:, :-1]])

@@ -74,23 +74,27 @@ def test_answer_weights_add_the_answers_mean_to_the_mean():
     assert answer_weights(answers.view(2, 3), 1.0).shape == (2, 3)
 
 
-def test_the_answers_nll_loss_is_the_mean_kl_plus_the_answers_mean_nll():
-    from dash.search import answer_label_weights, distillation_kl, next_tokens
+def test_the_answers_nll_loss_is_the_mean_kl_plus_the_prompts_mean_answer_nll():
+    from dash.search import distillation_kl, next_tokens, prompt_answer_weights
 
     gen = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(8, 11)
-    student, teacher = torch.randn(2, 7, 8, generator=gen), torch.randn(2, 7, 8, generator=gen)
-    ids = torch.randint(0, 11, (2, 7), generator=gen)
-    answers = torch.zeros(2, 7, dtype=torch.bool)
-    answers[0, 2:4] = answers[1, 5] = True  # positions whose next token is an answer's
+    student, teacher = torch.randn(3, 7, 8, generator=gen), torch.randn(3, 7, 8, generator=gen)
+    ids = torch.randint(0, 11, (3, 7), generator=gen)
+    answers = torch.zeros(3, 7, dtype=torch.bool)
+    answers[0, 2:5] = answers[2, 5] = True  # positions whose next token is an answer's; row 1: text only
     s_logp, t_logp = (torch.log_softmax(head(h), -1) for h in (student, teacher))
     mean_kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-    labels = ids[:, 1:][answers[:, :-1]]
-    answer_nll = -s_logp[:, :-1][answers[:, :-1]].gather(-1, labels[:, None]).mean()
+    nll = -s_logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [3, 6]: each position's NLL of its next token
+    per_prompt = (nll[0, 2:5].mean() + nll[2, 5]) / 2  # a 3-token answer and a 1-token one count alike
+    weights = prompt_answer_weights(answers, 0.5)
     got = distillation_kl(student, teacher, head, 5, labels=next_tokens(ids).reshape(-1),
-                          label_weights=answer_label_weights(answers.reshape(-1), 0.5))
-    assert got.item() == pytest.approx((mean_kl + 0.5 * answer_nll).item(), rel=1e-5)
+                          label_weights=weights.reshape(-1))
+    assert got.item() == pytest.approx((mean_kl + 0.5 * per_prompt).item(), rel=1e-5)
     assert distillation_kl(student, teacher, head, 5).item() == pytest.approx(mean_kl.item(), rel=1e-5)
+    assert torch.equal(prompt_answer_weights(torch.zeros(2, 4, dtype=torch.bool), 0.5), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="one prompt a row"):
+        prompt_answer_weights(answers.reshape(-1), 0.5)
     with pytest.raises(ValueError, match="labels and label_weights go together"):
         distillation_kl(student, teacher, head, 5, labels=next_tokens(ids).reshape(-1))
     with pytest.raises(ValueError, match="label_weights must have shape"):
