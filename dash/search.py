@@ -308,7 +308,8 @@ class Search:
         # on the logits' device once (a per-layer host-to-device copy would stall every step)
         self.costs = layer_costs(net, config).to(net.arch_parameters()[0].device)
         self.efficient = efficient_reference(net) if config.objective == "long_range" else None
-        if config.objective in ANSWER_OBJECTIVES and (data.train_answers is None or not bool(data.train_answers.any())):
+        no_answers = data.train_answers is None or not bool(data.train_answers.any())
+        if config.objective in ANSWER_OBJECTIVES and no_answers:
             raise ValueError(f"objective '{config.objective}' needs retrieval rows in the data "
                              "(dash.data.add_retrieval_rows, `--retrieval-fraction` > 0); or choose objective 'uniform'")
         self.data_digest = data.digest()
