@@ -5,8 +5,9 @@ cudaProfilerStart / cudaProfilerStop, so `ncu --profile-from-start off` measures
   ncu --profile-from-start off --section SpeedOfLight --section Occupancy --section WarpStateStats \
       --section LaunchStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       --csv --page details python benchmarks/ncu_mixed_attention.py --method "cuda[sm90tma+mma]" > ncu.csv
-Summary mode: per kernel, duration, compute (SM) and memory throughput (% of peak), achieved occupancy, registers
-and the main warp stall reasons, from that CSV:
+Summary mode: per kernel, duration, compute (SM) and memory throughput (% of peak; L1, L2 and DRAM apart),
+achieved occupancy, registers, cycles per issued instruction, active threads per warp and the main warp stall
+reasons, from that CSV:
   python benchmarks/ncu_mixed_attention.py --summarize ncu.csv
 (gpu_suite.sh's part `ncu` does both for every NCU_METHODS entry.)
 """
@@ -21,13 +22,18 @@ import sys
 from collections import defaultdict
 
 # ncu's metric names (SpeedOfLight, Occupancy, LaunchStats, WarpStateStats sections) -> the table's columns
+# in the table's order; threads/warp below 32 is divergence or idle lanes (the CUDA prep's lane-0 loop read 10)
 COLUMNS = {
     "Duration": "duration",
     "Compute (SM) Throughput": "sm_%",
     "Memory Throughput": "mem_%",
+    "L1/TEX Cache Throughput": "l1_%",
+    "L2 Cache Throughput": "l2_%",
+    "DRAM Throughput": "dram_%",
     "Achieved Occupancy": "occupancy_%",
     "Registers Per Thread": "regs",
     "Warp Cycles Per Issued Instruction": "cycles/issue",
+    "Avg. Active Threads Per Warp": "threads/warp",
 }
 STALL = ("smsp__average_warps_issue_stalled_", "_per_issue_active.ratio")  # cycles a warp waits per issue, by reason
 
@@ -93,7 +99,9 @@ def summarize(path: str, out_json: str | None = None) -> dict:
 
 
 def print_table(kernels: dict) -> None:
-    columns = sorted({c for values in kernels.values() for c in values}, key=lambda c: (c == "top stalls", c))
+    order = list(COLUMNS.values()) + ["top stalls"]
+    columns = sorted({c for values in kernels.values() for c in values},
+                     key=lambda c: (order.index(c.split(" (")[0]), c))  # "duration (unit)" by its base name
     print("| kernel | " + " | ".join(columns) + " |")
     print("| --- |" + " --- |" * len(columns))
     for name, values in kernels.items():

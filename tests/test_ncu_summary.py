@@ -21,6 +21,8 @@ def test_summary_reads_durations_throughputs_and_stalls(tmp_path, capsys):
         _row(0, fwd, "GPU Speed Of Light Throughput", "Duration", "us", "1,598.21"),
         _row(0, fwd, "GPU Speed Of Light Throughput", "Compute (SM) Throughput", "%", "41.2"),
         _row(0, fwd, "Occupancy", "Achieved Occupancy", "%", "18.7"),
+        _row(0, fwd, "GPU Speed Of Light Throughput", "L1/TEX Cache Throughput", "%", "31.9"),
+        _row(0, fwd, "Warp State Statistics", "Avg. Active Threads Per Warp", "", "31.52"),
         _row(0, fwd, "Command line profiler metrics",
              "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio", "", "3.5"),
         _row(0, fwd, "Command line profiler metrics",
@@ -38,5 +40,8 @@ def test_summary_reads_durations_throughputs_and_stalls(tmp_path, capsys):
     assert table["1:dash_bwd_kernel"]["duration (ms)"] == "4.93"
     print_table(table)
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("| kernel |") and "barrier 3.5" in out
+    # COLUMNS' order, the stalls last
+    assert out.splitlines()[0] == ("| kernel | duration (ms) | duration (us) | sm_% | l1_% | occupancy_% | "
+                                   "threads/warp | top stalls |")
+    assert fwd_row["l1_%"] == "31.9" and fwd_row["threads/warp"] == "31.52" and "barrier 3.5" in out
     assert (tmp_path / "ncu.json").exists()
