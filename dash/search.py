@@ -27,7 +27,8 @@ that every prompt counts alike (``prompt_answer_weights``). KL rewards matching 
 the teacher is unsure of the answer; RULER rewards the right answer, and counts every task alike. On SmolLM2 at
 K 9 the answers objective's hybrid has a lower answer KL than ppl_drop's (0.028 against 0.063), a higher answer
 NLL (0.504 against 0.494) and 2.6 fewer RULER points; at K 6 the KL ranked the two as RULER did and the NLL tied
-them (benchmarks/NOTES.md, session 11). An ablation until a comparison measures it.
+them; over 15 scored hybrids both rank as RULER does, near the teacher neither does (benchmarks/NOTES.md,
+session 11). An ablation until a comparison measures it.
 """
 from __future__ import annotations
 
