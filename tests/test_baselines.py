@@ -436,6 +436,10 @@ def test_an_interrupted_refinement_resumes_from_its_checkpoint(tmp_path, monkeyp
     calls.clear()
     refine.refine_full_layers(net, start, rows[:1], rounds=2, checkpoint=str(path))  # other rows: all again
     assert len(calls) == len(json.load(open(path))["kl"])
+    calls.clear()
+    refine.refine_full_layers(net, start, rows[:1], rounds=2, checkpoint=str(path), objective="answers_nll",
+                              answers=_answers(rows[:1]))  # another objective: all again
+    assert len(calls) == len(json.load(open(path))["kl"])
 
 
 def test_a_hybrid_chosen_twice_is_scored_once(tmp_path, monkeypatch):
