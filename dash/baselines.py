@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .candidates import Candidate
+from .search import answer_weights, kl_from_log_probs, label_nll
 from .supernet import Supernet
 
 METHODS = ("uniform", "random", "first", "last", "ppl_drop", "attn_mse", "kl_restore", "duo_gate", "teacher",
@@ -69,8 +70,6 @@ def teacher_hidden_states(net: Supernet, rows: torch.Tensor) -> List[torch.Tenso
 def calibration_weights(answers: Optional[torch.Tensor], answer_weight: float) -> Optional[List[torch.Tensor]]:
     """Per calibration row, the [T] token weights of DASH's ``answers`` objective over all the rows (mean KL plus
     ``answer_weight`` times the answers' mean KL); None without an answer mask."""
-    from .search import answer_weights
-
     if answers is None:
         return None
     return list(answer_weights(answers, answer_weight))
@@ -97,13 +96,11 @@ def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch
                 total += (per_token if weights is None else per_token * weights[i][:-1]).sum().item()
                 count += row.numel() - 1
             else:
-                t_logp = torch.log_softmax(head(teacher_hidden[i]).float(), -1)
                 logp = torch.log_softmax(logits, -1)
-                per_token = (t_logp.exp() * (t_logp - logp)).sum(-1)
+                per_token = kl_from_log_probs(logp, torch.log_softmax(head(teacher_hidden[i]).float(), -1))
                 total += (per_token if weights is None else per_token * weights[i]).sum().item()
                 if label_weights is not None:
-                    nll = -logp[:-1].gather(-1, row[1:, None])[:, 0]
-                    total += (nll * label_weights[i][:-1]).sum().item()
+                    total += (label_nll(logp[:-1], row[1:]) * label_weights[i][:-1]).sum().item()
                 count += row.numel()
     return total / max(1, count)
 

@@ -159,21 +159,28 @@ def _log_probs(hidden, head_weight, head_bias):
     return torch.log_softmax(F.linear(hidden, head_weight, head_bias).float(), -1)
 
 
-def _kl(student_logp, teacher_logp):
+def kl_from_log_probs(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """[N] KL(teacher || student) from [N, V] log-probabilities."""
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
+def label_nll(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N] NLL of each label ([N] token ids) under [N, V] log-probabilities."""
+    return -logp.gather(-1, labels[:, None])[:, 0]
 
 
 def token_kl(student_h, teacher_h, head_weight, head_bias):
     """[N] KL(teacher || student) per token, from the last hidden states through the LM head."""
-    return _kl(_log_probs(student_h, head_weight, head_bias), _log_probs(teacher_h, head_weight, head_bias))
+    student, teacher = (_log_probs(h, head_weight, head_bias) for h in (student_h, teacher_h))
+    return kl_from_log_probs(student, teacher)
 
 
 def _kl_chunk(student_h, teacher_h, head_weight, head_bias, weights, labels, label_weights):
     student = _log_probs(student_h, head_weight, head_bias)
-    per_token = _kl(student, _log_probs(teacher_h, head_weight, head_bias))
+    per_token = kl_from_log_probs(student, _log_probs(teacher_h, head_weight, head_bias))
     total = (per_token if weights is None else per_token * weights).sum()
     if labels is not None:
-        total = total - (student.gather(-1, labels[:, None])[:, 0] * label_weights).sum()
+        total = total + (label_nll(student, labels) * label_weights).sum()
     return total
 
 
@@ -312,7 +319,8 @@ class Search:
         no_answers = data.train_answers is None or not bool(data.train_answers.any())
         if config.objective in ANSWER_OBJECTIVES and no_answers:
             raise ValueError(f"objective '{config.objective}' needs retrieval rows in the data "
-                             "(dash.data.add_retrieval_rows, `--retrieval-fraction` > 0); or choose objective 'uniform'")
+                             "(dash.data.add_retrieval_rows, `--retrieval-fraction` > 0); or choose objective "
+                             "'uniform'")
         self.data_digest = data.digest()
         self.steps = max(1, math.ceil(config.tokens / (config.batch_size * data.seq_len)))
         with torch.no_grad():  # where the logits start (a resumed run then loads its own)
