@@ -45,7 +45,7 @@ import torch
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate, default_candidates
 from .data import tensor_digest
-from .search import ANSWER_OBJECTIVES, OBJECTIVES, Search, SearchConfig, candidate_cache_bytes
+from .search import ANSWER_OBJECTIVES, OBJECTIVES, Search, SearchConfig, candidate_cache_bytes, save_json
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
@@ -97,12 +97,8 @@ class ScoreCache:
         path = self._path(choice)
         if path is None:
             return
-        os.makedirs(self.folder, exist_ok=True)
         entry = dict(scores, imported=True) if imported else dict(scores, heldout=self.heldout)
-        tmp = f"{path}.{os.getpid()}.tmp"  # another shard may write the same hybrid's scores at the same time
-        with open(tmp, "w") as f:
-            json.dump(entry, f)
-        os.replace(tmp, path)
+        save_json(path, entry)  # another shard may write the same hybrid's scores at the same time
 
     def import_rows(self, path: str) -> int:
         """Adds the rows of the compare.json at ``path`` measured under the same evaluation settings (fine-tuned

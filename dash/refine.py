@@ -26,7 +26,7 @@ from .baselines import _loss, calibration_weights, set_choices, teacher_hidden_s
 from .candidates import Candidate
 from .data import tensor_digest
 from .search import (ANSWER_OBJECTIVES, OBJECTIVES, efficient_reference, long_range_weights,
-                     prompt_answer_weights)
+                     prompt_answer_weights, save_json)
 from .supernet import Supernet
 
 
@@ -92,7 +92,8 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
             set_choices(net, [names.index(c.name) for c in choice])
             measured[label] = _loss(net, rows, teacher, "kl", weights, label_weights)
             if checkpoint:
-                _write_checkpoint(checkpoint, key, measured, earlier_seconds + time.time() - started)
+                save_json(checkpoint, {"key": key, "kl": measured,
+                                       "seconds": earlier_seconds + time.time() - started})
         bar.update(1)
         return measured[label]
 
@@ -132,10 +133,3 @@ def _read_checkpoint(path: Optional[str], key: Dict):
         return {}, 0.0
     return dict(saved["kl"]), float(saved.get("seconds", 0.0))
 
-
-def _write_checkpoint(path: str, key: Dict, measured: Dict[str, float], seconds: float) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "kl": measured, "seconds": seconds}, f)
-    os.replace(tmp, path)  # a run killed while writing leaves the previous checkpoint whole

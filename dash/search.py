@@ -271,6 +271,16 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def save_json(path: str, document) -> None:
+    """json.dump through a temporary file of this process: a kill mid-write leaves the previous file intact, and
+    processes writing the same file at once each replace it whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str, keys: tuple) -> dict:
     """torch.load with a clear error for a missing, truncated or foreign file (the file is left as it is)."""
     if not os.path.exists(path):
