@@ -347,6 +347,11 @@ def _compare_parser(sub):
                    "files: a hybrid they scored under the same evaluation settings is not scored again once its "
                    "held-out perplexity, computed again, matches (the data-free selectors and the bounds choose the "
                    "same layers in every run)")
+    p.add_argument("--import-rows", nargs="+", default=None, metavar="COMPARE_JSON", help="earlier compare.json "
+                   "files (a committed table): the rows this run would produce are taken from them where their "
+                   "selection settings (seed, data, candidates, search, fine-tuning) match, so that a new method or "
+                   "objective extends a table without searching or selecting its rows again (their hybrids' scores "
+                   "are imported as by --import-scores)")
     p.add_argument("--score-cache", default="", help="folder of hybrid scores (default: <output>/scores): a hybrid "
                    "that another method already chose, with the same evaluation settings, takes those scores "
                    "instead of another RULER run (dash.compare.ScoreCache)")
@@ -366,6 +371,7 @@ def _shard_arguments(args) -> list:
                         ("--finetune-tokens", args.finetune_tokens), ("--finetune-rank", args.finetune_rank),
                         ("--refine-rounds", args.refine_rounds), ("--retrieval-fraction", args.retrieval_fraction),
                         ("--answer-weight", args.answer_weight), ("--import-scores", args.import_scores),
+                        ("--import-rows", args.import_rows),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
         if value is not None:
             out += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
@@ -439,7 +445,8 @@ def run_compare(args) -> dict:
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
                    search_objectives=args.search_objectives, calibration_answers=answers,
                    answer_weight=args.answer_weight, data_settings=_data_settings(args),
-                   score_cache=args.score_cache, import_scores=args.import_scores or ())
+                   score_cache=args.score_cache, import_scores=args.import_scores or (),
+                   import_rows=args.import_rows or ())
 
 
 def run_eval(args) -> dict:

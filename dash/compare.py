@@ -196,6 +196,20 @@ def resume_rows(path: str, settings: Dict):
     return [], {_row_key(row): row for row in saved["rows"]}
 
 
+def _run_keys(budgets: Sequence[int], methods: Sequence[str], random_seeds: Sequence[int],
+              search_objectives: Sequence[str], refine_rounds: int) -> List[tuple]:
+    """The rows (method, budget, seed) that ``compare`` produces with these arguments."""
+    keys = []
+    for budget in budgets:
+        keys += [(dash_method(objective), budget, None) for objective in search_objectives]
+        if refine_rounds > 0 and OBJECTIVES[0] in search_objectives:
+            keys.append(("dash_refined", budget, None))
+        for method in methods:
+            if method not in BOUNDS or budget == budgets[0]:  # the bounds: measured once
+                keys += [(method, budget, s) for s in (random_seeds if method == "random" else (None,))]
+    return keys
+
+
 def _row_label(method: str, budget: int, seed: Optional[int]) -> str:
     return f"{method} K{budget}" + ("" if seed is None else f" seed {seed}")
 
@@ -271,7 +285,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             refine_rounds: int = 2, search_objectives: Sequence[str] = OBJECTIVES[:1],
             calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
             data_settings: Optional[Dict] = None, score_cache: Optional[str] = "",
-            import_scores: Sequence[str] = ()) -> Dict:
+            import_scores: Sequence[str] = (), import_rows: Sequence[str] = ()) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
     search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
     ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
@@ -280,7 +294,11 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``).
     ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
     again. ``score_cache``: the folder of ``ScoreCache`` ("": ``output_dir/scores``; None: none); ``import_scores``:
-    earlier compare.json files whose hybrids need no second scoring (``ScoreCache.import_rows``)."""
+    earlier compare.json files whose hybrids need no second scoring (``ScoreCache.import_rows``); ``import_rows``:
+    earlier compare.json files (a committed table) whose rows this run would produce are taken as they are where
+    that run's selection settings match (``resume_rows``: scored again from their choice where only the evaluation
+    settings differ), so that a new row extends a table without searching or selecting its rows again; their
+    hybrids' scores are imported as by ``import_scores``."""
     from .finetune import Finetune, FinetuneConfig
     from .ruler import TASKS
 
@@ -311,10 +329,22 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     # fine-tuned hybrids differ by their adapters, not only their layers: scored one by one
     cache = ScoreCache(None if finetune_tokens or score_cache is None else
                        score_cache or os.path.join(output_dir, "scores"), settings, heldout)
-    for earlier_file in import_scores:
+    for earlier_file in dict.fromkeys([*import_rows, *import_scores]):
         added = cache.import_rows(earlier_file)
         if progress:
             print(f"[compare] {added} hybrids' scores imported from {earlier_file}", flush=True)
+    wanted = set(_run_keys(budgets, methods, random_seeds, search_objectives if include_dash else (), refine_rounds))
+    for earlier_file in import_rows:
+        kept, rescore = resume_rows(earlier_file, settings)
+        taken = [row for row in kept if _row_key(row) in wanted - done]
+        rows += [dict(row, imported_from=row.get("imported_from", earlier_file)) for row in taken]
+        done.update(_row_key(row) for row in taken)
+        for key, row in rescore.items():
+            if key in wanted - done:
+                earlier.setdefault(key, row)
+        if progress:
+            print(f"[compare] {len(taken)} rows taken from {earlier_file}"
+                  + (f", {len(rescore)} of its hybrids to score again" if rescore else ""), flush=True)
 
     def teacher_hidden(batch):
         with net.teacher():
@@ -389,6 +419,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             need_refined = (method == "dash" and refine_rounds > 0 and refined_key not in done
                             and not score_earlier(refined_key))
             if need_dash or need_refined:
+                dash_row = None if need_dash else next(r for r in rows if _row_key(r) == key)
                 config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed,
                                       objective=objective, answer_weight=answer_weight)
                 # another candidate set, objective, start, seed or data, another search (a checkpoint resumes only
@@ -397,13 +428,17 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 folder = f"search_K{budget}_{objective}_{config.init}" + \
                     ("" if default else "_" + "+".join(names)) + ("" if seed == 0 else f"_seed{seed}") + \
                     f"_data{search_data.digest()[:8]}"
-                search = Search(net, search_data, config, os.path.join(output_dir, folder))
-                summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
-                # the loop's seconds over every run of it (a resumed, finished search takes ~0 s now)
-                search_cost = {"search_tokens": summary["tokens"], "seconds": summary["timing"]["total_search_s"]}
-                from .export import discretise
+                if dash_row is None:
+                    search = Search(net, search_data, config, os.path.join(output_dir, folder))
+                    summary = search.run(progress=progress)  # resumes from its own checkpoint (at once if complete)
+                    # the loop's seconds over every run of it (a resumed, finished search takes ~0 s now)
+                    search_cost = {"search_tokens": summary["tokens"], "seconds": summary["timing"]["total_search_s"]}
+                    from .export import discretise
 
-                choices = discretise(net.probabilities(), net.candidates, budget)
+                    choices = discretise(net.probabilities(), net.candidates, budget)
+                else:  # the refinement alone: it starts from the searched hybrid, which the row keeps
+                    choices = [net.candidates[names.index(name)] for name in dash_row["choice"]]
+                    search_cost = {k: dash_row["cost"][k] for k in ("search_tokens", "seconds")}
                 if need_dash:
                     score(method, budget, None, choices, _with_concurrency(search_cost))
                 if need_refined:
@@ -588,14 +623,16 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
 
 
 def resolved_evaluation(folders: Sequence[str]) -> Dict:
-    """The evaluation settings as the shards resolved them (lengths by the model's context, the evaluation batch by
-    the device), from the first shard's compare.json: the parent's own may be None (``ScoreCache`` needs them)."""
+    """The evaluation settings and the candidates as the shards resolved them (lengths by the model's context, the
+    evaluation batch by the device, the candidates by the context), from the first shard's compare.json: the
+    parent's own may be None (``ScoreCache`` needs them; ``resume_rows`` needs the candidates of a table that a
+    later run imports)."""
     for shard_folder in folders:
         path = os.path.join(shard_folder, "compare.json")
         if os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
-            return {key: saved[key] for key in EVALUATION_SETTINGS if saved.get(key) is not None}
+            return {key: saved[key] for key in (*EVALUATION_SETTINGS, "candidates") if saved.get(key) is not None}
     return {}
 
 

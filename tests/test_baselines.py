@@ -485,3 +485,42 @@ def test_a_hybrid_chosen_twice_is_scored_once(tmp_path, monkeypatch):
                            **dict(kwargs, output_dir=str(tmp_path / "e"),
                                   import_scores=[str(tmp_path / "doctored.json")]))
     assert len(runs) == 5  # the check failed: scored again (once: then the first row's fresh scores serve)
+
+
+def test_an_earlier_tables_rows_extend_into_a_new_run(tmp_path, monkeypatch):
+    """`--import-rows`: the rows of an earlier table that a run would produce are taken, not searched, selected or
+    scored again; the refinement starts from the imported DASH row's hybrid, with no search; only what is new
+    runs. Another seed (another selection) takes none of them."""
+    import dash.compare as compare_module
+    from dash.search import Search
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    net, rows = _compare_net(), _rows()
+    kwargs = dict(search_tokens=96, search_batch=2, lengths=[300], tasks=["passkey"], samples=1, progress=False,
+                  calibration_answers=_answers(rows))
+    first = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                                   **dict(kwargs, methods=["first"], refine_rounds=0, output_dir=str(tmp_path / "a")))
+    earlier = str(tmp_path / "a" / "compare.json")
+    searched, selected, real_run, real_select = [], [], Search.run, compare_module.select
+    monkeypatch.setattr(Search, "run", lambda self, **k: searched.append(self.config.objective) or real_run(self, **k))
+    monkeypatch.setattr(compare_module, "select", lambda *a, **k: selected.append(a[1]) or real_select(*a, **k))
+    out = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                                 **dict(kwargs, methods=["first", "last"], refine_rounds=1, import_rows=[earlier],
+                                        search_objectives=["answers", "long_range"], output_dir=str(tmp_path / "b")))
+    assert searched == ["long_range"] and selected == ["last"]
+    by_method = {r["method"]: r for r in out["rows"]}
+    assert set(by_method) == {"dash", "dash_refined", "dash_long_range", "first", "last"}
+    for method in ("dash", "first"):
+        before = next(r for r in first["rows"] if r["method"] == method)
+        assert by_method[method] == dict(before, imported_from=earlier)
+    refined = by_method["dash_refined"]
+    assert "imported_from" not in refined and refined["cost"]["search_tokens"] == by_method["dash"]["cost"]["search_tokens"]
+    assert sum(c == "full" for c in refined["choice"]) == 1
+    saved = json.load(open(tmp_path / "b" / "compare.json"))
+    assert {r["method"] for r in saved["rows"]} == set(by_method)  # the table holds the imported rows too
+    searched.clear(), selected.clear()
+    compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                           **dict(kwargs, methods=["first"], refine_rounds=0, import_rows=[earlier], seed=1,
+                                  output_dir=str(tmp_path / "c")))
+    assert searched == ["answers"] and selected == ["first"]

@@ -116,9 +116,11 @@ def test_shards_repeat_the_parents_settings():
 
     parser = build_parser()
     parent = parser.parse_args(["compare", "--budgets", "3", "6", "--lengths", "1024", "2048", "--samples", "7",
-                                "--candidates", "full", "swa512", "--devices", "cuda:0", "cuda:0", "--seed", "4"])
+                                "--candidates", "full", "swa512", "--devices", "cuda:0", "cuda:0", "--seed", "4",
+                                "--import-rows", "a.json", "--import-scores", "b.json"])
     shard = parser.parse_args(["compare", *_shard_arguments(parent), "--budgets", "3", "--methods", "--skip-dash"])
-    for name in ("lengths", "samples", "candidates", "seed", "model", "search_tokens", "finetune_tokens"):
+    for name in ("lengths", "samples", "candidates", "seed", "model", "search_tokens", "finetune_tokens",
+                 "import_rows", "import_scores"):
         assert getattr(shard, name) == getattr(parent, name), name
     assert shard.methods == [] and shard.skip_dash and shard.devices is None
     default = parser.parse_args(["compare", "--devices", "cuda:0"])
@@ -190,3 +192,26 @@ def test_the_committed_smollm2_tables_import_into_a_score_cache(tmp_path):
     assert entry["ruler_average"] == row["ruler_average"] and entry["scored_as"].endswith("compare_smollm2_h200.json")
     assert cache.get(row["choice"], perplexity=lambda: row["perplexity"] * 1.01) is None  # another model: not
     assert cache.get(row["choice"]) is None  # nothing to check it with: not
+
+
+def test_the_committed_answers_table_extends_without_its_rows_rerun():
+    """The next SmolLM2 comparison (`--import-rows` of this table) keeps its 37 rows: its recorded settings are
+    those a GPU shard of the default command resolves (the candidates were added to it by hand: the parent did
+    not record them before 2026-11-29)."""
+    import os
+
+    from dash.compare import _run_keys, comparison_candidates, resume_rows, search_settings
+    from dash.baselines import METHODS
+    from dash.ruler import TASKS
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                        "compare_smollm2_h200_answers_1e4b54c.json")
+    shard = {"lengths": [1024, 2048, 4096, 8192], "tasks": list(TASKS), "samples": 10, "eval_batch": 10, "seed": 0,
+             "finetune_tokens": 0, "finetune_rank": 8, "finetune_lr": 2e-4, "refine_rounds": 2,
+             "candidates": [c.name for c in comparison_candidates(8192)], "retrieval_fraction": 0.5,
+             "calibration_tokens": 65536, "answer_weight": 1.0, **search_settings()}
+    kept, rescore = resume_rows(path, shard)
+    assert len(kept) == 37 and rescore == {}
+    wanted = set(_run_keys([3, 6, 9], METHODS, (0, 1, 2), ["answers", "answers_nll"], 2))
+    missing = wanted - {(r["method"], r["budget"], r["seed"]) for r in kept}
+    assert missing == {("dash_refined", 9, None), *((("dash_answers_nll", k, None) for k in (3, 6, 9)))}
