@@ -20,12 +20,25 @@ namespace dash {
 
 namespace {
 
+// Which prep kernel runs: DASH_CUDA_PREP=rows the row-parallel one (coalesced; not yet the default: it has not
+// run on a GPU), anything else (or unset) the warp-per-row one. Read at every call (a getenv).
+template <typename T>
+void launch_prep(const BwdParams& params, int head_dim, int batch_heads, cudaStream_t stream) {
+  const char* choice = std::getenv("DASH_CUDA_PREP");
+  if (choice != nullptr && std::strcmp(choice, "rows") == 0) {
+    const dim3 grid((params.seq + kPrepRows - 1) / kPrepRows, batch_heads);
+    mixed_attention_bwd_prep_rows_kernel<T><<<grid, 128, 0, stream>>>(params, head_dim);
+  } else {
+    mixed_attention_bwd_prep_kernel<T><<<dim3((params.seq + 3) / 4, batch_heads), 128, 0, stream>>>(params, head_dim);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int D>
 void launch_bwd(const BwdParams& params, int row_tiles, int batch_heads, cudaStream_t stream) {
   using Tile = BwdTile<D>;
   const dim3 grid(row_tiles, batch_heads);
-  mixed_attention_bwd_prep_kernel<T><<<dim3((params.seq + 3) / 4, batch_heads), 128, 0, stream>>>(params, D);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_prep<T>(params, D, batch_heads, stream);
   auto dkdv = mixed_attention_bwd_dkdv_kernel<T, D>;
   set_shared_memory(dkdv, Tile::kSmemBytes);
   dkdv<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(params);
@@ -41,8 +54,7 @@ void launch_bwd(const BwdParams& params, int row_tiles, int batch_heads, cudaStr
 template <typename T, int D>
 void launch_bwd_mma(const BwdParams& params, float* dq_accum, int batch_heads, cudaStream_t stream) {
   using Tile = BwdMmaTile<D>;
-  mixed_attention_bwd_prep_kernel<T><<<dim3((params.seq + 3) / 4, batch_heads), 128, 0, stream>>>(params, D);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_prep<T>(params, D, batch_heads, stream);
   BwdMmaParams mma_params{};
   static_cast<BwdParams&>(mma_params) = params;
   mma_params.dq_accum = dq_accum;

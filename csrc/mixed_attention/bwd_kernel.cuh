@@ -100,6 +100,67 @@ __global__ void __launch_bounds__(128) mixed_attention_bwd_prep_kernel(const Bwd
   }
 }
 
+// The same prep, laid out for the GPU's memory system (DASH_CUDA_PREP=rows; Nsight Compute, session 11: the one
+// above keeps 10 of 32 lanes busy, lane 0 looping over the regions, and stores 4 bytes a row per cache line).
+// A block takes kPrepRows consecutive rows. The dot products: a warp per row, lanes along the head dim, dY read
+// once for every candidate. The coefficients: a thread per row, each warp a quarter of the regions, so that
+// every store of a warp fills 128 consecutive bytes along T.
+constexpr int kPrepRows = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(128) mixed_attention_bwd_prep_rows_kernel(const BwdParams p, int head_dim) {
+  __shared__ float delta_s[kMaxCandidates][kPrepRows];
+  __shared__ float lse_s[kMaxCandidates][kPrepRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t0 = blockIdx.x * kPrepRows;
+  const int bh = blockIdx.y;
+  const int b = bh / p.heads_q, h = bh % p.heads_q;
+  const int C = p.num_c;
+  const int64_t plane = int64_t(p.batch) * p.seq * p.heads_q * head_dim;
+  constexpr int kPerLane = 4;  // head dims up to 128
+  for (int i = warp; i < kPrepRows && t0 + i < p.seq; i += 4) {  // warp-uniform bounds
+    const int64_t row = ((int64_t(b) * p.seq + t0 + i) * p.heads_q + h) * head_dim;
+    const T* dy = static_cast<const T*>(p.dy) + row;
+    const T* o = static_cast<const T*>(p.o) + row;
+    float dy_f[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) dy_f[k] = lane + 32 * k < head_dim ? Vec<T>::to_float(dy[lane + 32 * k]) : 0.f;
+    for (int c = 0; c < C; ++c) {
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k)
+        if (lane + 32 * k < head_dim) sum += dy_f[k] * Vec<T>::to_float(o[c * plane + lane + 32 * k]);
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      if (lane == 0) delta_s[c][i] = sum;
+    }
+  }
+  __syncthreads();
+  const int t = t0 + lane;
+  const bool in_range = t < p.seq;
+  const int64_t row_c = int64_t(bh) * C * p.seq + t;
+  for (int c = warp; c < C && in_range; c += 4) {  // D_c out, LSE_c in: coalesced along T
+    p.delta[row_c + int64_t(c) * p.seq] = delta_s[c][lane];
+    lse_s[c][lane] = p.lse[row_c + int64_t(c) * p.seq];
+  }
+  __syncthreads();
+  if (!in_range) return;
+  const int64_t row_r = int64_t(bh) * p.num_regions * p.seq + t;
+  for (int r = warp; r < p.num_regions; r += 4) {
+    float ref = INFINITY, a = 0.f, bb = 0.f;
+    for (int c = 0; c < C; ++c)
+      if (p.membership[r] >> c & 1) ref = fminf(ref, lse_s[c][lane]);
+    for (int c = 0; c < C; ++c)
+      if (p.membership[r] >> c & 1) {
+        const float term = p.w[h * C + c] * exp2f(ref - lse_s[c][lane]);
+        a += term;
+        bb += term * delta_s[c][lane];
+      }
+    p.ref[row_r + int64_t(r) * p.seq] = ref;
+    p.coef_a[row_r + int64_t(r) * p.seq] = a;
+    p.coef_b[row_r + int64_t(r) * p.seq] = bb;
+  }
+}
+
 template <int D>
 struct BwdTile {
   static constexpr int kRows = 64;  // rows of each tile (keys or queries), 4 warps x 16
