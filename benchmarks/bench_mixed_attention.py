@@ -5,8 +5,7 @@ forward and forward+backward, bf16:
   fused          dash_kernels.mixed_attention (backend chosen by --backend, default triton)
   cuda[F+B]      the same with backend="cuda" (the CUDA C++ kernels of csrc/), where built: one column per
                  forward + backward mainloop pair of --cuda-mainloops (DASH_CUDA_FWD=F, DASH_CUDA_BWD=B,
-                 set around each timed step), e.g. cuda[wmma+wmma] cuda[mma+mma] cuda[sm90+mma]; a third part
-                 picks the backward's prep kernel (cuda[sm90tma+mma+rows]: DASH_CUDA_PREP=rows)
+                 set around each timed step), e.g. cuda[wmma+wmma] cuda[mma+mma] cuda[sm90+mma]
   flex_separate  (a) the same candidates run separately through FlexAttention, weighted and summed
   sdpa_cudnn     (b) cuDNN SDPA, one causal attention
   sdpa_flash     (c) flash SDPA, one causal attention
@@ -79,14 +78,11 @@ def cuda_column(mainloops: str) -> str:
 
 
 def mainloop_env(mainloops: str) -> dict:
-    """'sm90+mma' -> the environment the CUDA backend reads at every call to pick its mainloops; a third part
-    picks the backward's prep kernel ('sm90tma+mma+rows': DASH_CUDA_PREP=rows; without it, the default one)."""
-    parts = mainloops.split("+")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ValueError(f"--cuda-mainloops: expected FWD+BWD or FWD+BWD+PREP (e.g. sm90+mma, sm90tma+mma+rows), "
-                         f"got {mainloops!r}")
-    return {"DASH_CUDA_FWD": parts[0], "DASH_CUDA_BWD": parts[1],
-            "DASH_CUDA_PREP": parts[2] if len(parts) == 3 else "warp"}
+    """'sm90+mma' -> the environment the CUDA backend reads at every call to pick its mainloops."""
+    fwd, _, bwd = mainloops.partition("+")
+    if not fwd or not bwd:
+        raise ValueError(f"--cuda-mainloops: expected FWD+BWD (e.g. sm90+mma), got {mainloops!r}")
+    return {"DASH_CUDA_FWD": fwd, "DASH_CUDA_BWD": bwd}
 
 
 @contextlib.contextmanager

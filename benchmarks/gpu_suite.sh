@@ -6,7 +6,7 @@
 #                  include backend "cuda"); a warm machine keeps it between calls   ~2 min
 #     sanitize     the CUDA backend under compute-sanitizer memcheck and racecheck, small shapes  ~2 min
 #     mainloops    the CUDA backend's mainloops (CUDA_MAINLOOPS="wmma+wmma mma+mma sm90+mma sm90tma+mma",
-#                  forward+backward; a third part picks the backward's prep: sm90tma+mma+rows): each pair's GPU tests in its own processes, the pairs at once (TEST_TIMEOUT
+#                  forward+backward): each pair's GPU tests in its own processes, the pairs at once (TEST_TIMEOUT
 #                  per process), then one benchmark (bench_mixed_attention --cuda-mainloops, BENCH_ARGS) with a
 #                  column for each pair whose fp32-reference cases all passed: a hang or a wrong result stays out
 #                  of the timing  ~8 min
@@ -74,20 +74,18 @@ for part in ${PARTS:-tests bench}; do
       for pair in $pairs; do
         # per pair, one process after the other: the fp32-reference cases (the gate of its benchmark column),
         # then the rest (the Triton contract, the refusals); the pairs at once
-        # FWD+BWD or FWD+BWD+PREP (the backward's prep kernel: sm90tma+mma+rows sets DASH_CUDA_PREP=rows)
-        (IFS=+ read -r fwd bwd prep <<< "$pair"
-         export DASH_CUDA_FWD="$fwd" DASH_CUDA_BWD="$bwd" DASH_CUDA_PREP="${prep:-warp}"
+        (export DASH_CUDA_FWD="${pair%+*}" DASH_CUDA_BWD="${pair#*+}"
          for part in reference rest; do
            [ $part = reference ] && k="cuda and fp32_reference" || k="cuda and not fp32_reference"
            timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py \
-             -k "$k" > "$OUT/gpu_tests_${pair//+/_}_$part.log" 2>&1
+             -k "$k" > "$OUT/gpu_tests_${pair/+/_}_$part.log" 2>&1
          done) &
         pids+=($!)
       done
       wait "${pids[@]}"
       passed=()
       for pair in $pairs; do
-        gate=$(tail -1 "$OUT/gpu_tests_${pair//+/_}_reference.log") rest=$(tail -1 "$OUT/gpu_tests_${pair//+/_}_rest.log")
+        gate=$(tail -1 "$OUT/gpu_tests_${pair/+/_}_reference.log") rest=$(tail -1 "$OUT/gpu_tests_${pair/+/_}_rest.log")
         echo "$pair: reference: ${gate:-no summary (timed out)}; the rest: ${rest:-no summary (timed out)}"
         case "$gate" in *passed*) case "$gate" in *failed*|*error*) ;; *) passed+=("$pair") ;; esac ;; esac
       done

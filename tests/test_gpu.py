@@ -117,33 +117,6 @@ def test_cuda_kernels_keep_the_triton_contract(name):
     assert all(value < 1e-2 for value in errors.values()), errors
 
 
-@pytest.mark.skipif(not cuda_extension_available(), reason="dash_kernels._C not built")
-@pytest.mark.parametrize("mainloop", ["wmma", "mma"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_cuda_prep_kernels_agree(name, mainloop, monkeypatch):
-    """DASH_CUDA_PREP=rows computes the region coefficients as the default prep does, in the same order: delta is
-    bitwise the same, and so are the gradients but for the mma backward's dQ atomics (their order varies)."""
-    from dash_kernels.ops.mixed_attention import cuda_op
-    from dash_kernels.ops.mixed_attention.spec import make_plan
-
-    batch, seq, hq, hkv, d, dtype, windows, sinks, per_head = CASES[name]
-    q, k, v, w = make_inputs(batch, seq, hq, hkv, d, len(windows), per_head=per_head, dtype=dtype, device="cuda")
-    plan = make_plan(windows, sinks)
-    monkeypatch.setenv("DASH_CUDA_BWD", mainloop)
-    with torch.no_grad():
-        _, o, lse = cuda_op.mixed_attention_fwd(q, k, v, w, plan, d ** -0.5)
-        dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=dtype).cuda()
-        grads = {}
-        for prep in ("warp", "rows"):
-            monkeypatch.setenv("DASH_CUDA_PREP", prep)
-            grads[prep] = cuda_op.mixed_attention_bwd(dy, q, k, v, w, o, lse, plan, d ** -0.5)
-    for label, a, b in zip(("dq", "dk", "dv", "delta"), grads["warp"], grads["rows"]):
-        if label == "dq" and mainloop == "mma":
-            assert rel_err(b, a) < 1e-4, (label, rel_err(b, a))
-        else:
-            assert torch.equal(a, b), (label, rel_err(b, a))
-
-
 def test_cuda_backend_refuses_what_it_does_not_take():
     q, k, v, w = make_inputs(1, 64, 2, 1, 32, 2, dtype=torch.bfloat16, device="cuda")  # D 32
     with pytest.raises(ValueError, match="backend='cuda' is unavailable for these inputs"):

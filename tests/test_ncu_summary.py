@@ -45,16 +45,3 @@ def test_summary_reads_durations_throughputs_and_stalls(tmp_path, capsys):
                                    "threads/warp | top stalls |")
     assert fwd_row["l1_%"] == "31.9" and fwd_row["threads/warp"] == "31.52" and "barrier 3.5" in out
     assert (tmp_path / "ncu.json").exists()
-
-
-def test_mainloop_names_set_the_backends_environment():
-    """`--cuda-mainloops` / CUDA_MAINLOOPS names: FWD+BWD, or FWD+BWD+PREP for the backward's prep kernel; the
-    default prep is set explicitly, so that a column never inherits DASH_CUDA_PREP from the caller."""
-    import pytest
-    from bench_mixed_attention import mainloop_env
-
-    assert mainloop_env("sm90tma+mma") == {"DASH_CUDA_FWD": "sm90tma", "DASH_CUDA_BWD": "mma", "DASH_CUDA_PREP": "warp"}
-    assert mainloop_env("mma+mma+rows")["DASH_CUDA_PREP"] == "rows"
-    for bad in ("mma", "mma+", "a+b+c+d", "+mma"):
-        with pytest.raises(ValueError, match="FWD\\+BWD"):
-            mainloop_env(bad)

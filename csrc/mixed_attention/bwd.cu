@@ -20,17 +20,10 @@ namespace dash {
 
 namespace {
 
-// Which prep kernel runs: DASH_CUDA_PREP=rows the row-parallel one (coalesced; not yet the default: it has not
-// run on a GPU), anything else (or unset) the warp-per-row one. Read at every call (a getenv).
 template <typename T>
 void launch_prep(const BwdParams& params, int head_dim, int batch_heads, cudaStream_t stream) {
-  const char* choice = std::getenv("DASH_CUDA_PREP");
-  if (choice != nullptr && std::strcmp(choice, "rows") == 0) {
-    const dim3 grid((params.seq + kPrepRows - 1) / kPrepRows, batch_heads);
-    mixed_attention_bwd_prep_rows_kernel<T><<<grid, 128, 0, stream>>>(params, head_dim);
-  } else {
-    mixed_attention_bwd_prep_kernel<T><<<dim3((params.seq + 3) / 4, batch_heads), 128, 0, stream>>>(params, head_dim);
-  }
+  const dim3 grid((params.seq + kPrepRows - 1) / kPrepRows, batch_heads);
+  mixed_attention_bwd_prep_kernel<T><<<grid, 128, 0, stream>>>(params, head_dim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

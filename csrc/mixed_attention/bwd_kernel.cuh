@@ -56,59 +56,15 @@ __device__ __forceinline__ bool tile_visible(const BwdParams& p, int m0, int m1,
   return m0 - j1 < p.widest;  // the nearest pair is inside the widest window
 }
 
-template <typename T>
-__global__ void __launch_bounds__(128) mixed_attention_bwd_prep_kernel(const BwdParams p, int head_dim) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int t = blockIdx.x * 4 + warp;
-  const int bh = blockIdx.y;
-  if (t >= p.seq) return;
-  const int b = bh / p.heads_q, h = bh % p.heads_q;
-  const int C = p.num_c;
-  const int64_t row = ((int64_t(b) * p.seq + t) * p.heads_q + h) * head_dim;
-  const int64_t plane = int64_t(p.batch) * p.seq * p.heads_q * head_dim;
-  const T* dy = static_cast<const T*>(p.dy) + row;
-  const T* o = static_cast<const T*>(p.o) + row;
-  float delta[kMaxCandidates];
-  for (int c = 0; c < C; ++c) {
-    float sum = 0.f;
-    for (int d = lane; d < head_dim; d += 32) sum += Vec<T>::to_float(dy[d]) * Vec<T>::to_float(o[c * plane + d]);
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    delta[c] = sum;
-  }
-  const int64_t row_c = int64_t(bh) * C * p.seq + t;
-  const int64_t row_r = int64_t(bh) * p.num_regions * p.seq + t;
-  if (lane == 0) {
-    float lse[kMaxCandidates];
-    for (int c = 0; c < C; ++c) {
-      p.delta[row_c + int64_t(c) * p.seq] = delta[c];
-      lse[c] = p.lse[row_c + int64_t(c) * p.seq];
-    }
-    for (int r = 0; r < p.num_regions; ++r) {
-      float ref = INFINITY, a = 0.f, bb = 0.f;
-      for (int c = 0; c < C; ++c)
-        if (p.membership[r] >> c & 1) ref = fminf(ref, lse[c]);
-      for (int c = 0; c < C; ++c)
-        if (p.membership[r] >> c & 1) {
-          const float term = p.w[h * C + c] * exp2f(ref - lse[c]);
-          a += term;
-          bb += term * delta[c];
-        }
-      p.ref[row_r + int64_t(r) * p.seq] = ref;
-      p.coef_a[row_r + int64_t(r) * p.seq] = a;
-      p.coef_b[row_r + int64_t(r) * p.seq] = bb;
-    }
-  }
-}
-
-// The same prep, laid out for the GPU's memory system (DASH_CUDA_PREP=rows; Nsight Compute, session 11: the one
-// above keeps 10 of 32 lanes busy, lane 0 looping over the regions, and stores 4 bytes a row per cache line).
-// A block takes kPrepRows consecutive rows. The dot products: a warp per row, lanes along the head dim, dY read
-// once for every candidate. The coefficients: a thread per row, each warp a quarter of the regions, so that
-// every store of a warp fills 128 consecutive bytes along T.
+// The prep: D_c and the region coefficients of every row. A block takes kPrepRows consecutive rows. The dot
+// products: a warp per row, lanes along the head dim, dY read once for every candidate. The coefficients: a
+// thread per row, each warp a quarter of the regions, so that every store of a warp fills 128 consecutive bytes
+// along T (a warp per row with lane 0 looping over the regions took 0.45 ms at the Qwen2.5-3B shape, 10 of 32
+// lanes busy: benchmarks/NOTES.md, sessions 11 and 12).
 constexpr int kPrepRows = 32;
 
 template <typename T>
-__global__ void __launch_bounds__(128) mixed_attention_bwd_prep_rows_kernel(const BwdParams p, int head_dim) {
+__global__ void __launch_bounds__(128) mixed_attention_bwd_prep_kernel(const BwdParams p, int head_dim) {
   __shared__ float delta_s[kMaxCandidates][kPrepRows];
   __shared__ float lse_s[kMaxCandidates][kPrepRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
