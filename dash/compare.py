@@ -196,6 +196,14 @@ def resume_rows(path: str, settings: Dict):
     return [], {_row_key(row): row for row in saved["rows"]}
 
 
+def _selector_keys(budget: int, budgets: Sequence[int], methods: Sequence[str],
+                   random_seeds: Sequence[int]) -> List[tuple]:
+    """The selectors' rows (method, budget, seed) at ``budget``: random once per seed, the bounds only at the
+    first budget (they do not depend on it)."""
+    return [(method, budget, seed) for method in methods if method not in BOUNDS or budget == budgets[0]
+            for seed in (random_seeds if method == "random" else (None,))]
+
+
 def _run_keys(budgets: Sequence[int], methods: Sequence[str], random_seeds: Sequence[int],
               search_objectives: Sequence[str], refine_rounds: int) -> List[tuple]:
     """The rows (method, budget, seed) that ``compare`` produces with these arguments."""
@@ -204,9 +212,7 @@ def _run_keys(budgets: Sequence[int], methods: Sequence[str], random_seeds: Sequ
         keys += [(dash_method(objective), budget, None) for objective in search_objectives]
         if refine_rounds > 0 and OBJECTIVES[0] in search_objectives:
             keys.append(("dash_refined", budget, None))
-        for method in methods:
-            if method not in BOUNDS or budget == budgets[0]:  # the bounds: measured once
-                keys += [(method, budget, s) for s in (random_seeds if method == "random" else (None,))]
+        keys += _selector_keys(budget, budgets, methods, random_seeds)
     return keys
 
 
@@ -454,13 +460,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                                         "searched_kl": refined["searched_kl"],
                                         "kl": refined["kl"], "swaps": refined["swaps"]})
                     score("dash_refined", budget, None, refined["choices"], _with_concurrency(cost))
-        for method in methods:
-            for run_seed in (random_seeds if method == "random" else (None,)):
-                if method in BOUNDS and budget != budgets[0]:
-                    continue  # the bounds do not depend on the budget
-                key = (method, budget, run_seed)
-                if key in done or score_earlier(key):
-                    continue
+        for key in _selector_keys(budget, budgets, methods, random_seeds):
+            method, _, run_seed = key
+            if key not in done and not score_earlier(key):
                 out = select(net, method, budget, efficient, rows=calibration, seed=run_seed or 0,
                              tokenizer=tokenizer, answers=calibration_answers, answer_weight=answer_weight)
                 score(method, budget, run_seed, out["choices"], _with_concurrency(out["cost"]))

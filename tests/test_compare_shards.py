@@ -214,4 +214,4 @@ def test_the_committed_answers_table_extends_without_its_rows_rerun():
     assert len(kept) == 37 and rescore == {}
     wanted = set(_run_keys([3, 6, 9], METHODS, (0, 1, 2), ["answers", "answers_nll"], 2))
     missing = wanted - {(r["method"], r["budget"], r["seed"]) for r in kept}
-    assert missing == {("dash_refined", 9, None), *((("dash_answers_nll", k, None) for k in (3, 6, 9)))}
+    assert missing == {("dash_refined", 9, None)} | {("dash_answers_nll", k, None) for k in (3, 6, 9)}
