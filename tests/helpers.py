@@ -7,8 +7,10 @@ import torch
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all(), "non-finite values in result"
-    # the floor keeps exactly-zero references (e.g. dq at T = 1) from dividing by zero
-    return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
+    # The floor, an RMS of 0.1 (the scale of these tests' unit-variance inputs' gradients), judges exactly-zero
+    # references (dk at T = 1: one key, so dS = P (dP - delta) = 0 up to rounding) by fp32 rounding of O(1) terms
+    # rather than dividing by zero; at 1e-2 such a case passed or failed with the interpreter's numpy version.
+    return ((a - b).norm() / b.norm().clamp_min(1e-1 * b.numel() ** 0.5)).item()
 
 
 def make_inputs(batch, seq, heads_q, heads_kv, head_dim, num_c, *, per_head=False, dtype=torch.float32,
