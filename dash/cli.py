@@ -311,6 +311,9 @@ def _compare_parser(sub):
     p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
                    "rounds of full-layer swaps that lower the search's own objective on the calibration rows "
                    "(dash.refine), as the row dash_refined; 0: off")
+    p.add_argument("--refine-objective", choices=list(OBJECTIVES), default=None, help="the objective the "
+                   "refinement lowers (default: the search's own); e.g. answers_nll, the mean KL plus the true "
+                   "answers' NLL per prompt, the measure ppl_drop ranks layers by (answer-weighted NLL)")
     p.add_argument("--devices", nargs="+", default=None, help="run the comparison as shards (per budget: the "
                    "DASH search, the selectors) in parallel, one process per named device (a device may be "
                    "named twice: two processes share it), then merge; resumable like one process")
@@ -369,7 +372,8 @@ def _shard_arguments(args) -> list:
                         ("--calibration-tokens", args.calibration_tokens), ("--lengths", args.lengths),
                         ("--tasks", args.tasks), ("--samples", args.samples), ("--eval-batch", args.eval_batch),
                         ("--finetune-tokens", args.finetune_tokens), ("--finetune-rank", args.finetune_rank),
-                        ("--refine-rounds", args.refine_rounds), ("--retrieval-fraction", args.retrieval_fraction),
+                        ("--refine-rounds", args.refine_rounds), ("--refine-objective", args.refine_objective),
+                        ("--retrieval-fraction", args.retrieval_fraction),
                         ("--answer-weight", args.answer_weight), ("--import-scores", args.import_scores),
                         ("--import-rows", args.import_rows),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
@@ -401,7 +405,8 @@ def run_compare(args) -> dict:
         os.makedirs(args.output, exist_ok=True)
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
-                    "seed": args.seed, "refine_rounds": args.refine_rounds, **_data_settings(args),
+                    "seed": args.seed, "refine_rounds": args.refine_rounds, "refine_objective": args.refine_objective,
+                    **_data_settings(args),
                     **search_settings()}
         if args.selector_shards < 1:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
@@ -441,6 +446,7 @@ def run_compare(args) -> dict:
                    methods=methods, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
                    lengths=lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,
                    eval_batch=args.eval_batch or (args.samples if on_gpu else 1), refine_rounds=args.refine_rounds,
+                   refine_objective=args.refine_objective,
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
                    search_objectives=args.search_objectives, calibration_answers=answers,

@@ -148,6 +148,8 @@ EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
 # files written before these were recorded
 LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_init": "uniform", "search_lr": 0.05,
                    "retrieval_fraction": 0.0, "calibration_tokens": 16384, "answer_weight": 1.0}
+# how the refinement runs (files without refine_objective refined by the search's own objective)
+LEGACY_REFINE = {"refine_rounds": 0, "refine_objective": None}
 # what the search and the selectors learn from: other data, everything is selected again
 DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight")
 
@@ -187,7 +189,8 @@ def resume_rows(path: str, settings: Dict):
         saved = json.load(f)
     if not _same_selection(saved, settings):
         return [], {}
-    if saved.get("refine_rounds", 0) != settings.get("refine_rounds", 0):  # only the refined rows depend on it
+    if any(saved.get(key, LEGACY_REFINE[key]) != settings.get(key, LEGACY_REFINE[key]) for key in LEGACY_REFINE):
+        # only the refined rows depend on how the refinement ran
         saved["rows"] = [row for row in saved["rows"] if row["method"] != "dash_refined"]
     if any(_saved(saved, key) != value for key, value in search_settings().items()):
         saved["rows"] = [row for row in saved["rows"] if not row["method"].startswith("dash")]  # searched again
@@ -288,14 +291,16 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             tasks: Optional[Sequence[str]] = None, samples: int = 10, seed: int = 0, output_dir: str = "runs/compare",
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
             finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
-            refine_rounds: int = 2, search_objectives: Sequence[str] = OBJECTIVES[:1],
+            refine_rounds: int = 2, refine_objective: Optional[str] = None,
+            search_objectives: Sequence[str] = OBJECTIVES[:1],
             calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
             data_settings: Optional[Dict] = None, score_cache: Optional[str] = "",
             import_scores: Sequence[str] = (), import_rows: Sequence[str] = ()) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
     search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
     ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
-    ``dash.refine`` (swaps of full layers while the search's own objective drops on the calibration rows).
+    ``dash.refine`` (swaps of full layers while the search's own objective, or ``refine_objective``, drops on the
+    calibration rows).
     ``calibration_answers``: the calibration rows' answer mask (retrieval rows, ``dash.data``): ppl_drop, kl_restore
     and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``).
     ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
@@ -315,10 +320,12 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         raise ValueError(f"search_objectives {unknown} unknown; choose from {OBJECTIVES}")
     if refine_rounds < 0:
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
-    if (include_dash and refine_rounds and search_objectives and search_objectives[0] in ANSWER_OBJECTIVES
-            and calibration_answers is None):
-        raise ValueError(f"refining the {search_objectives[0]} objective's hybrid needs calibration_answers (the "
-                         "calibration rows' answer mask)")
+    if refine_objective is not None and refine_objective not in OBJECTIVES:
+        raise ValueError(f"refine_objective must be one of {OBJECTIVES} (None: the search's), got {refine_objective!r}")
+    refined_by = refine_objective or (search_objectives[0] if search_objectives else None)
+    if include_dash and refine_rounds and refined_by in ANSWER_OBJECTIVES and calibration_answers is None:
+        raise ValueError(f"refining by the {refined_by} objective needs calibration_answers (the calibration rows' "
+                         "answer mask)")
     if finetune_tokens:  # bad settings fail now, not after the first search
         FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr, rank=finetune_rank).validate()
     tasks = list(tasks or TASKS)
@@ -328,6 +335,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     settings = {"lengths": list(lengths), "tasks": tasks, "samples": samples, "seed": seed,
                 "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
                 "finetune_lr": finetune_lr, "candidates": names, "refine_rounds": refine_rounds,
+                "refine_objective": refine_objective,
                 "answer_weight": answer_weight, **(data_settings or {}), **search_settings()}
     context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
@@ -450,13 +458,15 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 if need_refined:
                     from .refine import refine_full_layers
 
-                    refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=objective,
+                    by = refine_objective or objective
+                    refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=by,
                                                  answers=calibration_answers, answer_weight=answer_weight,
-                                                 checkpoint=os.path.join(output_dir, folder, "refine_kl.json"),
+                                                 checkpoint=os.path.join(output_dir, folder, "refine_kl.json" if
+                                                                         by == objective else f"refine_kl_{by}.json"),
                                                  progress=progress)
                     cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
                                 seconds=search_cost["seconds"] + refined["cost"]["seconds"],
-                                refine={"rounds": refine_rounds, "objective": objective,
+                                refine={"rounds": refine_rounds, "objective": by,
                                         "searched_kl": refined["searched_kl"],
                                         "kl": refined["kl"], "swaps": refined["swaps"]})
                     score("dash_refined", budget, None, refined["choices"], _with_concurrency(cost))

@@ -525,3 +525,31 @@ def test_an_earlier_tables_rows_extend_into_a_new_run(tmp_path, monkeypatch):
                            **dict(kwargs, methods=["first"], refine_rounds=0, import_rows=[earlier], seed=1,
                                   output_dir=str(tmp_path / "c")))
     assert searched == ["answers"] and selected == ["first"]
+
+
+def test_the_refinement_may_lower_another_objective(tmp_path, monkeypatch):
+    """--refine-objective: the refined row of an imported table is refined again by the other objective, from the
+    imported DASH row, with its own checkpoint; the DASH row itself is kept."""
+    import dash.compare as compare_module
+    from dash.search import Search
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    net, rows = _compare_net(), _rows()
+    kwargs = dict(methods=[], search_tokens=96, search_batch=2, lengths=[300], tasks=["passkey"], samples=1,
+                  progress=False, calibration_answers=_answers(rows), refine_rounds=1)
+    first = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                                   **dict(kwargs, output_dir=str(tmp_path / "a")))
+    assert {r["method"]: r["cost"].get("refine", {}).get("objective") for r in first["rows"]} == \
+        {"dash": None, "dash_refined": "answers"}
+    monkeypatch.setattr(Search, "run", lambda *a, **k: pytest.fail("the DASH row is imported: no search"))
+    out = compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                                 **dict(kwargs, output_dir=str(tmp_path / "b"), refine_objective="answers_nll",
+                                        import_rows=[str(tmp_path / "a" / "compare.json")]))
+    by_method = {r["method"]: r for r in out["rows"]}
+    assert "imported_from" in by_method["dash"] and "imported_from" not in by_method["dash_refined"]
+    assert by_method["dash_refined"]["cost"]["refine"]["objective"] == "answers_nll"
+    assert list((tmp_path / "b").rglob("refine_kl_answers_nll.json"))
+    with pytest.raises(ValueError, match="refine_objective"):
+        compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                               **dict(kwargs, output_dir=str(tmp_path / "c"), refine_objective="nll"))

@@ -117,10 +117,11 @@ def test_shards_repeat_the_parents_settings():
     parser = build_parser()
     parent = parser.parse_args(["compare", "--budgets", "3", "6", "--lengths", "1024", "2048", "--samples", "7",
                                 "--candidates", "full", "swa512", "--devices", "cuda:0", "cuda:0", "--seed", "4",
-                                "--import-rows", "a.json", "--import-scores", "b.json"])
+                                "--import-rows", "a.json", "--import-scores", "b.json",
+                                "--refine-objective", "answers_nll"])
     shard = parser.parse_args(["compare", *_shard_arguments(parent), "--budgets", "3", "--methods", "--skip-dash"])
     for name in ("lengths", "samples", "candidates", "seed", "model", "search_tokens", "finetune_tokens",
-                 "import_rows", "import_scores"):
+                 "import_rows", "import_scores", "refine_objective"):
         assert getattr(shard, name) == getattr(parent, name), name
     assert shard.methods == [] and shard.skip_dash and shard.devices is None
     default = parser.parse_args(["compare", "--devices", "cuda:0"])
