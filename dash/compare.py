@@ -322,8 +322,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
     if refine_objective is not None and refine_objective not in OBJECTIVES:
         raise ValueError(f"refine_objective must be one of {OBJECTIVES} (None: the search's), got {refine_objective!r}")
-    refined_by = refine_objective or (search_objectives[0] if search_objectives else None)
-    if include_dash and refine_rounds and refined_by in ANSWER_OBJECTIVES and calibration_answers is None:
+    refined_by = refine_objective or OBJECTIVES[0]  # dash_refined starts from the default objective's hybrid
+    if (include_dash and refine_rounds and OBJECTIVES[0] in search_objectives and refined_by in ANSWER_OBJECTIVES
+            and calibration_answers is None):
         raise ValueError(f"refining by the {refined_by} objective needs calibration_answers (the calibration rows' "
                          "answer mask)")
     if finetune_tokens:  # bad settings fail now, not after the first search
@@ -458,15 +459,15 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 if need_refined:
                     from .refine import refine_full_layers
 
-                    by = refine_objective or objective
-                    refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=by,
+                    refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=refined_by,
                                                  answers=calibration_answers, answer_weight=answer_weight,
                                                  checkpoint=os.path.join(output_dir, folder, "refine_kl.json" if
-                                                                         by == objective else f"refine_kl_{by}.json"),
+                                                                         refined_by == objective else
+                                                                         f"refine_kl_{refined_by}.json"),
                                                  progress=progress)
                     cost = dict(search_cost, forward_tokens=refined["cost"]["forward_tokens"],
                                 seconds=search_cost["seconds"] + refined["cost"]["seconds"],
-                                refine={"rounds": refine_rounds, "objective": by,
+                                refine={"rounds": refine_rounds, "objective": refined_by,
                                         "searched_kl": refined["searched_kl"],
                                         "kl": refined["kl"], "swaps": refined["swaps"]})
                     score("dash_refined", budget, None, refined["choices"], _with_concurrency(cost))
