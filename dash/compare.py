@@ -350,12 +350,13 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             print(f"[compare] {added} hybrids' scores imported from {earlier_file}", flush=True)
     wanted = set(_run_keys(budgets, methods, random_seeds, search_objectives if include_dash else (), refine_rounds))
     for earlier_file in import_rows:
-        kept, rescore = resume_rows(earlier_file, settings)
-        taken = [row for row in kept if _row_key(row) in wanted - done]
+        kept, rescore = resume_rows(earlier_file, settings)  # a key is in one of them, never both
+        missing = wanted - done
+        taken = [row for row in kept if _row_key(row) in missing]
         rows += [dict(row, imported_from=row.get("imported_from", earlier_file)) for row in taken]
         done.update(_row_key(row) for row in taken)
         for key, row in rescore.items():
-            if key in wanted - done:
+            if key in missing:
                 earlier.setdefault(key, row)
         if progress:
             print(f"[compare] {len(taken)} rows taken from {earlier_file}"
