@@ -16,7 +16,7 @@ from dataclasses import fields
 
 import torch
 
-from .search import INITS, OBJECTIVES, SearchConfig
+from .search import INITS, OBJECTIVES, RELAXATIONS, SearchConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_TOKENS = 16_384  # a smoke-sized search that finishes in minutes on a laptop CPU
@@ -58,6 +58,9 @@ def _search_parser(sub):
                    "0: the text alone, for objectives other than answers and answers_nll)")
     p.add_argument("--init", choices=list(INITS), help="where the logits start (default budget: every layer at "
                    "the budget's mix of candidates, e.g. p(full) = K / L; uniform: equal logits)")
+    p.add_argument("--relaxation", choices=list(RELAXATIONS), help="what a step's forward computes (default "
+                   "mixture: each layer the probability-weighted sum of its candidates; straight_through: a discrete "
+                   "hybrid drawn as the export makes one, the gradient through the probabilities; see dash.search)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the hybrid at the end")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -303,6 +306,9 @@ def _compare_parser(sub):
     p.add_argument("--search-objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES[:1]),
                    help=f"one DASH search per objective (`dash search --objective`): the default's "
                    f"({OBJECTIVES[0]}) row is 'dash', the others' 'dash_<objective>' (default: {OBJECTIVES[0]} alone)")
+    p.add_argument("--search-relaxations", nargs="+", choices=list(RELAXATIONS), default=list(RELAXATIONS[:1]),
+                   help="each search objective with each relaxation (`dash search --relaxation`); the "
+                   "straight_through rows add '_st' to the name (default: mixture alone)")
     p.add_argument("--retrieval-fraction", type=float, default=RETRIEVAL_FRACTION, help="share of retrieval rows "
                    "in the data of the search and of the selectors' calibration (as for `dash search`)")
     p.add_argument("--answer-weight", type=float, default=SearchConfig.answer_weight, help="weight of the answer "
@@ -412,7 +418,7 @@ def run_compare(args) -> dict:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
                            selector_groups=args.selector_shards, search_objectives=args.search_objectives,
-                           progress=not args.no_progress)
+                           search_relaxations=args.search_relaxations, progress=not args.no_progress)
     on_gpu = args.device.startswith("cuda")
     seq_len = args.seq_len or (4096 if on_gpu else 1024)
     model, tokenizer = load_model(args.model, device=args.device,
@@ -449,7 +455,8 @@ def run_compare(args) -> dict:
                    refine_objective=args.refine_objective,
                    output_dir=args.output, progress=not args.no_progress, finetune_tokens=args.finetune_tokens,
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
-                   search_objectives=args.search_objectives, calibration_answers=answers,
+                   search_objectives=args.search_objectives, search_relaxations=args.search_relaxations,
+                   calibration_answers=answers,
                    answer_weight=args.answer_weight, data_settings=_data_settings(args),
                    score_cache=args.score_cache, import_scores=args.import_scores or (),
                    import_rows=args.import_rows or ())

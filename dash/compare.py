@@ -45,7 +45,7 @@ import torch
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate, default_candidates
 from .data import tensor_digest
-from .search import ANSWER_OBJECTIVES, OBJECTIVES, Search, SearchConfig, candidate_cache_bytes, save_json
+from .search import ANSWER_OBJECTIVES, OBJECTIVES, RELAXATIONS, Search, SearchConfig, candidate_cache_bytes, save_json
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
@@ -157,9 +157,13 @@ DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight")
 def search_settings() -> Dict:
     """Where DASH's search starts and how fast it moves: recorded, so that rows of another search are redone."""
     return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr}
-def dash_method(objective: str) -> str:
-    """The row name of DASH's hybrid searched with ``objective``: ``dash`` for the default, ``dash_<objective>``."""
-    return "dash" if objective == OBJECTIVES[0] else f"dash_{objective}"
+RELAXATION_TAGS = {"mixture": "", "straight_through": "_st"}  # of the row names (dash_method)
+
+
+def dash_method(objective: str, relaxation: str = RELAXATIONS[0]) -> str:
+    """The row name of DASH's hybrid searched with ``objective`` and ``relaxation``: ``dash`` for the defaults,
+    ``dash_<objective>`` for another objective, then ``_st`` for the straight-through relaxation."""
+    return ("dash" if objective == OBJECTIVES[0] else f"dash_{objective}") + RELAXATION_TAGS[relaxation]
 
 
 BOUNDS = ("teacher", "all_efficient")  # they do not depend on the budget: measured once, at the first budget
@@ -208,12 +212,14 @@ def _selector_keys(budget: int, budgets: Sequence[int], methods: Sequence[str],
 
 
 def _run_keys(budgets: Sequence[int], methods: Sequence[str], random_seeds: Sequence[int],
-              search_objectives: Sequence[str], refine_rounds: int) -> List[tuple]:
+              search_objectives: Sequence[str], refine_rounds: int,
+              search_relaxations: Sequence[str] = RELAXATIONS[:1]) -> List[tuple]:
     """The rows (method, budget, seed) that ``compare`` produces with these arguments."""
     keys = []
     for budget in budgets:
-        keys += [(dash_method(objective), budget, None) for objective in search_objectives]
-        if refine_rounds > 0 and OBJECTIVES[0] in search_objectives:
+        keys += [(dash_method(objective, relaxation), budget, None) for objective in search_objectives
+                 for relaxation in search_relaxations]
+        if refine_rounds > 0 and OBJECTIVES[0] in search_objectives and RELAXATIONS[0] in search_relaxations:
             keys.append(("dash_refined", budget, None))
         keys += _selector_keys(budget, budgets, methods, random_seeds)
     return keys
@@ -292,12 +298,13 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             progress: bool = True, finetune_tokens: int = 0, finetune_rank: int = 8,
             finetune_lr: float = 2e-4, eval_batch: int = 1, include_dash: bool = True,
             refine_rounds: int = 2, refine_objective: Optional[str] = None,
-            search_objectives: Sequence[str] = OBJECTIVES[:1],
+            search_objectives: Sequence[str] = OBJECTIVES[:1], search_relaxations: Sequence[str] = RELAXATIONS[:1],
             calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
             data_settings: Optional[Dict] = None, score_cache: Optional[str] = "",
             import_scores: Sequence[str] = (), import_rows: Sequence[str] = ()) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
-    search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``.
+    search per objective (``dash.search``), the default objective's row ``dash``, the others' ``dash_<objective>``;
+    ``search_relaxations``: each of them with each relaxation (``dash_method`` names the rows).
     ``refine_rounds > 0`` adds the row ``dash_refined``: the ``dash`` hybrid after that many rounds of
     ``dash.refine`` (swaps of full layers while the search's own objective, or ``refine_objective``, drops on the
     calibration rows).
@@ -318,6 +325,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     unknown = [o for o in search_objectives if o not in OBJECTIVES]
     if unknown:
         raise ValueError(f"search_objectives {unknown} unknown; choose from {OBJECTIVES}")
+    unknown = [r for r in search_relaxations if r not in RELAXATIONS]
+    if unknown:
+        raise ValueError(f"search_relaxations {unknown} unknown; choose from {RELAXATIONS}")
     if refine_rounds < 0:
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
     if refine_objective is not None and refine_objective not in OBJECTIVES:
@@ -348,7 +358,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         added = cache.import_rows(earlier_file)
         if progress:
             print(f"[compare] {added} hybrids' scores imported from {earlier_file}", flush=True)
-    wanted = set(_run_keys(budgets, methods, random_seeds, search_objectives if include_dash else (), refine_rounds))
+    wanted = set(_run_keys(budgets, methods, random_seeds, search_objectives if include_dash else (), refine_rounds,
+                           search_relaxations))
     for earlier_file in import_rows:
         kept, rescore = resume_rows(earlier_file, settings)  # a key is in one of them, never both
         missing = wanted - done
@@ -428,8 +439,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         return True
 
     for budget in budgets:
-        for objective in (search_objectives if include_dash else ()):
-            method = dash_method(objective)
+        searches = [(o, r) for o in search_objectives for r in search_relaxations] if include_dash else []
+        for objective, relaxation in searches:
+            method = dash_method(objective, relaxation)
             key, refined_key = (method, budget, None), ("dash_refined", budget, None)
             need_dash = key not in done and not score_earlier(key)
             need_refined = (method == "dash" and refine_rounds > 0 and refined_key not in done
@@ -437,11 +449,12 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             if need_dash or need_refined:
                 dash_row = None if need_dash else next(r for r in rows if _row_key(r) == key)
                 config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed,
-                                      objective=objective, answer_weight=answer_weight)
-                # another candidate set, objective, start, seed or data, another search (a checkpoint resumes only
-                # its own; the folders of searches from uniform logits, which lack the start's name, are left alone)
+                                      objective=objective, answer_weight=answer_weight, relaxation=relaxation)
+                # another candidate set, objective, relaxation, start, seed or data, another search (a checkpoint
+                # resumes only its own; the folders of searches from uniform logits, which lack the start's name,
+                # are left alone)
                 default = names == [c.name for c in default_candidates(context)]
-                folder = f"search_K{budget}_{objective}_{config.init}" + \
+                folder = f"search_K{budget}_{objective}_{config.init}" + RELAXATION_TAGS[relaxation] + \
                     ("" if default else "_" + "+".join(names)) + ("" if seed == 0 else f"_seed{seed}") + \
                     f"_data{search_data.digest()[:8]}"
                 if dash_row is None:
@@ -540,9 +553,11 @@ def noise_note(rows: Sequence[Dict], settings: Dict) -> str:
 
 
 def plan_shards(budgets: Sequence[int], methods: Sequence[str], selector_groups: int = 1,
-                search_objectives: Sequence[str] = OBJECTIVES[:1]) -> List[Dict]:
-    """The sharded comparison's work: per budget, a DASH search per objective (the longest part; ``"dash"``
-    names the shard's objective, None for a shard without a search) and the selectors, split into
+                search_objectives: Sequence[str] = OBJECTIVES[:1],
+                search_relaxations: Sequence[str] = RELAXATIONS[:1]) -> List[Dict]:
+    """The sharded comparison's work: per budget, a DASH search per objective and relaxation (the longest part;
+    ``"dash"`` names the shard's objective, None for a shard without a search, ``"relaxation"`` its relaxation) and
+    the selectors, split into
     ``selector_groups`` shards of about equal work (random counts once per seed); then the bounds, measured once,
     in a shard of their own. Longest first, so that the last shards to start are short."""
     if selector_groups < 1:
@@ -555,8 +570,9 @@ def plan_shards(budgets: Sequence[int], methods: Sequence[str], selector_groups:
         lightest = loads.index(min(loads))
         groups[lightest].append(method)
         loads[lightest] += RANDOM_SEEDS_WEIGHT.get(method, 1)
-    shards = [{"name": f"K{k}_{dash_method(objective)}", "budget": k, "dash": objective, "methods": []}
-              for objective in search_objectives for k in budgets]
+    shards = [{"name": f"K{k}_{dash_method(objective, relaxation)}", "budget": k, "dash": objective,
+               "relaxation": relaxation, "methods": []}
+              for objective in search_objectives for relaxation in search_relaxations for k in budgets]
     for k in budgets:
         for i, group in enumerate(g for g in groups if g):
             chosen = [m for m in selectors if m in group]  # the methods' own order
@@ -572,12 +588,13 @@ RANDOM_SEEDS_WEIGHT = {"random": 3}  # rows a selector adds per budget, where no
 
 def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence[str], devices: Sequence[str],
                 output_dir: str, settings: Dict, *, poll_s: float = 5.0, progress: bool = True,
-                command=None, selector_groups: int = 1, search_objectives: Sequence[str] = OBJECTIVES[:1]) -> Dict:
+                command=None, selector_groups: int = 1, search_objectives: Sequence[str] = OBJECTIVES[:1],
+                search_relaxations: Sequence[str] = RELAXATIONS[:1]) -> Dict:
     """Runs plan_shards' shards as ``dash compare`` processes, each on the next free device (a device named
     n times takes n shards at once), each in ``output_dir/shards/<name>`` with its log beside it; then merges
     their rows. Rerunning resumes every shard. ``shard_args``: the parent's arguments that every shard
     repeats (model, candidates, lengths, ...). ``command``: for tests, builds a shard's argv."""
-    shards = plan_shards(budgets, methods, selector_groups, search_objectives)
+    shards = plan_shards(budgets, methods, selector_groups, search_objectives, search_relaxations)
     folder = os.path.join(output_dir, "shards")
     os.makedirs(folder, exist_ok=True)
 
@@ -589,7 +606,8 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
                 "--device", local, "--output", os.path.join(folder, shard["name"]),
                 "--score-cache", os.path.join(output_dir, "scores")]  # one hybrid, one scoring, across shards
         args += ["--methods", *shard["methods"]] if shard["methods"] else ["--methods"]
-        return args + (["--search-objectives", shard["dash"]] if shard["dash"] else ["--skip-dash"])
+        return args + (["--search-objectives", shard["dash"], "--search-relaxations", shard["relaxation"]]
+                       if shard["dash"] else ["--skip-dash"])
 
     queue, free, running, failed, interrupted = list(shards), list(devices), [], [], False
     try:

@@ -34,16 +34,51 @@ def discretise(probabilities: torch.Tensor, candidates: Sequence[Candidate], bud
     (``full_layers``: K layers; ``kv_bytes``: total of ``costs`` per layer), the others their most
     probable efficient candidate.
     """
+    probs = _layer_probabilities(probabilities)
+    full = [i for i, c in enumerate(candidates) if c.is_full]
+    indices = _assign(probs[:, full].sum(-1), probs, candidates, budget, budget_kind, costs)
+    return [candidates[i] for i in indices]
+
+
+def sample_discrete(probabilities: torch.Tensor, candidates: Sequence[Candidate], budget: float,
+                    generator: torch.Generator, budget_kind: str = "full_layers",
+                    costs: Optional[torch.Tensor] = None) -> List[int]:
+    """A random hybrid (candidate indices per layer) drawn as ``discretise`` exports one, from Gumbel-perturbed
+    scores: the ranking of the layers for full attention is a Plackett-Luce draw by the odds p(full) / (1 - p(full))
+    (with ``full_layers``: K layers drawn without replacement, each in proportion to its odds, Gumbel-top-K, so that
+    a layer at p(full) 0.99 is nearly always in and one at 0.5 in about half the draws where the p(full) sum to K;
+    weights p(full) themselves would leave a decided layer out of a quarter of the draws), each other layer's
+    efficient candidate a draw from its efficient candidates' probabilities. ``generator``: a CPU generator, so
+    that the draw is the same on any device. With probabilities of 0 and 1 it is ``discretise``'s hybrid."""
+    probs = _layer_probabilities(probabilities).detach().cpu()
+    full = [i for i, c in enumerate(candidates) if c.is_full]
+
+    def gumbel(shape):
+        return -torch.log(-torch.log(torch.rand(shape, generator=generator).clamp(1e-20, 1 - 1e-7)))
+
+    log_probs = probs.clamp_min(1e-30).log()
+    p_full = probs[:, full].sum(-1).double()
+    log_odds = p_full.clamp_min(1e-30).log() - (1 - p_full).clamp_min(1e-30).log()
+    full_score = log_odds.float() + gumbel(probs.shape[:1])
+    return _assign(full_score, log_probs + gumbel(probs.shape), candidates, budget, budget_kind, costs)
+
+
+def _layer_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
     probs = probabilities.float()
-    probs = probs.mean(1) if probs.dim() == 3 else probs
+    return probs.mean(1) if probs.dim() == 3 else probs
+
+
+def _assign(full_score: torch.Tensor, efficient_score: torch.Tensor, candidates: Sequence[Candidate],
+            budget: float, budget_kind: str, costs: Optional[torch.Tensor]) -> List[int]:
+    """Candidate indices per layer: the layers of highest ``full_score`` ([L]) full while the budget allows, the
+    others the efficient candidate of highest ``efficient_score`` ([L, C])."""
     full = [i for i, c in enumerate(candidates) if c.is_full]
     efficient = [i for i, c in enumerate(candidates) if not c.is_full]
     if not full or not efficient:
         raise ValueError("discretising under a budget needs a full candidate and at least one efficient one")
-    num_layers = probs.shape[0]
-    best_eff = [efficient[int(probs[layer, efficient].argmax())] for layer in range(num_layers)]
-    choice = list(best_eff)
-    order = sorted(range(num_layers), key=lambda layer: -float(probs[layer, full].sum()))
+    num_layers = efficient_score.shape[0]
+    choice = [efficient[int(efficient_score[layer, efficient].argmax())] for layer in range(num_layers)]
+    order = sorted(range(num_layers), key=lambda layer: -float(full_score[layer]))
     if budget_kind == "full_layers":
         if not 0 <= budget <= num_layers:
             raise ValueError(f"budget must be between 0 and {num_layers} full-attention layers, got {budget}")
@@ -61,7 +96,7 @@ def discretise(probabilities: torch.Tensor, candidates: Sequence[Candidate], bud
                 choice[layer], total = full[0], total + extra
     else:
         raise ValueError(f"budget_kind must be 'full_layers' or 'kv_bytes', got {budget_kind!r}")
-    return [candidates[i] for i in choice]
+    return choice
 
 
 def _layer_entry(candidate: Candidate) -> dict:

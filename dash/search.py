@@ -29,9 +29,21 @@ K 9 the answers objective's hybrid has a lower answer KL than ppl_drop's (0.028 
 NLL (0.504 against 0.494) and 2.6 fewer RULER points; at K 6 the KL ranked the two as RULER did and the NLL tied
 them; over 15 scored hybrids both rank as RULER does, near the teacher neither does (benchmarks/NOTES.md,
 session 11). An ablation until a comparison measures it.
+
+Relaxation (``relaxation``). ``"mixture"`` (default): each layer outputs the probability-weighted sum of its
+candidates (DARTS). The search then ranks layers inside a model where several are fractionally full, which the
+exported hybrid never is; on SmolLM2 at K 9 DASH's exported hybrid ranked only 14th of 350 neighbouring K 9 hybrids
+under the objective the mixture minimised, and the last one or two slots ended undecided (p(full) 0.2-0.7)
+(benchmarks/NOTES.md, session 12). ``"straight_through"``: each step draws one discrete hybrid the way the export
+makes one (with a full-layer budget exactly K full layers, drawn without replacement in proportion to p(full):
+Gumbel-top-K, ``dash.export.sample_discrete``); the forward computes that hybrid (one-hot weights, the same fused
+kernel and cost), and the backward treats the probabilities as the weights (straight-through, as in GDAS,
+arXiv 1910.04465). Each layer's gradient is then the first-order value of changing its operator inside a hybrid
+of the budget's size; the loss is the expected loss of the hybrids the export can return.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +64,8 @@ BUDGET_KINDS = ("full_layers", "kv_bytes")
 OBJECTIVES = ("answers", "uniform", "long_range", "answers_nll")
 ANSWER_OBJECTIVES = ("answers", "answers_nll")
 INITS = ("budget", "uniform")  # where the logits start (SearchConfig.init)
+# what the forward computes from the logits (SearchConfig.relaxation, the module docstring)
+RELAXATIONS = ("mixture", "straight_through")
 LOG_EVERY = 10  # steps between reads of the loss on the host (progress bar, history)
 
 
@@ -75,12 +89,15 @@ class SearchConfig:
     objective: str = "answers"  # or "uniform", "long_range", "answers_nll" (module docstring)
     answer_weight: float = 1.0  # the answer tokens' mean KL ("answers") or NLL ("answers_nll") counts this much
     init: str = "budget"  # or "uniform": every layer starts at the budget's mix of candidates (budget_prior)
+    relaxation: str = "mixture"  # or "straight_through": each step a sampled discrete hybrid (module docstring)
 
     def validate(self, num_layers: int) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.relaxation not in RELAXATIONS:
+            raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {self.relaxation!r}")
         if not self.answer_weight >= 0:
             raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight}")
         if not self.lr > 0:
@@ -324,7 +341,8 @@ class Search:
         if config.compile_modules:
             compile_stateless_modules(net.model)
         # on the logits' device once (a per-layer host-to-device copy would stall every step)
-        self.costs = layer_costs(net, config).to(net.arch_parameters()[0].device)
+        self.host_costs = layer_costs(net, config)  # the straight-through draw's, on the host
+        self.costs = self.host_costs.to(net.arch_parameters()[0].device)
         self.efficient = efficient_reference(net) if config.objective == "long_range" else None
         no_answers = data.train_answers is None or not bool(data.train_answers.any())
         if config.objective in ANSWER_OBJECTIVES and no_answers:
@@ -371,9 +389,9 @@ class Search:
                 alpha.copy_(saved.to(alpha.device))
         self.optimizer.load_state_dict(state["optimizer"])
         # a checkpoint continues only its own trajectory (older checkpoints: uniform objective and init, lr 0.05)
-        saved = dict({"objective": "uniform", "init": "uniform", "lr": 0.05, "answer_weight": 1.0},
-                     **state.get("config", {}))
-        for name in ("objective", "init", "lr", "answer_weight"):
+        saved = dict({"objective": "uniform", "init": "uniform", "lr": 0.05, "answer_weight": 1.0,
+                      "relaxation": "mixture"}, **state.get("config", {}))
+        for name in ("objective", "init", "lr", "answer_weight", "relaxation"):
             if saved[name] != getattr(self.config, name):
                 raise ValueError(f"{self.state_path} was made with {name} {saved[name]!r}, not "
                                  f"{getattr(self.config, name)!r}: use another output folder or the same {name}")
@@ -415,6 +433,25 @@ class Search:
         total = kl + self.config.cost_weight * overshoot ** 2 + self.config.entropy_weight * ramp * entropy
         return {"loss": total, "kl": kl, "expected_cost": cost, "entropy": entropy}
 
+    def sampled_hybrid(self, step: int) -> list:
+        """The straight-through relaxation's hybrid at ``step`` (candidate indices per layer): a draw from the
+        current probabilities shaped as the export's (``dash.export.sample_discrete``), a pure function of the
+        logits, the seed and the step, so that a resumed search draws what an uninterrupted one would."""
+        from .export import sample_discrete
+
+        generator = torch.Generator().manual_seed((self.config.seed << 32) + step)
+        return sample_discrete(self.net.probabilities(), self.net.candidates, self.config.budget, generator,
+                               self.config.budget_kind, self.host_costs)
+
+    def _relaxed(self):
+        """The step's forward: the mixture itself, or (straight-through) the sampled hybrid."""
+        if self.config.relaxation == "mixture":
+            return contextlib.nullcontext()
+        count = len(self.net.candidates)
+        one_hots = [F.one_hot(torch.tensor(index), count).float().to(state.alpha.device).expand_as(state.alpha)
+                    for index, state in zip(self.sampled_hybrid(self.step), self.net.states)]
+        return self.net.sampled(one_hots)
+
     def _flush(self, pending: list) -> None:
         """Moves the pending GPU-side step records into the history (one sync for all of them)."""
         for step, tau, terms, probs in pending:
@@ -446,8 +483,9 @@ class Search:
             else:
                 batch, answers = batch.to(device), answers.to(device)
             self.optimizer.zero_grad(set_to_none=True)
-            terms = self.loss_terms(batch, answers)
-            terms["loss"].backward()
+            with self._relaxed():
+                terms = self.loss_terms(batch, answers)
+                terms["loss"].backward()
             self.optimizer.step()
             self.step += 1
             pending.append((self.step, self.net.states[0].tau, {k: v.detach() for k, v in terms.items()},

@@ -66,6 +66,7 @@ class DashLayerState(nn.Module):
         self.score_candidate = None  # with teacher_mode: also score this candidate index against the teacher
         self.candidate_error = None  # ... its relative output error (selector baselines)
         self.forced = None  # a candidate index: compute exactly that candidate, whatever alpha says (Supernet.fixed)
+        self.sample = None  # a one-hot of alpha's shape: the straight-through relaxation's hybrid (Supernet.sampled)
 
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.alpha.float() / self.tau, dim=-1)
@@ -76,6 +77,8 @@ class DashLayerState(nn.Module):
         if self.forced is not None:
             probs = F.one_hot(torch.tensor(self.forced, device=probs.device), probs.shape[-1]).to(probs.dtype) \
                 .expand_as(probs)
+        elif self.sample is not None:  # forward: exactly the sampled one-hot (p - p is 0); backward: d/d probs
+            probs = self.sample.to(probs.dtype) + probs - probs.detach()
         if probs.dim() == 2:
             probs = probs.repeat_interleave(self.heads_q // self.heads_kv, dim=0)
         return probs
@@ -300,6 +303,23 @@ class Supernet:
         finally:
             for s in self.states:
                 s.forced = None
+
+    @contextlib.contextmanager
+    def sampled(self, one_hots: Sequence[torch.Tensor]):
+        """Within this block layer i computes the hybrid ``one_hots[i]`` (alpha's shape) in the forward, while the
+        gradient reaches alpha through the probabilities as if they had been the weights (straight-through)."""
+        if len(one_hots) != len(self.states):
+            raise ValueError(f"one_hots has {len(one_hots)} entries, the model {len(self.states)} layers")
+        for s, one_hot in zip(self.states, one_hots):
+            if one_hot.shape != s.alpha.shape:
+                raise ValueError(f"a sampled one-hot must have the logits' shape {tuple(s.alpha.shape)}, "
+                                 f"got {tuple(one_hot.shape)}")
+            s.sample = one_hot
+        try:
+            yield self
+        finally:
+            for s in self.states:
+                s.sample = None
 
     def __call__(self, *args, **kwargs):
         kwargs.setdefault("use_cache", False)

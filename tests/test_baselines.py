@@ -200,7 +200,8 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     rows = _rows()
     kwargs = dict(methods=["first", "random", "kl_restore", "teacher"], random_seeds=(0, 1), search_tokens=96,
                   search_batch=2, lengths=[700], tasks=["passkey"], samples=2, eval_batch=2, output_dir=str(tmp_path),
-                  progress=False, search_objectives=["answers", "long_range"], calibration_answers=_answers(rows))
+                  progress=False, search_objectives=["answers", "long_range"],
+                  search_relaxations=["mixture", "straight_through"], calibration_answers=_answers(rows))
     out = compare(net, CharTokenizer(), random_data(), rows, rows, [1, 2], EFFICIENT, **kwargs)
     measured = {(r["method"], r["budget"], r["seed"]) for r in out["rows"]}
     assert ("dash", 1, None) in measured and ("random", 2, 1) in measured and ("teacher", 1, None) in measured
@@ -211,9 +212,10 @@ def test_compare_writes_a_table_and_resumes(tmp_path, monkeypatch):
     assert "K=1 KV MiB" in table and all(r["kv_cache_mib"] > 0 for r in out["rows"])
     assert "DASH minus each method" in table and "2 samples per task and length" in table
     saved = json.load(open(tmp_path / "compare.json"))
-    # the default objective's row is "dash", long_range's the ablation "dash_long_range"; "dash" is refined by its
-    # own objective ("dash_refined")
-    assert set(saved["paired"]) == {"dash_long_range", "dash_refined", "first", "random", "kl_restore", "teacher"}
+    # the default objective's row is "dash", long_range's the ablation "dash_long_range", the straight-through
+    # relaxation's "_st"; "dash" is refined by its own objective ("dash_refined")
+    assert set(saved["paired"]) == {"dash_long_range", "dash_st", "dash_long_range_st", "dash_refined", "first",
+                                    "random", "kl_restore", "teacher"}
     refined = next(r for r in saved["rows"] if r["method"] == "dash_refined")
     assert refined["cost"]["refine"]["objective"] == "answers"
     assert saved["answer_weight"] == 1.0

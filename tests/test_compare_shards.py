@@ -33,6 +33,12 @@ def test_plan_measures_the_bounds_once_and_splits_the_selectors():
     assert [(s["name"], s["dash"]) for s in plan_shards([2], [])] == [("K2_dash", "answers")]
     both = plan_shards([2], [], search_objectives=("answers", "long_range"))
     assert [(s["name"], s["dash"]) for s in both] == [("K2_dash", "answers"), ("K2_dash_long_range", "long_range")]
+    relaxed = plan_shards([2], [], search_objectives=("answers", "answers_nll"),
+                          search_relaxations=("mixture", "straight_through"))
+    assert [(s["name"], s["dash"], s["relaxation"]) for s in relaxed] == [
+        ("K2_dash", "answers", "mixture"), ("K2_dash_st", "answers", "straight_through"),
+        ("K2_dash_answers_nll", "answers_nll", "mixture"),
+        ("K2_dash_answers_nll_st", "answers_nll", "straight_through")]
     assert len(plan_shards([2], ["first"], selector_groups=4, search_objectives=ONE)) == 2  # no empty shards
     with pytest.raises(ValueError, match="selector_groups"):
         plan_shards([2], METHODS, selector_groups=0)
@@ -40,7 +46,7 @@ def test_plan_measures_the_bounds_once_and_splits_the_selectors():
 
 def _fake_shard(shard, device, fail=()):
     """A shard process that writes one row per method (and DASH's), as `dash compare` would."""
-    methods = shard["methods"] + ([dash_method(shard["dash"])] if shard["dash"] else [])
+    methods = shard["methods"] + ([dash_method(shard["dash"], shard["relaxation"])] if shard["dash"] else [])
     rows = [{"method": m, "budget": shard["budget"], "seed": None, "ruler_average": 0.5, "ruler": {},
              "perplexity": 10.0, "cost": {"device": device}} for m in methods]
     saved = {"rows": rows, **search_settings(), "lengths": [64], "eval_batch": 4}  # as resolved in the shard
@@ -124,6 +130,9 @@ def test_shards_repeat_the_parents_settings():
                  "import_rows", "import_scores", "refine_objective"):
         assert getattr(shard, name) == getattr(parent, name), name
     assert shard.methods == [] and shard.skip_dash and shard.devices is None
+    relaxed = parser.parse_args(["compare", "--search-objectives", "answers", "--search-relaxations",
+                                 "straight_through"])  # as a shard of a straight-through search is started
+    assert relaxed.search_relaxations == ["straight_through"]
     default = parser.parse_args(["compare", "--devices", "cuda:0"])
     assert default.samples == 10  # as compare()'s own default
     assert parser.parse_args(["compare", *_shard_arguments(default), "--budgets", "3"]).samples == 10

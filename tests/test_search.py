@@ -340,3 +340,69 @@ def test_compiled_stateless_modules_give_the_same_search(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
     model = tiny_model("llama")
     assert compile_stateless_modules(model) == 2 * model.config.num_hidden_layers + 1 + model.config.num_hidden_layers
+
+
+def test_sampled_hybrids_are_drawn_as_the_export_makes_them():
+    from collections import Counter
+
+    from dash.candidates import parse_candidates
+    from dash.export import discretise, sample_discrete
+
+    candidates = parse_candidates(["full", "swa4", "sink1_swa4"])
+    probs = torch.tensor([[0.99, 0.005, 0.005], [0.5, 0.25, 0.25], [0.5, 0.4, 0.1], [0.01, 0.01, 0.98]])
+    fulls = Counter()
+    for seed in range(400):
+        draw = sample_discrete(probs, candidates, 2, torch.Generator().manual_seed(seed))
+        assert draw == sample_discrete(probs, candidates, 2, torch.Generator().manual_seed(seed))  # by the seed
+        assert sum(c == 0 for c in draw) == 2  # exactly K full layers, the export's count
+        fulls.update(i for i, c in enumerate(draw) if c == 0)
+    # by the odds: the decided layer nearly always full, the two undecided ones about half the draws each
+    assert fulls[0] > 390 and 150 < fulls[1] < 250 and 150 < fulls[2] < 250 and fulls[3] < 10
+    decided = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])
+    assert sample_discrete(decided, candidates, 2, torch.Generator().manual_seed(0)) == \
+        [candidates.index(c) for c in discretise(decided, candidates, 2)]
+    per_group = decided[:, None].expand(4, 2, 3)  # [L, Hkv, C]: whole layers, as the export
+    assert sample_discrete(per_group, candidates, 2, torch.Generator().manual_seed(0)) == [0, 1, 2, 0]
+    costs = torch.tensor([100.0, 4.0, 5.0])  # kv_bytes: full layers while the bytes allow
+    draw = sample_discrete(probs, candidates, 215.0, torch.Generator().manual_seed(0), "kv_bytes", costs)
+    assert sum(float(costs[c]) for c in draw) <= 215.0 and sum(c == 0 for c in draw) == 2
+
+
+def test_straight_through_forward_is_the_sampled_hybrid_and_its_gradient_the_mixtures():
+    net = build_supernet(tiny_model("llama"), ["full", "swa4", "sink1_swa4"])
+    with torch.no_grad():
+        for i, alpha in enumerate(net.arch_parameters()):
+            alpha.copy_(torch.randn(3, generator=torch.Generator().manual_seed(i)))
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    choice = [0, 2, 1]
+    with torch.no_grad(), net.fixed(choice):
+        want = net(ids).logits
+    one_hots = [torch.nn.functional.one_hot(torch.tensor(c), 3).float() for c in choice]
+    with net.sampled(one_hots):
+        got = net(ids).logits
+        got.float().pow(2).mean().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the forward is exactly the discrete hybrid
+    assert all(s.sample is None for s in net.states)
+    # the gradient of each weight is <dO, O_c>: the logits get the softmax's chain of it, nonzero for all
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in net.arch_parameters())
+    with pytest.raises(ValueError, match="logits' shape"):
+        with net.sampled([torch.zeros(2)] * 3):
+            pass
+
+
+def test_straight_through_search_runs_resumes_and_keeps_its_own_checkpoint(tmp_path):
+    straight = make_search(tmp_path / "a", relaxation="straight_through")
+    summary = straight.run(progress=False)
+    mixture = make_search(tmp_path / "m").run(progress=False)
+    assert summary["probabilities"] != mixture["probabilities"]
+    assert straight.sampled_hybrid(3) == straight.sampled_hybrid(3)  # a function of the logits, seed and step
+    first = make_search(tmp_path / "b", relaxation="straight_through")
+    first.run(progress=False, stop_after=3)
+    resumed = make_search(tmp_path / "b", relaxation="straight_through")
+    resumed.run(progress=False)
+    for a, b in zip(straight.net.arch_parameters(), resumed.net.arch_parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="relaxation 'straight_through', not 'mixture'"):
+        make_search(tmp_path / "b").run(progress=False)
+    with pytest.raises(ValueError, match="relaxation must be one of"):
+        make_search(tmp_path / "x", relaxation="hard")
