@@ -314,6 +314,8 @@ def _compare_parser(sub):
     p.add_argument("--answer-weight", type=float, default=SearchConfig.answer_weight, help="weight of the answer "
                    "tokens in the search's answers objective, and in the calibration loss of ppl_drop, kl_restore and "
                    "the refinement")
+    p.add_argument("--search-answer-weight", type=float, default=None, help="the searches' own --answer-weight "
+                   "(default: the selectors'): a run with another one searches again and keeps the selectors' rows")
     p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
                    "rounds of full-layer swaps that lower the search's own objective on the calibration rows "
                    "(dash.refine), as the row dash_refined; 0: off")
@@ -381,6 +383,7 @@ def _shard_arguments(args) -> list:
                         ("--refine-rounds", args.refine_rounds), ("--refine-objective", args.refine_objective),
                         ("--retrieval-fraction", args.retrieval_fraction),
                         ("--answer-weight", args.answer_weight), ("--import-scores", args.import_scores),
+                        ("--search-answer-weight", args.search_answer_weight),
                         ("--import-rows", args.import_rows),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
         if value is not None:
@@ -413,7 +416,7 @@ def run_compare(args) -> dict:
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
                     "seed": args.seed, "refine_rounds": args.refine_rounds, "refine_objective": args.refine_objective,
                     **_data_settings(args),
-                    **search_settings()}
+                    **search_settings(args.search_answer_weight)}
         if args.selector_shards < 1:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
@@ -457,7 +460,8 @@ def run_compare(args) -> dict:
                    finetune_rank=args.finetune_rank, finetune_lr=args.finetune_lr, include_dash=not args.skip_dash,
                    search_objectives=args.search_objectives, search_relaxations=args.search_relaxations,
                    calibration_answers=answers,
-                   answer_weight=args.answer_weight, data_settings=_data_settings(args),
+                   answer_weight=args.answer_weight, search_answer_weight=args.search_answer_weight,
+                   data_settings=_data_settings(args),
                    score_cache=args.score_cache, import_scores=args.import_scores or (),
                    import_rows=args.import_rows or ())
 

@@ -147,16 +147,18 @@ def _ruler(net, tokenizer, lengths, tasks, samples, seed, batch_size) -> Dict:
 EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
 # files written before these were recorded
 LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_init": "uniform", "search_lr": 0.05,
-                   "retrieval_fraction": 0.0, "calibration_tokens": 16384, "answer_weight": 1.0}
+                   "retrieval_fraction": 0.0, "calibration_tokens": 16384, "answer_weight": 1.0,
+                   "search_answer_weight": None}
 # how the refinement runs (files without refine_objective refined by the search's own objective)
 LEGACY_REFINE = {"refine_rounds": 0, "refine_objective": None}
 # what the search and the selectors learn from: other data, everything is selected again
 DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight")
 
 
-def search_settings() -> Dict:
-    """Where DASH's search starts and how fast it moves: recorded, so that rows of another search are redone."""
-    return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr}
+def search_settings(answer_weight: Optional[float] = None) -> Dict:
+    """Where DASH's search starts, how fast it moves, and its objective's answer weight where that is not the
+    selectors' (``answer_weight``; None: theirs): recorded, so that rows of another search are redone."""
+    return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr, "search_answer_weight": answer_weight}
 RELAXATION_TAGS = {"mixture": "", "straight_through": "_st"}  # of the row names (dash_method)
 
 
@@ -196,7 +198,7 @@ def resume_rows(path: str, settings: Dict):
     if any(saved.get(key, LEGACY_REFINE[key]) != settings.get(key, LEGACY_REFINE[key]) for key in LEGACY_REFINE):
         # only the refined rows depend on how the refinement ran
         saved["rows"] = [row for row in saved["rows"] if row["method"] != "dash_refined"]
-    if any(_saved(saved, key) != value for key, value in search_settings().items()):
+    if any(_saved(saved, key) != _saved(settings, key) for key in search_settings()):
         saved["rows"] = [row for row in saved["rows"] if not row["method"].startswith("dash")]  # searched again
     if all(_saved(saved, key) == settings[key] for key in EVALUATION_SETTINGS):
         return saved["rows"], {}
@@ -300,6 +302,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             refine_rounds: int = 2, refine_objective: Optional[str] = None,
             search_objectives: Sequence[str] = OBJECTIVES[:1], search_relaxations: Sequence[str] = RELAXATIONS[:1],
             calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
+            search_answer_weight: Optional[float] = None,
             data_settings: Optional[Dict] = None, score_cache: Optional[str] = "",
             import_scores: Sequence[str] = (), import_rows: Sequence[str] = ()) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
@@ -309,7 +312,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     ``dash.refine`` (swaps of full layers while the search's own objective, or ``refine_objective``, drops on the
     calibration rows).
     ``calibration_answers``: the calibration rows' answer mask (retrieval rows, ``dash.data``): ppl_drop, kl_restore
-    and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``).
+    and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``); the searches
+    too, unless ``search_answer_weight`` gives them their own.
     ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
     again. ``score_cache``: the folder of ``ScoreCache`` ("": ``output_dir/scores``; None: none); ``import_scores``:
     earlier compare.json files whose hybrids need no second scoring (``ScoreCache.import_rows``); ``import_rows``:
@@ -347,7 +351,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
                 "finetune_lr": finetune_lr, "candidates": names, "refine_rounds": refine_rounds,
                 "refine_objective": refine_objective,
-                "answer_weight": answer_weight, **(data_settings or {}), **search_settings()}
+                "answer_weight": answer_weight, **(data_settings or {}), **search_settings(search_answer_weight)}
     context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
     done = {_row_key(r) for r in rows}
@@ -449,13 +453,16 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             if need_dash or need_refined:
                 dash_row = None if need_dash else next(r for r in rows if _row_key(r) == key)
                 config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed,
-                                      objective=objective, answer_weight=answer_weight, relaxation=relaxation)
+                                      objective=objective, relaxation=relaxation,
+                                      answer_weight=answer_weight if search_answer_weight is None else
+                                      search_answer_weight)
                 # another candidate set, objective, relaxation, start, seed or data, another search (a checkpoint
                 # resumes only its own; the folders of searches from uniform logits, which lack the start's name,
                 # are left alone)
                 default = names == [c.name for c in default_candidates(context)]
                 folder = f"search_K{budget}_{objective}_{config.init}" + RELAXATION_TAGS[relaxation] + \
                     ("" if default else "_" + "+".join(names)) + ("" if seed == 0 else f"_seed{seed}") + \
+                    ("" if search_answer_weight is None else f"_aw{search_answer_weight:g}") + \
                     f"_data{search_data.digest()[:8]}"
                 if dash_row is None:
                     search = Search(net, search_data, config, os.path.join(output_dir, folder))
@@ -644,7 +651,7 @@ def run_sharded(shard_args: List[str], budgets: Sequence[int], methods: Sequence
             proc.wait()
             log.close()
     folders = [os.path.join(folder, s["name"]) for s in shards]
-    rows = merge_shard_rows(folders)
+    rows = merge_shard_rows(folders, {key: settings.get(key, value) for key, value in search_settings().items()})
     settings = dict(settings, **resolved_evaluation(folders), devices=list(devices))
     result = write_tables(rows, budgets, settings, output_dir, settings.get("finetune_rank", 8))  # what is done so far
     if interrupted:
@@ -668,11 +675,12 @@ def resolved_evaluation(folders: Sequence[str]) -> Dict:
     return {}
 
 
-def merge_shard_rows(folders: Sequence[str]) -> List[Dict]:
+def merge_shard_rows(folders: Sequence[str], current: Optional[Dict] = None) -> List[Dict]:
     """The rows of every shard folder's compare.json that exists (one row per method, budget, seed); DASH rows
-    of a search that started or moved otherwise than this version's search does are left out (stale until
-    their shard runs again)."""
-    current = search_settings()
+    of a search that started or moved otherwise than this run's search (``current``, ``search_settings``' keys;
+    default this version's with the selectors' answer weight) are left out (stale until their shard runs
+    again)."""
+    current = current or search_settings()
     rows, seen = [], set()
     for shard_folder in folders:
         path = os.path.join(shard_folder, "compare.json")
@@ -680,7 +688,7 @@ def merge_shard_rows(folders: Sequence[str]) -> List[Dict]:
             continue
         with open(path) as f:
             saved = json.load(f)
-        stale = any(_saved(saved, key) != value for key, value in current.items())
+        stale = any(_saved(saved, key) != _saved(current, key) for key in search_settings())
         for row in saved["rows"]:
             if stale and row["method"].startswith("dash"):
                 continue

@@ -555,3 +555,30 @@ def test_the_refinement_may_lower_another_objective(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refine_objective"):
         compare_module.compare(net, CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
                                **dict(kwargs, output_dir=str(tmp_path / "c"), refine_objective="nll"))
+
+
+def test_compare_gives_the_searches_their_own_answer_weight(tmp_path, monkeypatch):
+    import os
+
+    from dash.compare import compare
+    from dash.search import Search
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    rows = _rows()
+    seen = []
+    real_init = Search.__init__
+
+    def spy(self, net, data, config, output_dir):
+        seen.append((config.answer_weight, os.path.basename(output_dir)))
+        real_init(self, net, data, config, output_dir)
+
+    monkeypatch.setattr(Search, "__init__", spy)
+    out = compare(_compare_net(), CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT, methods=["first"],
+                  search_tokens=48, search_batch=2, lengths=[700], tasks=["passkey"], samples=1, eval_batch=1,
+                  output_dir=str(tmp_path), progress=False, refine_rounds=0, calibration_answers=_answers(rows),
+                  search_answer_weight=4.0)
+    assert seen and seen[0][0] == 4.0 and "_aw4_" in seen[0][1]
+    saved = json.load(open(tmp_path / "compare.json"))
+    assert saved["search_answer_weight"] == 4.0 and saved["answer_weight"] == 1.0  # the selectors keep theirs
+    assert {r["method"] for r in out["rows"]} == {"dash", "first"}

@@ -124,10 +124,10 @@ def test_shards_repeat_the_parents_settings():
     parent = parser.parse_args(["compare", "--budgets", "3", "6", "--lengths", "1024", "2048", "--samples", "7",
                                 "--candidates", "full", "swa512", "--devices", "cuda:0", "cuda:0", "--seed", "4",
                                 "--import-rows", "a.json", "--import-scores", "b.json",
-                                "--refine-objective", "answers_nll"])
+                                "--refine-objective", "answers_nll", "--search-answer-weight", "4"])
     shard = parser.parse_args(["compare", *_shard_arguments(parent), "--budgets", "3", "--methods", "--skip-dash"])
     for name in ("lengths", "samples", "candidates", "seed", "model", "search_tokens", "finetune_tokens",
-                 "import_rows", "import_scores", "refine_objective"):
+                 "import_rows", "import_scores", "refine_objective", "search_answer_weight"):
         assert getattr(shard, name) == getattr(parent, name), name
     assert shard.methods == [] and shard.skip_dash and shard.devices is None
     relaxed = parser.parse_args(["compare", "--search-objectives", "answers", "--search-relaxations",
@@ -225,3 +225,27 @@ def test_the_committed_answers_table_extends_without_its_rows_rerun():
     wanted = set(_run_keys([3, 6, 9], METHODS, (0, 1, 2), ["answers", "answers_nll"], 2))
     missing = wanted - {(r["method"], r["budget"], r["seed"]) for r in kept}
     assert missing == {("dash_refined", 9, None)} | {("dash_answers_nll", k, None) for k in (3, 6, 9)}
+
+
+def test_a_search_answer_weight_of_its_own_searches_again_and_keeps_the_selectors(tmp_path):
+    """--search-answer-weight: the DASH rows of a table made with the selectors' weight are searched again, the
+    selectors' rows are taken; a table made with that weight keeps its DASH rows too."""
+    rows = [{"method": m, "budget": 3, "seed": None, "choice": [], "cost": {}} for m in ("dash", "dash_st", "first")]
+    base = {"lengths": [64], "tasks": ["vt"], "samples": 1, "seed": 0, "eval_batch": 1, "finetune_tokens": 0,
+            "candidates": None, "refine_rounds": 0}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"rows": rows, **base, **search_settings()}))
+    own = dict(base, **search_settings(10.0))
+    kept, again = resume_rows(str(old), own)
+    assert [r["method"] for r in kept] == ["first"] and again == {}
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"rows": rows, **own}))
+    assert [r["method"] for r in resume_rows(str(new), own)[0]] == ["dash", "dash_st", "first"]
+    assert [r["method"] for r in resume_rows(str(new), dict(base, **search_settings()))[0]] == ["first"]
+    # the shards' rows: those of a search with another answer weight are stale
+    for name, budget, saved in (("a", 3, own), ("b", 6, dict(base, **search_settings()))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text(json.dumps({"rows": [dict(rows[0], budget=budget)], **saved}))
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert [(r["method"], r["budget"]) for r in merge_shard_rows(folders, search_settings(10.0))] == [("dash", 3)]
+    assert [(r["method"], r["budget"]) for r in merge_shard_rows(folders)] == [("dash", 6)]
