@@ -159,6 +159,8 @@ def search_settings(answer_weight: Optional[float] = None) -> Dict:
     """Where DASH's search starts, how fast it moves, and its objective's answer weight where that is not the
     selectors' (``answer_weight``; None: theirs): recorded, so that rows of another search are redone."""
     return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr, "search_answer_weight": answer_weight}
+
+
 RELAXATION_TAGS = {"mixture": "", "straight_through": "_st"}  # of the row names (dash_method)
 
 

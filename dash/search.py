@@ -447,10 +447,11 @@ class Search:
         """The step's forward: the mixture itself, or (straight-through) the sampled hybrid."""
         if self.config.relaxation == "mixture":
             return contextlib.nullcontext()
-        count = len(self.net.candidates)
-        one_hots = [F.one_hot(torch.tensor(index), count).float().to(state.alpha.device).expand_as(state.alpha)
-                    for index, state in zip(self.sampled_hybrid(self.step), self.net.states)]
-        return self.net.sampled(one_hots)
+        states = self.net.states
+        # [L, C] on the logits' device in one copy, each layer's row expanded to its logits' shape
+        hot = F.one_hot(torch.tensor(self.sampled_hybrid(self.step)), len(self.net.candidates)).float()
+        hot = hot.to(states[0].alpha.device, non_blocking=True)
+        return self.net.sampled([row.expand_as(state.alpha) for row, state in zip(hot, states)])
 
     def _flush(self, pending: list) -> None:
         """Moves the pending GPU-side step records into the history (one sync for all of them)."""
