@@ -35,8 +35,7 @@ def discretise(probabilities: torch.Tensor, candidates: Sequence[Candidate], bud
     probable efficient candidate.
     """
     probs = _layer_probabilities(probabilities)
-    full = [i for i, c in enumerate(candidates) if c.is_full]
-    indices = _assign(probs[:, full].sum(-1), probs, candidates, budget, budget_kind, costs)
+    indices = _assign(_full_probability(probs, candidates), probs, candidates, budget, budget_kind, costs)
     return [candidates[i] for i in indices]
 
 
@@ -51,21 +50,26 @@ def sample_discrete(probabilities: torch.Tensor, candidates: Sequence[Candidate]
     efficient candidate a draw from its efficient candidates' probabilities. ``generator``: a CPU generator, so
     that the draw is the same on any device. With probabilities of 0 and 1 it is ``discretise``'s hybrid."""
     probs = _layer_probabilities(probabilities).detach().cpu()
-    full = [i for i, c in enumerate(candidates) if c.is_full]
 
     def gumbel(shape):
         return -torch.log(-torch.log(torch.rand(shape, generator=generator).clamp(1e-20, 1 - 1e-7)))
 
     log_probs = probs.clamp_min(1e-30).log()
-    p_full = probs[:, full].sum(-1).double()
+    p_full = _full_probability(probs, candidates).double()
     log_odds = p_full.clamp_min(1e-30).log() - (1 - p_full).clamp_min(1e-30).log()
     full_score = log_odds.float() + gumbel(probs.shape[:1])
     return _assign(full_score, log_probs + gumbel(probs.shape), candidates, budget, budget_kind, costs)
 
 
 def _layer_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
+    """[L, C] from [L, C] or [L, Hkv, C] (averaged over the groups: the export chooses whole layers)."""
     probs = probabilities.float()
     return probs.mean(1) if probs.dim() == 3 else probs
+
+
+def _full_probability(probs: torch.Tensor, candidates: Sequence[Candidate]) -> torch.Tensor:
+    """[L] each layer's probability of full attention, from [L, C]."""
+    return probs[:, [i for i, c in enumerate(candidates) if c.is_full]].sum(-1)
 
 
 def _assign(full_score: torch.Tensor, efficient_score: torch.Tensor, candidates: Sequence[Candidate],
