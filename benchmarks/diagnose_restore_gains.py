@@ -18,6 +18,15 @@ data's KL does not?
   python benchmarks/diagnose_restore_gains.py --model SmolLM2-135M-Instruct.Q4_1.gguf --seq-len 2048 --rows 2
   python benchmarks/diagnose_restore_gains.py --seq-len 4096 --hybrids dash=0,6,7 kl_restore=7,14,15
   python benchmarks/diagnose_restore_gains.py --seq-len 2048 --ruler-tasks passkey --ruler-samples 2 --hybrids ...
+
+``--calibration`` (with ``--hybrids``): score them on `dash compare`'s own calibration rows (``comparison_data``:
+the same rows for the same --seq-len, --retrieval-fraction, --calibration-tokens and seed, and transformers
+version: the data digest printed is the search folders' ``_data<digest>``) under the discrete losses the
+comparison uses: the ``answers`` objective's KL (the search and the refinement), the ``answers_nll`` objective,
+and the answer-weighted NLL that ppl_drop ranks layers by. Which of them picks the RULER-better layer where a
+search ends undecided? On a GPU (``--device cuda``) seconds per hybrid; ``--json`` writes the numbers.
+
+  python benchmarks/diagnose_restore_gains.py --device cuda --calibration --hybrids a=7,18,23 b=17,18,23
 """
 import argparse
 import time
@@ -34,14 +43,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="as for `dash search` (default: the embedded SmolLM2)")
     parser.add_argument("--efficient", default="sink64_swa512")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=None, help="default 2048; 4096 with --calibration (the "
+                        "comparison's)")
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--budgets", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--hybrids", nargs="+", default=[], metavar="NAME=LAYERS",
                         help="score these hybrids (comma-separated full layers) instead of the per-layer gains")
     parser.add_argument("--ruler-tasks", nargs="+", default=[], help="score --hybrids on these RULER tasks' answers")
     parser.add_argument("--ruler-samples", type=int, default=2, help="prompts per RULER task (at --seq-len)")
+    parser.add_argument("--calibration", action="store_true", help="score --hybrids on `dash compare`'s calibration "
+                        "rows under its discrete losses")
+    parser.add_argument("--calibration-tokens", type=int, default=65536)
+    parser.add_argument("--retrieval-fraction", type=float, default=0.5)
+    parser.add_argument("--answer-weight", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="with --calibration: write the scores to this file")
     args = parser.parse_args(argv)
+    if args.calibration and (not args.hybrids or args.ruler_tasks):
+        parser.error("--calibration scores --hybrids (and not with --ruler-tasks)")
+    args.seq_len = args.seq_len or (4096 if args.calibration else 2048)
     if args.ruler_tasks and not args.hybrids:
         parser.error("--ruler-tasks scores --hybrids: name some")
     hybrids = {}
@@ -51,8 +71,11 @@ def main(argv=None):
             hybrids[name] = [int(x) for x in layers.split(",") if x]
         except ValueError:
             parser.error(f"--hybrids expects NAME=L1,L2,... (integers), got {spec!r}")
-    model, tokenizer = load_model(args.model)
+    on_gpu = args.device.startswith("cuda")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=torch.bfloat16 if on_gpu else torch.float32)
     net = build_supernet(model, ["full", args.efficient])
+    if args.calibration:
+        return score_calibration(net, tokenizer, hybrids, args)
     if args.ruler_tasks:
         return score_ruler_answers(model, tokenizer, net, hybrids, args.ruler_tasks, args.seq_len,
                                    args.ruler_samples)
@@ -91,6 +114,41 @@ def main(argv=None):
     for name, gain in gains.items():
         order = sorted(range(num_layers), key=lambda i: -gain[i])
         print(name, "top K:", " ".join(f"{k}: {sorted(order[:k])}" for k in args.budgets))
+
+
+def score_calibration(net, tokenizer, hybrids, args):
+    import json
+
+    from dash.baselines import _loss, calibration_weights, teacher_hidden_states
+    from dash.compare import comparison_data
+    from dash.search import prompt_answer_weights
+
+    seq_len = args.seq_len
+    made = comparison_data(tokenizer, seq_len, 12_300_000, args.retrieval_fraction, args.calibration_tokens,
+                           device=args.device)
+    rows, answers = made["calibration"], made["answers"]
+    if answers is None or not bool(answers.any()):
+        raise SystemExit("--calibration needs retrieval rows among the calibration rows (--retrieval-fraction > 0)")
+    print(f"data digest {made['data'].digest()[:8]}; {rows.shape[0]} calibration rows of {seq_len} tokens, "
+          f"{int((answers.sum(-1) > 0).sum())} with answers", flush=True)
+    started = time.time()
+    teacher = teacher_hidden_states(net, rows)
+    weights = calibration_weights(answers, args.answer_weight)
+    label_weights = list(prompt_answer_weights(answers, args.answer_weight))
+    num_layers, scores = len(net.states), {}
+    for name, layers in hybrids.items():
+        with net.fixed([0 if i in layers else 1 for i in range(num_layers)]):
+            scores[name] = {"full_layers": layers,
+                            "answers_kl": _loss(net, rows, teacher, "kl", weights),
+                            "answers_nll_objective": _loss(net, rows, teacher, "kl", None, label_weights),
+                            "ppl_drop_nll": _loss(net, rows, None, "nll", weights)}
+        print(f"{name:16s} full {layers}: answers KL {scores[name]['answers_kl']:.5f}  answers_nll objective "
+              f"{scores[name]['answers_nll_objective']:.5f}  answer-weighted NLL {scores[name]['ppl_drop_nll']:.5f}"
+              f"  ({time.time() - started:.0f} s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"data_digest": made["data"].digest(), "seq_len": seq_len, "scores": scores}, f, indent=1)
+    return scores
 
 
 def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_per_task):

@@ -399,8 +399,7 @@ def _data_settings(args) -> dict:
 def run_compare(args) -> dict:
     from .baselines import METHODS
     from .candidates import Candidate
-    from .compare import compare, comparison_candidates, run_sharded, search_settings
-    from .data import add_retrieval_rows, default_data
+    from .compare import compare, comparison_candidates, comparison_data, run_sharded, search_settings
     from .models import load_model
     from .supernet import build_supernet
 
@@ -427,8 +426,9 @@ def run_compare(args) -> dict:
     model, tokenizer = load_model(args.model, device=args.device,
                                   dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
     search_tokens = args.search_tokens or (12_300_000 if on_gpu else CPU_DEFAULT_TOKENS)
-    data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=args.seed, heldout_fraction=0.1)
-    data = add_retrieval_rows(data, tokenizer, args.retrieval_fraction, seed=args.seed)
+    made = comparison_data(tokenizer, seq_len, search_tokens, args.retrieval_fraction, args.calibration_tokens,
+                           args.seed, args.device)
+    data, calibration, answers, heldout = made["data"], made["calibration"], made["answers"], made["heldout"]
     context = int(getattr(model.config, "max_position_embeddings", 8192))
     candidates = args.candidates
     if candidates is None:  # the selectors' two operators: DASH chooses from exactly what they choose from
@@ -447,10 +447,6 @@ def run_compare(args) -> dict:
     if "full" not in names:
         raise SystemExit(f"--candidates must include full attention (the budget counts full layers), got {names}")
     lengths = args.lengths or [n for n in COMPARE_LENGTHS if n <= context]
-    calibration_rows = torch.arange(min(data.train.shape[0], max(1, args.calibration_tokens // seq_len)))
-    calibration = data.train[calibration_rows].to(args.device)
-    answers = data.answers(calibration_rows).to(args.device) if data.train_answers is not None else None
-    heldout = data.heldout[: max(1, 32768 // seq_len)].to(args.device)
     return compare(net, tokenizer, data, calibration, heldout, args.budgets, efficient,
                    methods=methods, search_tokens=search_tokens, search_batch=2 if on_gpu else 1,
                    lengths=lengths, tasks=args.tasks, samples=args.samples, seed=args.seed,

@@ -248,6 +248,22 @@ def _finetune_folder(tokens: int, rank: int, lr: float, seed: int) -> str:
     return name + ("" if seed == 0 else f"_seed{seed}")
 
 
+def comparison_data(tokenizer, seq_len: int, search_tokens: int, retrieval_fraction: float, calibration_tokens: int,
+                    seed: int = 0, device: str = "cpu") -> Dict:
+    """The data of `dash compare`, built as every run of it builds them: ``data`` (the searches' rows, default corpus
+    plus retrieval rows), ``calibration`` (the first ``calibration_tokens`` of its rows, on ``device``: the scoring
+    selectors' and the refinement's), ``answers`` (their answer mask, or None) and ``heldout`` (32K tokens of
+    held-out rows: the perplexity). Scripts that score hybrids as the comparison does use these same rows."""
+    from .data import add_retrieval_rows, default_data
+
+    data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=seed, heldout_fraction=0.1)
+    data = add_retrieval_rows(data, tokenizer, retrieval_fraction, seed=seed)
+    rows = torch.arange(min(data.train.shape[0], max(1, calibration_tokens // seq_len)))
+    answers = data.answers(rows).to(device) if data.train_answers is not None else None
+    return {"data": data, "calibration": data.train[rows].to(device), "answers": answers,
+            "heldout": data.heldout[: max(1, 32768 // seq_len)].to(device)}
+
+
 def comparison_candidates(context: int, efficient: Optional[str] = None) -> List[Candidate]:
     """`dash compare`'s default candidates: full attention and the selectors' efficient operator (``efficient``,
     else the sink + window candidate of ``default_candidates(context)``). DASH then chooses from exactly what the

@@ -582,3 +582,36 @@ def test_compare_gives_the_searches_their_own_answer_weight(tmp_path, monkeypatc
     saved = json.load(open(tmp_path / "compare.json"))
     assert saved["search_answer_weight"] == 4.0 and saved["answer_weight"] == 1.0  # the selectors keep theirs
     assert {r["method"] for r in out["rows"]} == {"dash", "first"}
+
+
+def test_the_diagnostic_scores_hybrids_on_the_comparisons_calibration_rows(tmp_path, monkeypatch):
+    """benchmarks/diagnose_restore_gains.py --calibration: each hybrid's discrete losses on the comparison's own
+    calibration rows, as the refinement and ppl_drop compute them (the teacher's hybrid: no KL)."""
+    import argparse
+    import os
+    import sys
+
+    from dash.baselines import _loss, calibration_weights, teacher_hidden_states
+    from dash.search import prompt_answer_weights
+    from test_search import random_data
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import diagnose_restore_gains as diagnostic
+
+    net = build_supernet(tiny_model("llama"), ["full", "sink1_swa4"])
+    rows = _rows()
+    answers = _answers(rows)
+    monkeypatch.setattr("dash.compare.comparison_data", lambda *a, **k: {
+        "data": random_data(), "calibration": rows, "answers": answers, "heldout": rows})
+    args = argparse.Namespace(seq_len=24, retrieval_fraction=0.5, calibration_tokens=48, answer_weight=1.0,
+                              device="cpu", json=str(tmp_path / "scores.json"))
+    scores = diagnostic.score_calibration(net, None, {"teacher": [0, 1, 2], "one": [1]}, args)
+    assert scores["teacher"]["answers_kl"] == pytest.approx(0.0, abs=1e-6)
+    teacher = teacher_hidden_states(net, rows)
+    with net.fixed([1, 0, 1]):
+        want = _loss(net, rows, teacher, "kl", calibration_weights(answers, 1.0))
+        with_nll = _loss(net, rows, teacher, "kl", None, list(prompt_answer_weights(answers, 1.0)))
+        nll = _loss(net, rows, None, "nll", calibration_weights(answers, 1.0))
+    assert scores["one"]["answers_kl"] == pytest.approx(want) and scores["one"]["ppl_drop_nll"] == pytest.approx(nll)
+    assert scores["one"]["answers_nll_objective"] == pytest.approx(with_nll) and with_nll > want > 0
+    assert json.load(open(tmp_path / "scores.json"))["scores"]["one"]["full_layers"] == [1]
