@@ -35,11 +35,13 @@ candidates (DARTS). The search then ranks layers inside a model where several ar
 exported hybrid never is; on SmolLM2 at K 9 DASH's exported hybrid ranked only 14th of 350 neighbouring K 9 hybrids
 under the objective the mixture minimised, and the last one or two slots ended undecided (p(full) 0.2-0.7)
 (benchmarks/NOTES.md, session 12). ``"straight_through"``: each step draws one discrete hybrid the way the export
-makes one (with a full-layer budget exactly K full layers, drawn without replacement in proportion to p(full):
-Gumbel-top-K, ``dash.export.sample_discrete``); the forward computes that hybrid (one-hot weights, the same fused
-kernel and cost), and the backward treats the probabilities as the weights (straight-through, as in GDAS,
-arXiv 1910.04465). Each layer's gradient is then the first-order value of changing its operator inside a hybrid
-of the budget's size; the loss is the expected loss of the hybrids the export can return.
+makes one (with a full-layer budget exactly K full layers, drawn without replacement in proportion to the odds
+p(full) / (1 - p(full)): Gumbel-top-K, ``dash.export.sample_discrete``); the forward computes that hybrid (one-hot
+weights, the same fused kernel and cost), and the backward treats the probabilities as the weights
+(straight-through, as in GDAS, arXiv 1910.04465). Each layer's gradient is then the first-order value of changing
+its operator inside a hybrid of the budget's size; the loss is the expected loss of the hybrids the export can
+return. On SmolLM2 it returned the mixture's very hybrids at K 6 and 9, and at K 3 a worse one, on a slot it left
+undecided (benchmarks/NOTES.md, session 13): an ablation, not the default.
 """
 from __future__ import annotations
 
