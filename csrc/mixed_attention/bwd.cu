@@ -12,11 +12,18 @@
 
 #include "bwd_kernel.cuh"
 #include "bwd_mma_kernel.cuh"
+#include "bwd_sm90_tile.h"
 #include "fwd_mma_kernel.cuh"
 #include "fwd_sm90_tile.h"
 #include "host_checks.h"
 
 namespace dash {
+
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+// bwd_sm90.cu: the Hopper backward mainloop (CuTe wgmma), built only where setup.py found the CUTLASS/CuTe headers
+void launch_bwd_sm90(const BwdMmaParams& params, at::ScalarType dtype, int64_t head_dim, int batch_heads,
+                     cudaStream_t stream);
+#endif
 
 namespace {
 
@@ -59,21 +66,72 @@ void launch_bwd_mma(const BwdParams& params, float* dq_accum, int batch_heads, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Which backward mainloop runs: DASH_CUDA_BWD=mma the FlashAttention-2 style one, anything else (or unset) the
-// wmma one of bwd_kernel.cuh. Read at every call (a getenv). The mma one also needs its shared memory (which
-// grows with the region count) to fit the device; where it does not, the wmma one runs, with a warning (once):
-// whoever set the variable is timing or testing the mma one and must know it did not run.
-bool backward_uses_mma(int64_t head_dim, int num_regions) {
-  const char* choice = std::getenv("DASH_CUDA_BWD");
-  if (choice == nullptr || std::strcmp(choice, "mma") != 0) return false;
+// The Hopper backward (bwd_sm90_kernel.cuh): the same prep, then one kernel (128-key tiles, a TMA producer
+// warpgroup and 2 wgmma warpgroups) that adds dQ (pre-scaled) into the zeroed fp32 ``dq_accum`` by atomics and
+// writes dK / dV per query head like the mma one.
+template <typename T, int D>
+void launch_bwd_wgmma(const BwdParams& params, float* dq_accum, at::ScalarType dtype, int batch_heads,
+                      cudaStream_t stream) {
+  launch_prep<T>(params, D, batch_heads, stream);
+  BwdMmaParams mma_params{};
+  static_cast<BwdParams&>(mma_params) = params;
+  mma_params.dq_accum = dq_accum;
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+  launch_bwd_sm90(mma_params, dtype, D, batch_heads, stream);
+#else
+  (void)dtype;
+  TORCH_CHECK(false, "unreachable: backward_mainloop refuses DASH_CUDA_BWD=sm90 without the CuTe headers");
+#endif
+}
+
+enum class BwdMainloop { kWmma, kMma, kSm90 };
+
+// Does the mma backward's shared memory (which grows with the region count) fit this device? Where it does not,
+// the wmma one runs, with a warning (once): whoever set the variable is timing or testing the mma one and must
+// know it did not run.
+bool mma_backward_fits(int64_t head_dim, int num_regions, int limit, const char* asked) {
   const size_t bytes =
       head_dim == 64 ? BwdMmaTile<64>::smem_bytes(num_regions) : BwdMmaTile<128>::smem_bytes(num_regions);
+  if (bytes <= static_cast<size_t>(limit)) return true;
+  TORCH_WARN_ONCE("DASH_CUDA_BWD=", asked, ": ", num_regions, " candidate regions need ", bytes,
+                  " bytes of shared memory a block in the mma backward, over this GPU's ", limit,
+                  "; the wmma backward runs instead");
+  return false;
+}
+
+// Which backward mainloop runs: DASH_CUDA_BWD=mma the FlashAttention-2 style one, DASH_CUDA_BWD=sm90 the Hopper
+// one (CuTe wgmma, bwd_sm90_kernel.cuh), anything else (or unset) the wmma one of bwd_kernel.cuh. Read at every
+// call (a getenv). sm90 needs the CuTe headers at build time and an sm_90 device (else an error, as for
+// DASH_CUDA_FWD=sm90), and its shared memory (3 R 64 floats a stage of coefficients) to fit the device: where it
+// does not, the mma one runs (or, where that does not fit either, the wmma one), with a warning (once).
+BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
+  const char* choice = std::getenv("DASH_CUDA_BWD");
+  if (choice == nullptr) return BwdMainloop::kWmma;
+  const bool sm90 = std::strcmp(choice, "sm90") == 0;
+  if (!sm90 && std::strcmp(choice, "mma") != 0) return BwdMainloop::kWmma;
   int device = c10::cuda::current_device(), limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes <= static_cast<size_t>(limit)) return true;
-  TORCH_WARN_ONCE("DASH_CUDA_BWD=mma: ", num_regions, " candidate regions need ", bytes,
-                  " bytes of shared memory a block, over this GPU's ", limit, "; the wmma backward runs instead");
-  return false;
+  if (sm90) {
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    TORCH_CHECK(major == 9 && minor == 0, "DASH_CUDA_BWD=sm90 needs a Hopper GPU (sm_90a: wgmma); this one is sm_",
+                major, minor, ". Unset DASH_CUDA_BWD or use DASH_CUDA_BWD=mma");
+    const size_t bytes = head_dim == 64 ? BwdSm90Tile<64>::smem_bytes(num_regions)
+                                        : BwdSm90Tile<128>::smem_bytes(num_regions);
+    if (bytes <= static_cast<size_t>(limit)) return BwdMainloop::kSm90;
+    TORCH_WARN_ONCE("DASH_CUDA_BWD=sm90: ", num_regions, " candidate regions need ", bytes,
+                    " bytes of shared memory a block in the sm90 backward, over this GPU's ", limit,
+                    "; the mma backward runs instead");
+#else
+    TORCH_CHECK(false,
+                "DASH_CUDA_BWD=sm90: this build of dash_kernels._C has no Hopper backward: it was compiled without "
+                "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
+                "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_BWD");
+#endif
+  }
+  return mma_backward_fits(head_dim, num_regions, limit, choice) ? BwdMainloop::kMma : BwdMainloop::kWmma;
 }
 
 }  // namespace
@@ -134,8 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   auto delta = at::empty({batch, heads_q, num_c, seq}, f32);
   auto ref = at::empty({batch, heads_q, num_regions, seq}, f32);
   auto coef_a = at::empty_like(ref), coef_b = at::empty_like(ref);
-  const bool use_mma = backward_uses_mma(head_dim, num_regions);
-  // the mma backward adds dQ into a zeroed fp32 buffer (converted below); the wmma one writes dq directly
+  const BwdMainloop mainloop = backward_mainloop(head_dim, num_regions);
+  // the mma and sm90 backwards add dQ into a zeroed fp32 buffer (converted below); the wmma one writes dq directly
+  const bool use_mma = mainloop != BwdMainloop::kWmma;
   auto dq = use_mma ? at::zeros({batch, seq, heads_q, head_dim}, f32)
                     : at::empty({batch, seq, heads_q, head_dim}, q.options());
   auto dk = at::empty({batch, seq, heads_q, head_dim}, f32);  // per query head; summed per group below
@@ -159,7 +218,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int row_tiles = static_cast<int>((seq + 63) / 64), bh = static_cast<int>(batch * heads_q);
   dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
-    if (use_mma) launch_bwd_mma<decltype(type), decltype(dim)::value>(params, dq.data_ptr<float>(), bh, stream);
+    if (mainloop == BwdMainloop::kSm90)
+      launch_bwd_wgmma<decltype(type), decltype(dim)::value>(params, dq.data_ptr<float>(), q.scalar_type(), bh,
+                                                             stream);
+    else if (use_mma) launch_bwd_mma<decltype(type), decltype(dim)::value>(params, dq.data_ptr<float>(), bh, stream);
     else launch_bwd<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
   });
   if (use_mma) dq = dq.to(q.scalar_type());
