@@ -285,6 +285,14 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
     key[i] = j0 + int(get<0>(cS(i, 0)));
     level[i] = level_of(p, key[i]);
   }
+  // byte offsets in sdS of this thread's first dS pair of each key; the others are these XOR 2 x their column
+  // distance (the 128B swizzle is an XOR of address bits, and the column steps touch no bit it reads:
+  // check_sm90_layouts.cc verifies the identity for every element); saves 32 live addresses
+  uint32_t ds_off[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+    ds_off[i] = uint32_t(reinterpret_cast<const unsigned char*>(&sdS(int(get<1>(cS(i, 0))), int(get<0>(cS(i, 0))))) -
+                         reinterpret_cast<const unsigned char*>(ds_ptr));
   // the warp's 16 keys (check_sm90_layouts.cc: every thread's keys lie in [16 warp, 16 warp + 16) of its
   // warpgroup's 64), warp-uniform facts about them
   const int jw0 = j0 + 64 * cwg + 16 * wwarp;
@@ -353,47 +361,66 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
     }
     if (uniform_r >= 0 && p.membership[uniform_r] == 0) active = false;
 
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    // element pair (i, c), (i, c + 1) of this thread: the registers and the 32-bit store to sdS
+    auto put = [&](int i, int c, float pa0, float pa1, float ds0, float ds1) {
+      Pa(i, c) = static_cast<Element>(pa0);
+      Pa(i, c + 1) = static_cast<Element>(pa1);
+      Ds(i, c) = static_cast<Element>(ds0);
+      Ds(i, c + 1) = static_cast<Element>(ds1);
+      const int dcol = int(get<1>(cS(i, c))) - int(get<1>(cS(i, 0)));  // a constant: 8 (c / 2)
+      *reinterpret_cast<uint32_t*>(reinterpret_cast<unsigned char*>(ds_ptr) + (ds_off[i] ^ uint32_t(2 * dcol))) =
+          mma16::pack2<T>(ds0, ds1);
+    };
+    if (uniform_r >= 0 && active) {
+      // one region: per column pair one float2 of each coefficient, shared by the thread's 2 keys (the columns of
+      // rows 0 and 1 are the same: check_sm90_layouts.cc, S^T rows)
+      const float* ref_r = sRef + uniform_r * BM;
+      const float* a_r = sA + uniform_r * BM;
+      const float* b_r = sB + uniform_r * BM;
 #pragma unroll
       for (int c2 = 0; c2 < NQC / 2; ++c2) {
         const int c = 2 * c2;
-        const int col = int(get<1>(cS(i, c)));  // even; column c + 1 is col + 1
-        float pa[2] = {0.f, 0.f}, ds[2] = {0.f, 0.f};
-        if (active) {
-          if (uniform_r >= 0) {
-            const float2 ref2 = *reinterpret_cast<const float2*>(sRef + uniform_r * BM + col);
-            const float2 a2 = *reinterpret_cast<const float2*>(sA + uniform_r * BM + col);
-            const float2 b2 = *reinterpret_cast<const float2*>(sB + uniform_r * BM + col);
-            const float rf[2] = {ref2.x, ref2.y}, ca[2] = {a2.x, a2.y}, cb[2] = {b2.x, b2.y};
+        const int col = int(get<1>(cS(0, c)));  // even; column c + 1 is col + 1
+        const float2 rf = *reinterpret_cast<const float2*>(ref_r + col);
+        const float2 ca = *reinterpret_cast<const float2*>(a_r + col);
+        const float2 cb = *reinterpret_cast<const float2*>(b_r + col);
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float prob = exp2f(fmaf(S(i, c + e), p.scale_log2, -rf[e]));
-              pa[e] = prob * ca[e];
-              ds[e] = prob * (ca[e] * dP(i, c + e) - cb[e]);
-            }
-          } else {
+        for (int i = 0; i < 2; ++i) {
+          const float p0 = exp2f(fmaf(S(i, c), p.scale_log2, -rf.x));
+          const float p1 = exp2f(fmaf(S(i, c + 1), p.scale_log2, -rf.y));
+          put(i, c, p0 * ca.x, p1 * ca.y, p0 * fmaf(ca.x, dP(i, c), -cb.x), p1 * fmaf(ca.y, dP(i, c + 1), -cb.y));
+        }
+      }
+    } else if (active) {
+      // the generic path: the region of every element (bwd_mma_kernel.cuh), zero where no candidate sees it
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int t = m0 + col + e, j = key[i];
-              if (t < p.seq && j < p.seq && j <= t) {
-                const int r = band_of(p, t - j) * (p.num_sinks + 1) + level[i];
-                if (p.membership[r] != 0) {
-                  const float prob = exp2f(fmaf(S(i, c + e), p.scale_log2, -sRef[r * BM + col + e]));
-                  const float ca = sA[r * BM + col + e];
-                  pa[e] = prob * ca;
-                  ds[e] = prob * (ca * dP(i, c + e) - sB[r * BM + col + e]);
-                }
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int c2 = 0; c2 < NQC / 2; ++c2) {
+          const int c = 2 * c2;
+          float pa[2] = {0.f, 0.f}, ds[2] = {0.f, 0.f};
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = int(get<1>(cS(i, c))) + e;
+            const int t = m0 + col, j = key[i];
+            if (t < p.seq && j < p.seq && j <= t) {
+              const int r = band_of(p, t - j) * (p.num_sinks + 1) + level[i];
+              if (p.membership[r] != 0) {
+                const float prob = exp2f(fmaf(S(i, c + e), p.scale_log2, -sRef[r * BM + col]));
+                const float ca = sA[r * BM + col];
+                pa[e] = prob * ca;
+                ds[e] = prob * fmaf(ca, dP(i, c + e), -sB[r * BM + col]);
               }
             }
           }
+          put(i, c, pa[0], pa[1], ds[0], ds[1]);
         }
-        Pa(i, c) = static_cast<Element>(pa[0]);
-        Pa(i, c + 1) = static_cast<Element>(pa[1]);
-        Ds(i, c) = static_cast<Element>(ds[0]);
-        Ds(i, c + 1) = static_cast<Element>(ds[1]);
-        *reinterpret_cast<uint32_t*>(&sdS(col, int(get<0>(cS(i, c))))) = mma16::pack2<T>(ds[0], ds[1]);
       }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int c2 = 0; c2 < NQC / 2; ++c2) put(i, 2 * c2, 0.f, 0.f, 0.f, 0.f);
     }
     cutlass::arch::fence_view_async_shared();  // dS (generic-proxy stores) before the wgmma reads it
 

@@ -95,7 +95,8 @@ int run() {
 //       bijection onto the 16 KB buffer; D 64's per-warpgroup slices are sdS(_, 64 wg + k) and sKt(_, 64 wg + k);
 //  (b5) dQ's accumulator (D 128: 256 threads split D; D 64: each warpgroup the whole 64 x 64) covers (BM, D) once
 //       (per warpgroup at D 64), d in adjacent pairs, rows the same for a thread's columns; likewise dK / dV's
-//       (keys x D) over the 128 x D tile, a thread's keys in its warpgroup's 64.
+//       (keys x D) over the 128 x D tile, a thread's keys in its warpgroup's 64;
+//  (b6) the XOR form of the dS store addresses (see the code).
 template <typename T, int D>
 int run_bwd() {
   using Tr = dash::sm90::BwdTraits<T, D>;
@@ -168,6 +169,28 @@ int run_bwd() {
   // (b3), (b4): addresses
   std::vector<char> buf(1 << 20);
   char* base = (char*)(((uintptr_t)buf.data() + 1023) & ~uintptr_t(1023));
+  // (b6) the kernel's dS store addresses: ds_off[i] (the thread's first pair of key i) XOR 2 x the column distance
+  // is &sdS(col, key) for every element; rows 0 and 1 of a thread share their columns (the uniform path's
+  // coefficient pairs)
+  int xor_bad = 0;
+  {
+    Tensor sdS0 = make_tensor(make_smem_ptr((E*)base), typename Tr::SmemLayoutdS{});
+    for (int tid = 0; tid < 256; ++tid) {
+      auto thr_sdp = mma_sdp.get_thread_slice(tid);
+      Tensor cS_part = thr_sdp.partition_C(make_identity_tensor(Shape<Int<BN>, Int<BM>>{}));
+      Tensor cS = make_tensor(cS_part.data(), dash::sm90::acc_rowcol(cS_part.layout()));
+      for (int i = 0; i < 2; ++i) {
+        const uint32_t off = uint32_t((char*)&sdS0(int(get<1>(cS(i, 0))), int(get<0>(cS(i, 0)))) - base);
+        for (int c = 0; c < size<1>(cS); c += 2) {
+          const int dcol = int(get<1>(cS(i, c))) - int(get<1>(cS(i, 0)));
+          if (dcol != 4 * c) xor_bad++;  // the kernel's comment: 8 (c / 2)
+          if (int(get<1>(cS(i, c))) != int(get<1>(cS(0, c)))) xor_bad++;
+          const uint32_t want = uint32_t((char*)&sdS0(int(get<1>(cS(i, c))), int(get<0>(cS(i, c)))) - base);
+          if ((off ^ uint32_t(2 * dcol)) != want) { if (xor_bad++ < 4) printf("  xor: tid %d i %d c %d\n", tid, i, c); }
+        }
+      }
+    }
+  }
   Tensor sK = make_tensor(make_smem_ptr((E*)base), typename Tr::SmemLayoutK{});
   Tensor sKt = make_tensor(make_smem_ptr((E*)base), typename Tr::SmemLayoutKt{});
   Tensor sQ = make_tensor(make_smem_ptr((E*)base), typename Tr::SmemLayoutQ{});
@@ -192,9 +215,10 @@ int run_bwd() {
       for (int d = 0; d < D; ++d) for (int k = 0; k < BN / 2; ++k) if (&kl(d, k) != &sKt(d, 64 * w + k)) view_bad++;
     }
   }
-  printf("bwd D %d: S^T covers %zu of %d, dK/dV %zu of %d, dQ %zu of %d, bad %d; transposed views bad %d; dS stores bad %d\n",
-         D, seenS.size(), BN * BM, seenKV.size(), BN * D, q_cover, q_groups * BM * D, bad, view_bad, ds_bad);
-  return bad + view_bad + ds_bad;
+  printf("bwd D %d: S^T covers %zu of %d, dK/dV %zu of %d, dQ %zu of %d, bad %d; transposed views bad %d; dS stores bad %d; "
+         "dS xor addresses bad %d\n",
+         D, seenS.size(), BN * BM, seenKV.size(), BN * D, q_cover, q_groups * BM * D, bad, view_bad, ds_bad, xor_bad);
+  return bad + view_bad + ds_bad + xor_bad;
 }
 int main() {
   return run<__nv_bfloat16, 64>() + run<__nv_bfloat16, 128>() + run<__half, 128>() + run_bwd<__nv_bfloat16, 64>() +
