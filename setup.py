@@ -6,7 +6,7 @@ Environment:
   DASH_CUDA_ARCHS="9.0"    architectures to build for (default: the visible GPU, else 9.0)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
   CUTLASS_INCLUDE=DIR      CUTLASS/CuTe headers (the directory holding cute/ and cutlass/) for the Hopper forward
-                           (DASH_CUDA_FWD=sm90); default: those of the `nvidia-cutlass` package if importable.
+                           and backward (DASH_CUDA_FWD=sm90, DASH_CUDA_BWD=sm90); default: those of the `nvidia-cutlass` package if importable.
                            Without them (or without 9.0 among the architectures) that forward is not built.
 """
 import glob
@@ -95,16 +95,17 @@ def cuda_extensions():
     # the extension reports what it was built for (torch.ops.dash_kernels_cuda.built_archs)
     defines = [f"-DDASH_BUILT_ARCHS={','.join(built)}"]
     include_dirs = [os.path.join(HERE, "csrc")]
-    # The Hopper forward (csrc/mixed_attention/fwd_sm90.cu, CuTe wgmma) needs the CUTLASS/CuTe headers and sm_90a;
-    # without them that file compiles to nothing and DASH_CUDA_FWD=sm90 raises a clear error.
+    # The Hopper forward and backward (csrc/mixed_attention/fwd_sm90.cu, bwd_sm90.cu, CuTe wgmma) need the
+    # CUTLASS/CuTe headers and sm_90a; without them those files compile to nothing and DASH_CUDA_FWD=sm90 /
+    # DASH_CUDA_BWD=sm90 raise a clear error.
     cutlass_inc = _cutlass_include()
     if "90" not in built:
-        _note("architecture 9.0 not among DASH_CUDA_ARCHS: the Hopper forward (DASH_CUDA_FWD=sm90) is skipped.")
+        _note("architecture 9.0 not among DASH_CUDA_ARCHS: the Hopper forward and backward (DASH_CUDA_FWD=sm90, DASH_CUDA_BWD=sm90) are skipped.")
     elif cutlass_inc is None:
-        _note("CUTLASS/CuTe headers not found: the Hopper forward (DASH_CUDA_FWD=sm90) is skipped; to build it, "
+        _note("CUTLASS/CuTe headers not found: the Hopper forward and backward (DASH_CUDA_FWD=sm90, DASH_CUDA_BWD=sm90) are skipped; to build them, "
               "`pip install nvidia-cutlass` (or set CUTLASS_INCLUDE=<cutlass>/include) and rebuild.")
     else:
-        _note(f"building the Hopper forward (DASH_CUDA_FWD=sm90) with the CuTe headers in {cutlass_inc}")
+        _note(f"building the Hopper forward and backward (DASH_CUDA_FWD=sm90, DASH_CUDA_BWD=sm90) with the CuTe headers in {cutlass_inc}")
         include_dirs.append(cutlass_inc)
         defines.append("-DDASH_WITH_SM90_CUTE=1")
     ext = CUDAExtension(

@@ -4,8 +4,8 @@
 # editing (CI builds and loads the whole extension instead), with ptxas's register and spill report.
 # Usage: TORCH_WHEEL=/path/torch-*.whl [CUTLASS_INCLUDE=/path/cutlass/include] csrc/compile_check.sh
 # With CUTLASS_INCLUDE (the directory holding cute/, e.g. the nvidia-cutlass wheel's
-# cutlass_library/source/include) the Hopper forward (fwd_sm90.cu) is compiled too, as setup.py does when it finds
-# the headers; without it that file compiles to nothing (DASH_WITH_SM90_CUTE unset).
+# cutlass_library/source/include) the Hopper forward and backward (fwd_sm90.cu, bwd_sm90.cu) are compiled too, as
+# setup.py does when it finds the headers; without it those files compile to nothing (DASH_WITH_SM90_CUTE unset).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 wheel="${TORCH_WHEEL:?set TORCH_WHEEL to a CUDA build of torch (.whl) for its headers}"
@@ -20,9 +20,9 @@ flags=(-std=c++20 -O3 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H 
 if [ -n "${CUTLASS_INCLUDE:-}" ]; then
   [ -f "$CUTLASS_INCLUDE/cute/tensor.hpp" ] || { echo "CUTLASS_INCLUDE=$CUTLASS_INCLUDE has no cute/tensor.hpp" >&2; exit 1; }
   flags+=(-I"$CUTLASS_INCLUDE" -DDASH_WITH_SM90_CUTE=1)
-  echo "with the CuTe headers in $CUTLASS_INCLUDE: the sm90 forward is compiled"
+  echo "with the CuTe headers in $CUTLASS_INCLUDE: the sm90 forward and backward are compiled"
 else
-  echo "no CUTLASS_INCLUDE: the sm90 forward (fwd_sm90.cu) compiles to nothing"
+  echo "no CUTLASS_INCLUDE: the sm90 forward and backward (fwd_sm90.cu, bwd_sm90.cu) compile to nothing"
 fi
 # what torch.utils.cpp_extension adds to every nvcc call, so that this check compiles what setup.py compiles
 torch_nvcc=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
