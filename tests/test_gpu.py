@@ -117,6 +117,45 @@ def test_cuda_kernels_keep_the_triton_contract(name):
     assert all(value < 1e-2 for value in errors.values()), errors
 
 
+@pytest.mark.skipif(not cuda_extension_available(), reason="dash_kernels._C not built")
+@pytest.mark.parametrize("name", ["dash_set_T1000_fp16_d128", "no_full_T3001_bf16", "eight_candidates_T2000",
+                                  "t17_d64", "qwen_T8192_bf16"])
+def test_cuda_sm90_backward_matches_mma(name, monkeypatch):
+    """DASH_CUDA_BWD=sm90 (the Hopper wgmma backward) against DASH_CUDA_BWD=mma on the same forward outputs: the
+    same math in another order of fp32 sums, so they agree far below bf16's plain error; and it must have run
+    (no fallback warning). Skipped off sm_90 and where the build has no CuTe headers."""
+    import warnings
+
+    from dash_kernels.ops.mixed_attention import cuda_op
+    from dash_kernels.ops.mixed_attention.spec import make_plan
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 backward needs an sm_90 GPU")
+    batch, seq, hq, hkv, d, dtype, windows, sinks, per_head = CASES[name]
+    q, k, v, w = make_inputs(batch, seq, hq, hkv, d, len(windows), per_head=per_head, dtype=dtype, device="cuda")
+    plan = make_plan(windows, sinks)
+    scale = d ** -0.5
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=dtype).cuda()
+    with torch.no_grad():
+        _, o, lse = cuda_op.mixed_attention_fwd(q, k, v, w, plan, scale)
+        monkeypatch.setenv("DASH_CUDA_BWD", "mma")
+        want = cuda_op.mixed_attention_bwd(dy, q, k, v, w, o, lse, plan, scale)
+        monkeypatch.setenv("DASH_CUDA_BWD", "sm90")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                got = cuda_op.mixed_attention_bwd(dy, q, k, v, w, o, lse, plan, scale)
+            except RuntimeError as error:
+                if "no Hopper backward" in str(error):
+                    pytest.skip(str(error))
+                raise
+    torch.cuda.synchronize()
+    assert not [c for c in caught if "sm90 backward" in str(c.message)], "the sm90 backward fell back"
+    errors = {label: rel_err(a, b) for label, a, b in zip(("dq", "dk", "dv", "delta"), got, want)}
+    print(name, "sm90 vs mma", {key: f"{value:.2e}" for key, value in errors.items()}, flush=True)
+    assert all(value < 1e-2 for value in errors.values()), errors
+
+
 def test_cuda_backend_refuses_what_it_does_not_take():
     q, k, v, w = make_inputs(1, 64, 2, 1, 32, 2, dtype=torch.bfloat16, device="cuda")  # D 32
     with pytest.raises(ValueError, match="backend='cuda' is unavailable for these inputs"):
