@@ -132,6 +132,39 @@ __device__ __forceinline__ void wg_gemm_issue(Mma& mma, TA const& a, TB const& b
   warpgroup_commit_batch();
 }
 
+// Hang guard of the mbarrier waits (the one failure mode a GPU test cannot time out of cheaply): a wait not complete
+// after kWatchdogNs prints which wait, block and thread, and traps (the launch then fails with an error instead of
+// hanging). A named-barrier deadlock among the consumers also ends here: the producer then waits forever for a stage
+// release. 30 s is far beyond any healthy wait (a TMA load: microseconds), also under compute-sanitizer.
+constexpr uint64_t kWatchdogNs = 30ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __noinline__ void watchdog_fire(const char* what, int step) {
+  printf("bwd_sm90 watchdog: block (%d, %d) thread %d waited %d s in %s (step %d): trap\n", int(blockIdx.x),
+         int(blockIdx.y), int(threadIdx.x), int(kWatchdogNs / 1000000000ull), what, step);
+  __trap();
+}
+
+// Spins on try_wait() (true once the awaited phase completed) with the watchdog above. kPrint: say which wait
+// (a call: only where few registers are live, i.e. the producer; in the consumers a call spilled 1 KB at D 128,
+// so they trap silently: the producer's message, which follows within the same 30 s, names the stuck block).
+template <bool kPrint, typename TryWait>
+__device__ __forceinline__ void wait_or_trap(TryWait&& try_wait, const char* what, int step) {
+  if (try_wait()) return;
+  const uint64_t t0 = global_ns();
+  while (!try_wait()) {
+    if (global_ns() - t0 > kWatchdogNs) {
+      if constexpr (kPrint) watchdog_fire(what, step);
+      else __trap();
+    }
+  }
+}
+
 }  // namespace sm90
 
 template <typename T, int D, typename TmaQ, typename TmaK>
@@ -227,13 +260,21 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
       for (int s = 0; s < steps; ++s) {
         const int m_blk = m_begin / BM + s;
-        pipeline.producer_acquire(state);  // the stage is free; arms its barrier with kQTmaBytes
+        // wait until the stage is free (watchdog), then arm its barrier with kQTmaBytes
+        sm90::wait_or_trap<true>([&] { return pipeline.producer_try_acquire(state) == cutlass::BarrierStatus::WaitDone; },
+                           "producer_acquire (a Q / dY stage released)", s);
+        pipeline.producer_acquire(state, {cutlass::BarrierStatus::WaitDone});
         auto* bar = pipeline.producer_get_barrier(state);
         copy(tma_q.with(*bar), tQgQ(_, m_blk), tQsQ(_, state.index()));
         copy(tma_dy.with(*bar), tdYgdY(_, m_blk), tdYsdY(_, state.index()));
         ++state;
       }
-      pipeline.producer_tail(state);  // no exit while loads are in flight (waits for the consumers' releases)
+      // producer_tail with the watchdog: no exit while loads are in flight (wait for the consumers' last releases)
+      for (int s = 0; s < Tile::kStages; ++s) {
+        sm90::wait_or_trap<true>([&] { return pipeline.producer_try_acquire(state) == cutlass::BarrierStatus::WaitDone; },
+                           "producer_tail", steps + s);
+        ++state;
+      }
     }
     return;
   }
@@ -315,7 +356,7 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
   };
   issue_coef(0);
 
-  cutlass::arch::ClusterBarrier::wait(barrier_kv, 0);  // K and V have landed
+  sm90::wait_or_trap<false>([&] { return cutlass::arch::ClusterBarrier::try_wait(barrier_kv, 0); }, "K / V barrier", -1);
   PipelineState state;  // the consumers' start state: stage 0, phase 0
 
   for (int step = 0; step < steps; ++step) {
@@ -329,7 +370,10 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
     const float* sA = sRef + R * BM;
     const float* sB = sA + R * BM;
 
-    pipeline.consumer_wait(state);  // Q and dY of this step have landed
+    // Q and dY of this step have landed (watchdog)
+    sm90::wait_or_trap<false>([&] { return pipeline.consumer_try_wait(state) == cutlass::BarrierStatus::WaitDone; },
+                       "consumer_wait (Q, dY)", step);
+    pipeline.consumer_wait(state, {cutlass::BarrierStatus::WaitDone});
     const int stage = state.index();
 
     // S^T = K Q^T and dP^T = V dY^T, both in flight, then waited for
