@@ -40,6 +40,8 @@
 // each element computed per element (bwd_mma_kernel.cuh's generic path) except where a warp's 16 keys x 64
 // queries all lie in one region (then one float2 per coefficient per column pair); no interior fast path beyond
 // that, no masking-free loop split.
+// Hang guard: every mbarrier wait (K / V, the Q / dY stages, the producer's acquires and tail) traps after 30 s
+// (sm90::wait_or_trap), so that a protocol bug fails the launch instead of hanging the GPU.
 // Warpgroup-collective: a wgmma is issued by all 128 threads of a warpgroup, and every step runs all five
 // products in both warpgroups (no step is skipped: the barriers and the D 128 dQ product need both); inactive
 // warps just write zeros for pa / dS.
