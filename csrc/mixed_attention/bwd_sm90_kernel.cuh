@@ -135,7 +135,7 @@ __device__ __forceinline__ void wg_gemm_issue(Mma& mma, TA const& a, TB const& b
 }
 
 // Hang guard of the mbarrier waits (the one failure mode a GPU test cannot time out of cheaply): a wait not complete
-// after kWatchdogNs prints which wait, block and thread, and traps (the launch then fails with an error instead of
+// after kWatchdogNs traps (and, built with DASH_SM90_WATCHDOG_PRINT, prints which wait, block and thread first) (the launch then fails with an error instead of
 // hanging). A named-barrier deadlock among the consumers also ends here: the producer then waits forever for a stage
 // release. 30 s is far beyond any healthy wait (a TMA load: microseconds), also under compute-sanitizer.
 constexpr uint64_t kWatchdogNs = 30ull * 1000 * 1000 * 1000;
@@ -146,23 +146,31 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
+// The message is a printf, i.e. a function call, and ptxas serialises every wgmma of a kernel that contains a
+// call (C7510): so it is compiled in only with -DDASH_SM90_WATCHDOG_PRINT (debug builds); by default every
+// watchdog traps silently (the launch fails with an illegal-instruction error instead of hanging).
+#ifdef DASH_SM90_WATCHDOG_PRINT
 __device__ __noinline__ void watchdog_fire(const char* what, int step) {
   printf("bwd_sm90 watchdog: block (%d, %d) thread %d waited %d s in %s (step %d): trap\n", int(blockIdx.x),
          int(blockIdx.y), int(threadIdx.x), int(kWatchdogNs / 1000000000ull), what, step);
   __trap();
 }
+#endif
 
-// Spins on try_wait() (true once the awaited phase completed) with the watchdog above. kPrint: say which wait
-// (a call: only where few registers are live, i.e. the producer; in the consumers a call spilled 1 KB at D 128,
-// so they trap silently: the producer's message, which follows within the same 30 s, names the stuck block).
+// Spins on try_wait() (true once the awaited phase completed) with the watchdog above. kPrint: say which wait,
+// with DASH_SM90_WATCHDOG_PRINT (a call: only where few registers are live, i.e. the producer; in the consumers
+// a call spilled 1 KB at D 128, so they trap silently: the producer's message names the stuck block).
 template <bool kPrint, typename TryWait>
 __device__ __forceinline__ void wait_or_trap(TryWait&& try_wait, const char* what, int step) {
   if (try_wait()) return;
   const uint64_t t0 = global_ns();
   while (!try_wait()) {
     if (global_ns() - t0 > kWatchdogNs) {
+#ifdef DASH_SM90_WATCHDOG_PRINT
       if constexpr (kPrint) watchdog_fire(what, step);
-      else __trap();
+#endif
+      (void)what; (void)step;
+      __trap();
     }
   }
 }
