@@ -24,7 +24,8 @@ the same rows for the same --seq-len, --retrieval-fraction, --calibration-tokens
 version: the data digest printed is the search folders' ``_data<digest>``) under the discrete losses the
 comparison uses: the ``answers`` objective's KL (the search and the refinement), the ``answers_nll`` objective,
 and the answer-weighted NLL that ppl_drop ranks layers by. Which of them picks the RULER-better layer where a
-search ends undecided? On a GPU (``--device cuda``) seconds per hybrid; ``--json`` writes the numbers.
+search ends undecided? On a GPU (``--device cuda``) seconds per hybrid; on the CPU (the "sdpa" attention backend) about 20 s per
+hybrid and 4K-token row. ``--json`` writes the numbers (after each hybrid).
 
   python benchmarks/diagnose_restore_gains.py --device cuda --calibration --hybrids a=7,18,23 b=17,18,23
 """
@@ -55,7 +56,8 @@ def main(argv=None):
                         "rows under its discrete losses")
     parser.add_argument("--calibration-tokens", type=int, default=65536)
     parser.add_argument("--retrieval-fraction", type=float, default=0.5)
-    parser.add_argument("--answer-weight", type=float, default=1.0)
+    parser.add_argument("--answer-weights", type=float, nargs="+", default=[1.0],
+                        help="with --calibration: the answer weights to score each hybrid's losses at")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="with --calibration: write the scores to this file")
     args = parser.parse_args(argv)
@@ -117,11 +119,16 @@ def main(argv=None):
 
 
 def score_calibration(net, tokenizer, hybrids, args):
+    """Each hybrid's discrete losses on the comparison's calibration rows, at every --answer-weights entry.
+
+    One forward pass per hybrid and row: the per-token KL(teacher || hybrid) and next-token NLL are kept, and every
+    loss is a weighted mean of them (``dash.baselines._loss``'s definitions: the ``answers`` objective's KL, the
+    ``answers_nll`` objective, ppl_drop's answer-weighted NLL), so extra answer weights cost nothing."""
     import json
 
-    from dash.baselines import _loss, calibration_weights, teacher_hidden_states
+    from dash.baselines import teacher_hidden_states
     from dash.compare import comparison_data
-    from dash.search import prompt_answer_weights
+    from dash.search import answer_weights, kl_from_log_probs, label_nll, prompt_answer_weights
 
     seq_len = args.seq_len
     made = comparison_data(tokenizer, seq_len, 12_300_000, args.retrieval_fraction, args.calibration_tokens,
@@ -129,25 +136,42 @@ def score_calibration(net, tokenizer, hybrids, args):
     rows, answers = made["calibration"], made["answers"]
     if answers is None or not bool(answers.any()):
         raise SystemExit("--calibration needs retrieval rows among the calibration rows (--retrieval-fraction > 0)")
-    print(f"data digest {made['data'].digest()[:8]}; {rows.shape[0]} calibration rows of {seq_len} tokens, "
+    digest = made["data"].digest()
+    print(f"data digest {digest[:8]}; {rows.shape[0]} calibration rows of {seq_len} tokens, "
           f"{int((answers.sum(-1) > 0).sum())} with answers", flush=True)
     started = time.time()
     teacher = teacher_hidden_states(net, rows)
-    weights = calibration_weights(answers, args.answer_weight)
-    label_weights = list(prompt_answer_weights(answers, args.answer_weight))
+    model = net.model
+    head = model.get_output_embeddings()
     num_layers, scores = len(net.states), {}
     for name, layers in hybrids.items():
-        with net.fixed([0 if i in layers else 1 for i in range(num_layers)]):
-            scores[name] = {"full_layers": layers,
-                            "answers_kl": _loss(net, rows, teacher, "kl", weights),
-                            "answers_nll_objective": _loss(net, rows, teacher, "kl", None, label_weights),
-                            "ppl_drop_nll": _loss(net, rows, None, "nll", weights)}
-        print(f"{name:16s} full {layers}: answers KL {scores[name]['answers_kl']:.5f}  answers_nll objective "
-              f"{scores[name]['answers_nll_objective']:.5f}  answer-weighted NLL {scores[name]['ppl_drop_nll']:.5f}"
-              f"  ({time.time() - started:.0f} s)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"data_digest": made["data"].digest(), "seq_len": seq_len, "scores": scores}, f, indent=1)
+        kl, nll = [], []  # per row: [T] KL at each position, [T - 1] NLL of each next token
+        with torch.no_grad(), net.fixed([0 if i in layers else 1 for i in range(num_layers)]):
+            for i, row in enumerate(rows):
+                hidden = model.base_model(row[None], use_cache=False).last_hidden_state[0]
+                logp = torch.log_softmax(head(hidden).float(), -1)
+                kl.append(kl_from_log_probs(logp, torch.log_softmax(head(teacher[i]).float(), -1)))
+                nll.append(label_nll(logp[:-1], row[1:]))
+        kl, nll = torch.stack(kl), torch.stack(nll)
+        losses = {}
+        for weight in args.answer_weights:
+            token_w = answer_weights(answers, weight)
+            prompt_w = prompt_answer_weights(answers, weight)
+            losses[str(weight)] = {
+                "answers_kl": float((kl * token_w).mean()),
+                "answers_nll_objective": float((kl.sum() + (nll * prompt_w[:, :-1]).sum()) / kl.numel()),
+                "ppl_drop_nll": float((nll * token_w[:, :-1]).mean())}
+        scores[name] = {"full_layers": layers, "losses": losses, "mean_kl": float(kl.mean()),
+                        "answers_kl_alone": float(kl[answers].mean()), "mean_nll": float(nll.mean())}
+        print(f"{name:16s} full {layers}: mean KL {scores[name]['mean_kl']:.5f}  answers' KL "
+              f"{scores[name]['answers_kl_alone']:.5f}  " + "  ".join(
+                  f"w{w}: answers KL {v['answers_kl']:.5f} answers_nll {v['answers_nll_objective']:.5f} "
+                  f"NLL {v['ppl_drop_nll']:.5f}" for w, v in losses.items()) + f"  ({time.time() - started:.0f} s)",
+              flush=True)
+        if args.json:  # after each hybrid: a long CPU run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"data_digest": digest, "seq_len": seq_len, "answer_weights": args.answer_weights,
+                           "scores": scores}, f, indent=1)
     return scores
 
 

@@ -72,6 +72,7 @@ def report() -> dict:
     )
     return {
         "reference": "available",
+        "sdpa": "available (mixed_attention: the CPU path of auto)",
         "triton": triton_state,
         "cuda": ("not built (see README: CUDA extension)" if not cuda_extension_available()
                  else "available" if gpu else "built; no CUDA device"),

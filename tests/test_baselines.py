@@ -603,15 +603,18 @@ def test_the_diagnostic_scores_hybrids_on_the_comparisons_calibration_rows(tmp_p
     answers = _answers(rows)
     monkeypatch.setattr("dash.compare.comparison_data", lambda *a, **k: {
         "data": random_data(), "calibration": rows, "answers": answers, "heldout": rows})
-    args = argparse.Namespace(seq_len=24, retrieval_fraction=0.5, calibration_tokens=48, answer_weight=1.0,
+    args = argparse.Namespace(seq_len=24, retrieval_fraction=0.5, calibration_tokens=48, answer_weights=[1.0, 4.0],
                               device="cpu", json=str(tmp_path / "scores.json"))
     scores = diagnostic.score_calibration(net, None, {"teacher": [0, 1, 2], "one": [1]}, args)
-    assert scores["teacher"]["answers_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["teacher"]["losses"]["1.0"]["answers_kl"] == pytest.approx(0.0, abs=1e-6)
     teacher = teacher_hidden_states(net, rows)
-    with net.fixed([1, 0, 1]):
-        want = _loss(net, rows, teacher, "kl", calibration_weights(answers, 1.0))
-        with_nll = _loss(net, rows, teacher, "kl", None, list(prompt_answer_weights(answers, 1.0)))
-        nll = _loss(net, rows, None, "nll", calibration_weights(answers, 1.0))
-    assert scores["one"]["answers_kl"] == pytest.approx(want) and scores["one"]["ppl_drop_nll"] == pytest.approx(nll)
-    assert scores["one"]["answers_nll_objective"] == pytest.approx(with_nll) and with_nll > want > 0
+    for weight in (1.0, 4.0):  # one pass per hybrid; each weight's losses as the refinement and ppl_drop compute them
+        got = scores["one"]["losses"][str(weight)]
+        with net.fixed([1, 0, 1]):
+            want = _loss(net, rows, teacher, "kl", calibration_weights(answers, weight))
+            with_nll = _loss(net, rows, teacher, "kl", None, list(prompt_answer_weights(answers, weight)))
+            nll = _loss(net, rows, None, "nll", calibration_weights(answers, weight))
+        assert got["answers_kl"] == pytest.approx(want, rel=1e-5) and got["ppl_drop_nll"] == pytest.approx(nll, rel=1e-5)
+        assert got["answers_nll_objective"] == pytest.approx(with_nll, rel=1e-5) and with_nll > want > 0
+    assert scores["one"]["losses"]["4.0"]["answers_kl"] > scores["one"]["losses"]["1.0"]["answers_kl"]
     assert json.load(open(tmp_path / "scores.json"))["scores"]["one"]["full_layers"] == [1]

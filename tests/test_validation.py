@@ -66,7 +66,7 @@ def test_mixed_devices():
         mixed_attention(q.to("meta"), k, v, torch.ones(1), [None])
 
 
-def test_auto_on_cpu_uses_reference():
+def test_auto_on_cpu_runs_without_triton():
     q, k, v = _inputs()
     y = mixed_attention(q, k, v, torch.tensor([0.3, 0.7]), [None, 2], [0, 1])
     assert y.shape == q.shape and torch.isfinite(y).all()

@@ -8,6 +8,7 @@ import torch
 
 from ... import backends
 from .reference import mixed_attention_reference
+from .sdpa import mixed_attention_sdpa
 from .spec import make_plan
 from .triton_op import MAX_HEAD_DIM
 
@@ -60,7 +61,11 @@ def _validate_tensors(q, k, v, weights, num_candidates: int):
 def _pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, num_candidates: int) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "sdpa":
+        return backend
     chosen = backends.choose(backend, q.device, q.shape[-1], MAX_HEAD_DIM, "head dim", "D")
+    if backend == "auto" and chosen == "reference":  # no Triton here (the CPU): SDPA per candidate
+        return "sdpa"
     if chosen is not None:
         # "auto" stays on Triton until the CUDA kernel is measured faster on the GPU (benchmarks/NOTES.md)
         return chosen
@@ -69,10 +74,10 @@ def _pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, num_candidates
 
         reason = unsupported_reason(q, k, num_candidates)
         if reason:
-            raise ValueError(f"backend='cuda' is unavailable for these inputs: {reason}; use 'auto', 'triton' "
-                             "or 'reference'")
+            raise ValueError(f"backend='cuda' is unavailable for these inputs: {reason}; use 'auto', 'triton', "
+                             "'sdpa' or 'reference'")
         return "cuda"
-    raise ValueError(f"backend must be one of 'auto', 'triton', 'reference' or 'cuda', got {backend!r}")
+    raise ValueError(f"backend must be one of 'auto', 'triton', 'sdpa', 'reference' or 'cuda', got {backend!r}")
 
 
 def mixed_attention(
@@ -95,8 +100,10 @@ def mixed_attention(
         windows: C entries, each an int ``W >= 1`` or ``None`` (full causal attention).
         sinks: None, or C ints ``S >= 0``: candidate c also sees keys ``j < S_c``.
         scale: score scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` | ``"triton"`` | ``"reference"`` | ``"cuda"`` (the CUDA C++ kernels, where the
-            extension is built: bf16/fp16, D 64 or 128, up to 8 candidates).
+        backend: ``"auto"`` (Triton on a GPU, else ``"sdpa"``) | ``"triton"`` | ``"sdpa"`` (PyTorch's
+            scaled_dot_product_attention once per candidate with a nonzero weight, summed: not fused; the CPU
+            path) | ``"reference"`` (materialised fp32 scores: the yardstick) | ``"cuda"`` (the CUDA C++ kernels,
+            where the extension is built: bf16/fp16, D 64 or 128, up to 8 candidates).
 
     Candidate c lets query t see key j iff ``j <= t`` and (``W_c is None`` or ``t - j < W_c`` or
     ``j < S_c``). Returns ``Y[b, t, h] = sum_c weights[(h,) c] * O_c[b, t, h]`` in q's dtype,
@@ -111,6 +118,8 @@ def mixed_attention(
     chosen = _pick_backend(backend, q, k, plan.num_candidates)
     if chosen == "reference":
         return mixed_attention_reference(q, k, v, weights, plan.windows, plan.sinks, scale=scale)
+    if chosen == "sdpa":
+        return mixed_attention_sdpa(q, k, v, weights, plan.windows, plan.sinks, scale=scale)
     from .op import mixed_attention_fwd
 
     y, _, _ = mixed_attention_fwd(q, k, v, weights, plan.encoded_windows, list(plan.sinks), float(scale), chosen)
