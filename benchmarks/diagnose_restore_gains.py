@@ -52,6 +52,8 @@ def main(argv=None):
                         help="score these hybrids (comma-separated full layers) instead of the per-layer gains")
     parser.add_argument("--ruler-tasks", nargs="+", default=[], help="score --hybrids on these RULER tasks' answers")
     parser.add_argument("--ruler-samples", type=int, default=2, help="prompts per RULER task (at --seq-len)")
+    parser.add_argument("--ruler-seed", type=int, default=1, help="the RULER prompts' seed (the comparison scores "
+                        "seed 0: its own prompts, teacher-forced)")
     parser.add_argument("--calibration", action="store_true", help="score --hybrids on `dash compare`'s calibration "
                         "rows under its discrete losses")
     parser.add_argument("--calibration-tokens", type=int, default=65536)
@@ -80,7 +82,7 @@ def main(argv=None):
         return score_calibration(net, tokenizer, hybrids, args)
     if args.ruler_tasks:
         return score_ruler_answers(model, tokenizer, net, hybrids, args.ruler_tasks, args.seq_len,
-                                   args.ruler_samples)
+                                   args.ruler_samples, args.ruler_seed)
     rows = default_data(tokenizer, args.seq_len, args.rows * args.seq_len * 3, seed=0).train[: args.rows]
     head = model.get_output_embeddings()
     num_layers = len(net.states)
@@ -175,12 +177,12 @@ def score_calibration(net, tokenizer, hybrids, args):
     return scores
 
 
-def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_per_task):
+def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_per_task, seed=1):
     from dash.ruler import generate_samples
 
     rows = []  # (task, ids, answer positions: the logits that predict the answer's tokens)
     for task in tasks:
-        for sample in generate_samples(tokenizer, task, length, samples_per_task, seed=1):
+        for sample in generate_samples(tokenizer, task, length, samples_per_task, seed=seed):
             prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
             answer = tokenizer(" " + sample.answers[0], add_special_tokens=False)["input_ids"]
             ids = torch.tensor(prompt + answer)
