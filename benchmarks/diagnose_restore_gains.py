@@ -24,8 +24,8 @@ the same rows for the same --seq-len, --retrieval-fraction, --calibration-tokens
 version: the data digest printed is the search folders' ``_data<digest>``) under the discrete losses the
 comparison uses: the ``answers`` objective's KL (the search and the refinement), the ``answers_nll`` objective,
 and the answer-weighted NLL that ppl_drop ranks layers by. Which of them picks the RULER-better layer where a
-search ends undecided? On a GPU (``--device cuda``) seconds per hybrid; on the CPU (the "sdpa" attention backend) about 20 s per
-hybrid and 4K-token row. ``--json`` writes the numbers (after each hybrid).
+search ends undecided? On a GPU (``--device cuda``) seconds per hybrid; on the CPU (the "sdpa" attention
+backend) about 20 s per hybrid and 4K-token row. ``--json`` writes the numbers (after each hybrid).
 
   python benchmarks/diagnose_restore_gains.py --device cuda --calibration --hybrids a=7,18,23 b=17,18,23
 """
@@ -152,6 +152,7 @@ def score_calibration(net, tokenizer, hybrids, args):
             for i, row in enumerate(rows):
                 hidden = model.base_model(row[None], use_cache=False).last_hidden_state[0]
                 logp = torch.log_softmax(head(hidden).float(), -1)
+                # the teacher's log-probs again per hybrid: kept for all rows they would take [rows, T, V] floats
                 kl.append(kl_from_log_probs(logp, torch.log_softmax(head(teacher[i]).float(), -1)))
                 nll.append(label_nll(logp[:-1], row[1:]))
         kl, nll = torch.stack(kl), torch.stack(nll)
