@@ -10,10 +10,12 @@ CPU (SmolLM2, two 2048-token rows: about 30 minutes on 2 cores).
 weightings: does the objective itself prefer one method's layers to another's?
 
 ``--ruler-tasks passkey niah_single_1 ...`` (with ``--hybrids``): score the hybrids on RULER-style prompts instead
-of the search's data: each prompt (``dash.ruler``'s generators, seed 1: the comparison evaluates seed 0) is
-followed by its first answer, teacher-forced, and only the answer tokens count: KL(teacher || hybrid) and the
-hybrid's NLL of the answer. Does a retrieval-answer objective rank the hybrids as RULER does, where the search
-data's KL does not?
+of the search's data: each prompt (the ones ``dash.ruler.evaluate`` scores at --seq-len and --ruler-seed; the
+comparison evaluates seed 0, the default 1 is unseen) is followed by its first answer, teacher-forced, and only the
+answer tokens count: KL(teacher || hybrid), the hybrid's NLL of the answer, teacher-forced exact match (every answer
+token the argmax) and the margins of the true token's logit over the best other one. Does a retrieval-answer
+objective rank the hybrids as RULER does, where the search data's KL does not? ``--greedy`` adds the RULER score of
+greedy decoding on the same prompts.
 
   python benchmarks/diagnose_restore_gains.py --model SmolLM2-135M-Instruct.Q4_1.gguf --seq-len 2048 --rows 2
   python benchmarks/diagnose_restore_gains.py --seq-len 4096 --hybrids dash=0,6,7 kl_restore=7,14,15
@@ -54,6 +56,8 @@ def main(argv=None):
     parser.add_argument("--ruler-samples", type=int, default=2, help="prompts per RULER task (at --seq-len)")
     parser.add_argument("--ruler-seed", type=int, default=1, help="the RULER prompts' seed (the comparison scores "
                         "seed 0: its own prompts, teacher-forced)")
+    parser.add_argument("--greedy", action="store_true", help="with --ruler-tasks: also greedy-decode the prompts "
+                        "and score them as RULER does")
     parser.add_argument("--calibration", action="store_true", help="score --hybrids on `dash compare`'s calibration "
                         "rows under its discrete losses")
     parser.add_argument("--calibration-tokens", type=int, default=65536)
@@ -82,7 +86,7 @@ def main(argv=None):
         return score_calibration(net, tokenizer, hybrids, args)
     if args.ruler_tasks:
         return score_ruler_answers(model, tokenizer, net, hybrids, args.ruler_tasks, args.seq_len,
-                                   args.ruler_samples, args.ruler_seed)
+                                   args.ruler_samples, args.ruler_seed, args.greedy)
     rows = default_data(tokenizer, args.seq_len, args.rows * args.seq_len * 3, seed=0).train[: args.rows]
     head = model.get_output_embeddings()
     num_layers = len(net.states)
@@ -178,12 +182,17 @@ def score_calibration(net, tokenizer, hybrids, args):
     return scores
 
 
-def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_per_task, seed=1):
-    from dash.ruler import generate_samples
+def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_per_task, seed=1, greedy=False):
+    """Each hybrid (and the teacher, and the all-efficient model) teacher-forced on RULER-style prompts: the prompts
+    ``dash.ruler.evaluate`` would score at ``length`` and ``seed`` (the answer budget inside the length), each
+    followed by its first answer; only the answer tokens count. ``greedy``: also the RULER score of greedy
+    decoding on the same prompts (``dash.ruler.evaluate`` itself), to set the teacher-forced measures beside it."""
+    from dash.ruler import MAX_NEW_TOKENS, _evaluation_samples, evaluate
 
     rows = []  # (task, ids, answer positions: the logits that predict the answer's tokens)
     for task in tasks:
-        for sample in generate_samples(tokenizer, task, length, samples_per_task, seed=seed):
+        for sample in _evaluation_samples(tokenizer, task, length - MAX_NEW_TOKENS.get(task, 32), samples_per_task,
+                                          seed):
             prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
             answer = tokenizer(" " + sample.answers[0], add_special_tokens=False)["input_ids"]
             ids = torch.tensor(prompt + answer)
@@ -198,22 +207,49 @@ def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_p
 
     with torch.no_grad(), net.teacher():
         teacher = [answer_hidden(row) for row in rows]
-    print(f"{len(rows)} prompts of {length} tokens, tasks {tasks} ({time.time() - started:.0f} s)", flush=True)
-    for name, layers in {"all_efficient": [], **hybrids}.items():
+    print(f"{len(rows)} prompts of {length} tokens, tasks {tasks}, seed {seed} ({time.time() - started:.0f} s)",
+          flush=True)
+    for name, layers in {"teacher": list(range(num_layers)), "all_efficient": [], **hybrids}.items():
         choice = [0 if i in layers else 1 for i in range(num_layers)]
-        kl, nll = {t: [] for t in tasks}, {t: [] for t in tasks}
+        # per prompt: the answer tokens' mean KL and NLL; whether every answer token is the argmax (teacher-forced
+        # exact match: greedy decoding would write the answer); the first token's and the smallest margin of the
+        # true token's logit over the best other one (how near greedy decoding is to going wrong)
+        metrics = ("kl", "nll", "exact", "first_margin", "min_margin")
+        scores = {m: {t: [] for t in tasks} for m in metrics}
         with torch.no_grad(), net.fixed(choice):
             for row, t_hidden in zip(rows, teacher):
                 task, ids, at = row
                 hidden = answer_hidden(row)
-                kl[task].append(token_kl(hidden, t_hidden, head.weight, head.bias).mean())
-                logp = torch.log_softmax(torch.nn.functional.linear(hidden, head.weight, head.bias).float(), -1)
-                nll[task].append(-logp.gather(-1, ids[at + 1, None]).mean())
-        mean = {t: (torch.stack(kl[t]).mean().item(), torch.stack(nll[t]).mean().item()) for t in tasks}
-        print(f"{name:16s} full {layers}: answer KL {sum(v[0] for v in mean.values()) / len(tasks):.4f}  answer NLL "
-              f"{sum(v[1] for v in mean.values()) / len(tasks):.4f}  | "
-              + "  ".join(f"{t} {v[0]:.3f}/{v[1]:.3f}" for t, v in mean.items())
+                logits = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+                margin = answer_margins(logits, ids[at + 1])
+                values = (token_kl(hidden, t_hidden, head.weight, head.bias).mean(),
+                          -torch.log_softmax(logits, -1).gather(-1, ids[at + 1, None]).mean(),
+                          (margin > 0).all().float(), margin[0], margin.min())
+                for m, v in zip(metrics, values):
+                    scores[m][task].append(float(v))
+            if greedy:
+                ruler = evaluate(model, tokenizer, [length], tasks, samples_per_task, seed, progress=False)
+                scores["greedy"] = {t: [ruler["scores"][t][length]] for t in tasks}
+                misses = [r for r in ruler["records"] if r["score"] < 1]
+                for r in misses:  # what a hybrid writes where it goes wrong
+                    print(f"    {name} miss {r['task']}: answers {r['answers']} wrote {r['prediction'][:60]!r}")
+        mean = {m: {t: sum(v) / len(v) for t, v in per_task.items()} for m, per_task in scores.items()}
+        average = {m: sum(per_task.values()) / len(tasks) for m, per_task in mean.items()}
+        print(f"{name:16s} full {layers}: answer KL {average['kl']:.4f}  NLL {average['nll']:.4f}  exact "
+              f"{100 * average['exact']:.1f}  first margin {average['first_margin']:.3f}  min margin "
+              f"{average['min_margin']:.3f}" + (f"  greedy RULER {100 * average['greedy']:.1f}" if greedy else "")
+              + "\n    per task KL/NLL/exact/min margin" + ("/greedy: " if greedy else ": ")
+              + "  ".join(f"{t} {mean['kl'][t]:.3f}/{mean['nll'][t]:.3f}/{100 * mean['exact'][t]:.0f}/"
+                          f"{mean['min_margin'][t]:.2f}" + (f"/{100 * mean['greedy'][t]:.0f}" if greedy else "")
+                          for t in tasks)
               + f"  ({time.time() - started:.0f} s)", flush=True)
+
+
+def answer_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[A] margins of each answer position's true-token logit over the largest other logit (> 0: the argmax)."""
+    true = logits.gather(-1, targets[:, None])[:, 0]
+    other = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1)
+    return true - other
 
 
 if __name__ == "__main__":
