@@ -93,6 +93,7 @@ bool mma_backward_fits(int64_t head_dim, int num_regions, int limit, const char*
   const size_t bytes =
       head_dim == 64 ? BwdMmaTile<64>::smem_bytes(num_regions) : BwdMmaTile<128>::smem_bytes(num_regions);
   if (bytes <= static_cast<size_t>(limit)) return true;
+  if (*asked == '\0') return false;  // the default choice falls back silently
   TORCH_WARN_ONCE("DASH_CUDA_BWD=", asked, ": ", num_regions, " candidate regions need ", bytes,
                   " bytes of shared memory a block in the mma backward, over this GPU's ", limit,
                   "; the wmma backward runs instead");
@@ -100,17 +101,31 @@ bool mma_backward_fits(int64_t head_dim, int num_regions, int limit, const char*
 }
 
 // Which backward mainloop runs: DASH_CUDA_BWD=mma the FlashAttention-2 style one, DASH_CUDA_BWD=sm90 the Hopper
-// one (CuTe wgmma, bwd_sm90_kernel.cuh), anything else (or unset) the wmma one of bwd_kernel.cuh. Read at every
-// call (a getenv). sm90 needs the CuTe headers at build time and an sm_90 device (else an error, as for
+// one (CuTe wgmma, bwd_sm90_kernel.cuh), DASH_CUDA_BWD=wmma the first one (bwd_kernel.cuh). Unset: the fastest
+// measured where it runs (sm90 on an sm_90 GPU in a build with the CuTe headers, else mma; each falls back as below
+// where its shared memory does not fit: benchmarks/NOTES.md, session 15). Read at every call (a getenv). sm90 needs the CuTe headers at build time and an sm_90 device (else an error, as for
 // DASH_CUDA_FWD=sm90), and its shared memory (3 R 64 floats a stage of coefficients) to fit the device: where it
 // does not, the mma one runs (or, where that does not fit either, the wmma one), with a warning (once).
 BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
   const char* choice = std::getenv("DASH_CUDA_BWD");
-  if (choice == nullptr) return BwdMainloop::kWmma;
-  const bool sm90 = std::strcmp(choice, "sm90") == 0;
-  if (!sm90 && std::strcmp(choice, "mma") != 0) return BwdMainloop::kWmma;
+  const bool unset = choice == nullptr || *choice == '\0';
+  if (unset) choice = "";
+  if (!unset && std::strcmp(choice, "sm90") != 0 && std::strcmp(choice, "mma") != 0) {
+    TORCH_CHECK(std::strcmp(choice, "wmma") == 0, "DASH_CUDA_BWD must be one of wmma, mma, sm90 (or unset: the "
+                "fastest that runs here), got '", choice, "'");
+    return BwdMainloop::kWmma;
+  }
   int device = c10::cuda::current_device(), limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  bool sm90 = std::strcmp(choice, "sm90") == 0;
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+  if (unset) {  // the default: the Hopper backward where the device is sm_90
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    sm90 = major == 9 && minor == 0;
+  }
+#endif
   if (sm90) {
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
     int major = 0, minor = 0;
@@ -121,7 +136,7 @@ BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
     const size_t bytes = head_dim == 64 ? BwdSm90Tile<64>::smem_bytes(num_regions)
                                         : BwdSm90Tile<128>::smem_bytes(num_regions);
     if (bytes <= static_cast<size_t>(limit)) return BwdMainloop::kSm90;
-    TORCH_WARN_ONCE("DASH_CUDA_BWD=sm90: ", num_regions, " candidate regions need ", bytes,
+    if (!unset) TORCH_WARN_ONCE("DASH_CUDA_BWD=sm90: ", num_regions, " candidate regions need ", bytes,
                     " bytes of shared memory a block in the sm90 backward, over this GPU's ", limit,
                     "; the mma backward runs instead");
 #else

@@ -47,17 +47,28 @@ void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Which forward mainloop runs: DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in
-// registers), DASH_CUDA_FWD=sm90 the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh; K / V by cp.async),
-// DASH_CUDA_FWD=sm90tma the same with K / V by TMA from a producer warpgroup into an mbarrier pipeline, anything
-// else (or unset) the wmma one of fwd_kernel.cuh. Read at every call (a getenv).
+// Which forward mainloop runs: DASH_CUDA_FWD=sm90tma the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh) with K / V by
+// TMA from a producer warpgroup into an mbarrier pipeline, DASH_CUDA_FWD=sm90 the same with K / V by cp.async,
+// DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in registers), DASH_CUDA_FWD=wmma the
+// first one (fwd_kernel.cuh). Unset: the fastest measured where it runs (sm90tma on an sm_90 GPU in a build with the
+// CuTe headers, else mma: benchmarks/NOTES.md, session 15). Read at every call (a getenv).
 enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma };
 FwdMainloop forward_mainloop() {
   const char* choice = std::getenv("DASH_CUDA_FWD");
-  if (choice == nullptr) return FwdMainloop::kWmma;
+  if (choice == nullptr || *choice == '\0') {
+#if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
+    int device = c10::cuda::current_device(), major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    if (major == 9 && minor == 0) return FwdMainloop::kSm90Tma;
+#endif
+    return FwdMainloop::kMma;
+  }
   if (std::strcmp(choice, "mma") == 0) return FwdMainloop::kMma;
   if (std::strcmp(choice, "sm90") == 0) return FwdMainloop::kSm90;
   if (std::strcmp(choice, "sm90tma") == 0) return FwdMainloop::kSm90Tma;
+  TORCH_CHECK(std::strcmp(choice, "wmma") == 0, "DASH_CUDA_FWD must be one of wmma, mma, sm90, sm90tma (or unset: ",
+              "the fastest that runs here), got '", choice, "'");
   return FwdMainloop::kWmma;
 }
 
