@@ -49,9 +49,10 @@ def _search_parser(sub):
                    "answers: the mean plus --answer-weight times the mean over the retrieval rows' answer tokens; "
                    "uniform: the plain mean; long_range: each token's KL times the all-efficient model's KL to the "
                    "teacher there; answers_nll: the mean plus --answer-weight times the answers' NLL, averaged per prompt; "
-                   "see dash.search)")
-    p.add_argument("--answer-weight", type=float, help="objectives answers / answers_nll: weight of the answer "
-                   "tokens' mean KL / NLL "
+                   "answers_margin: the same with the shortfall of the hybrid's greedy margin from the teacher's "
+                   "instead of the NLL; see dash.search)")
+    p.add_argument("--answer-weight", type=float, help="objectives answers / answers_nll / answers_margin: weight "
+                   "of the answer tokens' mean KL / NLL / margin shortfall "
                    f"(default {SearchConfig.answer_weight})")
     p.add_argument("--retrieval-fraction", type=float, help="share of the training rows that are RULER-style "
                    f"retrieval prompts with their answers (dash.data.add_retrieval_rows; default {RETRIEVAL_FRACTION}; "

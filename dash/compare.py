@@ -354,6 +354,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
     if refine_objective is not None and refine_objective not in OBJECTIVES:
         raise ValueError(f"refine_objective must be one of {OBJECTIVES} (None: the search's), got {refine_objective!r}")
+    if refine_objective == "answers_margin":
+        raise ValueError("refine_objective: the refinement does not score answers_margin yet; use answers or answers_nll")
     refined_by = refine_objective or OBJECTIVES[0]  # dash_refined starts from the default objective's hybrid
     if (include_dash and refine_rounds and OBJECTIVES[0] in search_objectives and refined_by in ANSWER_OBJECTIVES
             and calibration_answers is None):

@@ -48,6 +48,9 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "answers_margin":
+        raise ValueError("the refinement does not score the answers_margin objective yet: refine by answers or "
+                         "answers_nll (refine_objective)")
     if rows is None or rows.numel() == 0:
         raise ValueError("refinement needs calibration rows")
     answer_objective = objective in ANSWER_OBJECTIVES

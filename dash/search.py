@@ -28,7 +28,15 @@ the teacher is unsure of the answer; RULER rewards the right answer, and counts 
 K 9 the answers objective's hybrid has a lower answer KL than ppl_drop's (0.028 against 0.063), a higher answer
 NLL (0.504 against 0.494) and 2.6 fewer RULER points; at K 6 the KL ranked the two as RULER did and the NLL tied
 them; over 15 scored hybrids both rank as RULER does, near the teacher neither does (benchmarks/NOTES.md,
-session 11). An ablation until a comparison measures it.
+session 11). An ablation until a comparison measures it. ``"answers_margin"``: the mean KL over tokens plus
+``answer_weight`` times, per prompt and then over prompts (as ``answers_nll``), the shortfall of the hybrid's
+greedy margin (the true token's logit over the best other one) from the teacher's, capped at ``MARGIN_CAP`` logits,
+on the answer positions where the teacher's argmax is the true token: ``relu(min(m_teacher, cap) - m_hybrid)``
+(``answer_margin_shortfall``). Why: on SmolLM2 at K 9 every teacher-matching loss prefers DASH's hybrid to
+ppl_drop's, yet greedy RULER scores it lower; the misses on passkey are all one near-tie, the answer's first token
+(" " before the number against " the" / " a", a teacher margin of 0.6-0.75 logits), which DASH's hybrid narrows to
+0.24 on average and flips in 8 of 30 prompts. Flipping a near-tie costs little KL yet loses the whole answer; the
+margin term weighs exactly those tokens (benchmarks/NOTES.md, session 15). An ablation until a comparison measures it.
 
 Relaxation (``relaxation``). ``"mixture"`` (default): each layer outputs the probability-weighted sum of its
 candidates (DARTS). The search then ranks layers inside a model where several are fractionally full, which the
@@ -63,8 +71,10 @@ from .supernet import Supernet, attention_shape
 
 BUDGET_KINDS = ("full_layers", "kv_bytes")
 # the search's loss over tokens, the default first (module docstring); the answer ones need the data's answer mask
-OBJECTIVES = ("answers", "uniform", "long_range", "answers_nll")
-ANSWER_OBJECTIVES = ("answers", "answers_nll")
+OBJECTIVES = ("answers", "uniform", "long_range", "answers_nll", "answers_margin")
+ANSWER_OBJECTIVES = ("answers", "answers_nll", "answers_margin")
+# the answers_margin objective keeps at most this much of the teacher's margin (logits): beyond it a token is safe
+MARGIN_CAP = 2.0
 INITS = ("budget", "uniform")  # where the logits start (SearchConfig.init)
 # what the forward computes from the logits (SearchConfig.relaxation, the module docstring)
 RELAXATIONS = ("mixture", "straight_through")
@@ -88,7 +98,7 @@ class SearchConfig:
     checkpoint_every: int = 50
     seed: int = 0
     compile_modules: bool = False  # torch.compile the stateless modules (norms, MLPs): fewer launches a step
-    objective: str = "answers"  # or "uniform", "long_range", "answers_nll" (module docstring)
+    objective: str = "answers"  # or "uniform", "long_range", "answers_nll", "answers_margin" (module docstring)
     answer_weight: float = 1.0  # the answer tokens' mean KL ("answers") or NLL ("answers_nll") counts this much
     init: str = "budget"  # or "uniform": every layer starts at the budget's mix of candidates (budget_prior)
     relaxation: str = "mixture"  # or "straight_through": each step a sampled discrete hybrid (module docstring)
@@ -194,21 +204,45 @@ def token_kl(student_h, teacher_h, head_weight, head_bias):
     return kl_from_log_probs(student, teacher)
 
 
-def _kl_chunk(student_h, teacher_h, head_weight, head_bias, weights, labels, label_weights):
-    student = _log_probs(student_h, head_weight, head_bias)
-    per_token = kl_from_log_probs(student, _log_probs(teacher_h, head_weight, head_bias))
+def greedy_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N] margin of each label's logit over the largest other logit of [N, V] logits (> 0: greedy decoding writes
+    the label)."""
+    true = logits.gather(-1, labels[:, None])[:, 0]
+    other = logits.scatter(-1, labels[:, None], float("-inf")).amax(-1)
+    return true - other
+
+
+def answer_margin_shortfall(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                            cap: float = MARGIN_CAP) -> torch.Tensor:
+    """[N] the ``answers_margin`` objective's per-token term: how far the student's greedy margin of each label falls
+    short of the teacher's, capped at ``cap`` logits, where the teacher's argmax is the label (0 elsewhere: where
+    the teacher itself is wrong there is no decision to keep)."""
+    teacher = greedy_margin(teacher_logits, labels)
+    target = teacher.clamp(max=cap)
+    return torch.where(teacher > 0, torch.relu(target - greedy_margin(student_logits, labels)),
+                       torch.zeros_like(teacher))
+
+
+def _kl_chunk(student_h, teacher_h, head_weight, head_bias, weights, labels, label_weights, margin=False):
+    student_logits = F.linear(student_h, head_weight, head_bias).float()
+    teacher_logits = F.linear(teacher_h, head_weight, head_bias).float()
+    student = torch.log_softmax(student_logits, -1)
+    per_token = kl_from_log_probs(student, torch.log_softmax(teacher_logits, -1))
     total = (per_token if weights is None else per_token * weights).sum()
     if labels is not None:
-        total = total + (label_nll(student, labels) * label_weights).sum()
+        term = (answer_margin_shortfall(student_logits, teacher_logits, labels) if margin
+                else label_nll(student, labels))
+        total = total + (term * label_weights).sum()
     return total
 
 
 def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int,
                     weights: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                    label_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    label_weights: Optional[torch.Tensor] = None, margin: bool = False) -> torch.Tensor:
     """Mean per-token KL(teacher || student), each token's times ``weights`` ([N] over the flattened tokens) when
-    given; plus, with ``labels`` ([N] token ids), the student's NLL of each label times ``label_weights`` ([N]),
-    summed and divided by N alike. Chunked over tokens and recomputed in backward."""
+    given; plus, with ``labels`` ([N] token ids), the student's NLL of each label (``margin``: its greedy-margin
+    shortfall from the teacher's, ``answer_margin_shortfall``) times ``label_weights`` ([N]), summed and divided by N
+    alike. Chunked over tokens and recomputed in backward."""
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
     t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     for name, value in (("weights", weights), ("labels", labels), ("label_weights", label_weights)):
@@ -222,7 +256,8 @@ def distillation_kl(student_hidden, teacher_hidden, lm_head, chunk_tokens: int,
         total = total + checkpoint(_kl_chunk, s[part], t[part], lm_head.weight, lm_head.bias,
                                    None if weights is None else weights[part],
                                    None if labels is None else labels[part],
-                                   None if label_weights is None else label_weights[part], use_reentrant=False)
+                                   None if label_weights is None else label_weights[part], margin,
+                                   use_reentrant=False)
     return total / s.shape[0]
 
 
@@ -421,12 +456,12 @@ class Search:
         labels = label_weights = None
         if self.config.objective == "answers":
             weights = answer_weights(answers.reshape(-1), self.config.answer_weight)
-        elif self.config.objective == "answers_nll":
+        elif self.config.objective in ("answers_nll", "answers_margin"):
             labels = next_tokens(input_ids).reshape(-1)
             label_weights = prompt_answer_weights(answers, self.config.answer_weight).reshape(-1)
         student_hidden = base(input_ids, use_cache=False).last_hidden_state
         kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens, weights, labels,
-                             label_weights)
+                             label_weights, margin=self.config.objective == "answers_margin")
         cost = expected_cost(self.net, self.costs)
         overshoot = torch.relu(cost - self.config.budget) / max(self.config.budget, 1e-9)
         entropy = torch.stack([-(p * p.clamp_min(1e-12).log()).sum(-1).mean()

@@ -102,6 +102,43 @@ def test_the_answers_nll_loss_is_the_mean_kl_plus_the_prompts_mean_answer_nll():
                         label_weights=torch.ones(3))
 
 
+def test_the_margin_shortfall_keeps_the_teachers_greedy_decisions():
+    from dash.search import MARGIN_CAP, answer_margin_shortfall, greedy_margin
+
+    logits = torch.tensor([[3.0, 1.0, 0.5], [0.0, 2.0, 2.5], [1.0, 1.0, -4.0]])
+    assert greedy_margin(logits, torch.tensor([0, 1, 1])).tolist() == pytest.approx([2.0, -0.5, 0.0])
+    teacher = torch.tensor([[0.6, 0.0, -1.0],   # a near-tie the teacher wins by 0.6
+                            [9.0, 0.0, 0.0],    # a safe token: the target is the cap, not 9
+                            [0.0, 1.0, 0.0]])   # the teacher is wrong here: nothing to keep
+    student = torch.tensor([[0.0, 0.2, -1.0], [3.0, 0.0, 0.0], [0.0, 5.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 0])
+    got = answer_margin_shortfall(student, teacher, labels)
+    assert got.tolist() == pytest.approx([0.6 + 0.2, 0.0, 0.0])  # 3 - 0 >= the cap of 2: no shortfall
+    assert MARGIN_CAP == 2.0
+    got.sum().backward()  # pushes the true logit up and the runner-up down, nothing else
+    assert student.grad.tolist() == [[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_the_answers_margin_loss_is_the_mean_kl_plus_the_prompts_mean_shortfall():
+    from dash.search import answer_margin_shortfall, distillation_kl, next_tokens, prompt_answer_weights
+
+    gen = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(8, 11)
+    student, teacher = torch.randn(3, 7, 8, generator=gen), torch.randn(3, 7, 8, generator=gen)
+    ids = torch.randint(0, 11, (3, 7), generator=gen)
+    answers = torch.zeros(3, 7, dtype=torch.bool)
+    answers[0, 2:5] = answers[2, 5] = True
+    s_logits, t_logits = head(student), head(teacher)
+    s_logp, t_logp = (torch.log_softmax(x, -1) for x in (s_logits, t_logits))
+    mean_kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    labels = next_tokens(ids)
+    short = answer_margin_shortfall(s_logits.reshape(-1, 11), t_logits.reshape(-1, 11), labels.reshape(-1)).view(3, 7)
+    per_prompt = (short[0, 2:5].mean() + short[2, 5]) / 2
+    got = distillation_kl(student, teacher, head, 5, labels=labels.reshape(-1),
+                          label_weights=prompt_answer_weights(answers, 0.5).reshape(-1), margin=True)
+    assert got.item() == pytest.approx((mean_kl + 0.5 * per_prompt).item(), rel=1e-5)
+
+
 def test_the_answers_objective_needs_answers_and_a_checkpoint_its_own_data(tmp_path):
     net = build_supernet(tiny_model("llama"), ["full", "swa4"])
     plain = random_data()
@@ -147,8 +184,10 @@ def test_objectives_search_apart_and_a_resume_keeps_the_time(tmp_path):
     uniform = make_search(tmp_path / "u", objective="uniform").run(progress=False)
     weighted = make_search(tmp_path / "w", objective="long_range").run(progress=False)
     nll = make_search(tmp_path / "n", objective="answers_nll").run(progress=False)
+    margin = make_search(tmp_path / "m", objective="answers_margin").run(progress=False)
     assert uniform["probabilities"] != weighted["probabilities"] != answers["probabilities"]
     assert nll["probabilities"] not in (answers["probabilities"], uniform["probabilities"])
+    assert margin["probabilities"] not in (nll["probabilities"], uniform["probabilities"])
     assert uniform["probabilities"] != answers["probabilities"]
     with pytest.raises(ValueError, match="objective 'long_range', not 'uniform'"):
         make_search(tmp_path / "w", objective="uniform").run(progress=False)
@@ -406,3 +445,13 @@ def test_straight_through_search_runs_resumes_and_keeps_its_own_checkpoint(tmp_p
         make_search(tmp_path / "b").run(progress=False)
     with pytest.raises(ValueError, match="relaxation must be one of"):
         make_search(tmp_path / "x", relaxation="hard")
+
+
+def test_the_refinement_refuses_the_margin_objective_by_name():
+    from dash.refine import refine_full_layers
+
+    net = build_supernet(tiny_model("llama"), ["full", "swa4"])
+    rows = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="does not score the answers_margin objective"):
+        refine_full_layers(net, [net.candidates[0]] * 3, rows, objective="answers_margin",
+                           answers=torch.ones_like(rows, dtype=torch.bool))
