@@ -25,8 +25,8 @@ greedy decoding on the same prompts.
 the same rows for the same --seq-len, --retrieval-fraction, --calibration-tokens and seed, and transformers
 version: the data digest printed is the search folders' ``_data<digest>``) under the discrete losses the
 comparison uses: the ``answers`` objective's KL (the search and the refinement), the ``answers_nll`` objective,
-and the answer-weighted NLL that ppl_drop ranks layers by. Which of them picks the RULER-better layer where a
-search ends undecided? On a GPU (``--device cuda``) seconds per hybrid; on the CPU (the "sdpa" attention
+the ``answers_margin`` objective, and the answer-weighted NLL that ppl_drop ranks layers by. Which of them picks
+the RULER-better layer where a search ends undecided? On a GPU (``--device cuda``) seconds per hybrid; on the CPU (the "sdpa" attention
 backend) about 20 s per hybrid and 4K-token row. ``--json`` writes the numbers (after each hybrid).
 
   python benchmarks/diagnose_restore_gains.py --device cuda --calibration --hybrids a=7,18,23 b=17,18,23
@@ -134,7 +134,8 @@ def score_calibration(net, tokenizer, hybrids, args):
 
     from dash.baselines import teacher_hidden_states
     from dash.compare import comparison_data
-    from dash.search import answer_weights, kl_from_log_probs, label_nll, prompt_answer_weights
+    from dash.search import (answer_margin_shortfall, answer_weights, kl_from_log_probs, label_nll,
+                             prompt_answer_weights)
 
     seq_len = args.seq_len
     made = comparison_data(tokenizer, seq_len, 12_300_000, args.retrieval_fraction, args.calibration_tokens,
@@ -151,15 +152,18 @@ def score_calibration(net, tokenizer, hybrids, args):
     head = model.get_output_embeddings()
     num_layers, scores = len(net.states), {}
     for name, layers in hybrids.items():
-        kl, nll = [], []  # per row: [T] KL at each position, [T - 1] NLL of each next token
+        kl, nll, short = [], [], []  # per row: [T] KL at each position, [T - 1] NLL and margin shortfall
         with torch.no_grad(), net.fixed([0 if i in layers else 1 for i in range(num_layers)]):
             for i, row in enumerate(rows):
                 hidden = model.base_model(row[None], use_cache=False).last_hidden_state[0]
-                logp = torch.log_softmax(head(hidden).float(), -1)
-                # the teacher's log-probs again per hybrid: kept for all rows they would take [rows, T, V] floats
-                kl.append(kl_from_log_probs(logp, torch.log_softmax(head(teacher[i]).float(), -1)))
+                logits = head(hidden).float()
+                logp = torch.log_softmax(logits, -1)
+                # the teacher's logits again per hybrid: kept for all rows they would take [rows, T, V] floats
+                teacher_logits = head(teacher[i]).float()
+                kl.append(kl_from_log_probs(logp, torch.log_softmax(teacher_logits, -1)))
                 nll.append(label_nll(logp[:-1], row[1:]))
-        kl, nll = torch.stack(kl), torch.stack(nll)
+                short.append(answer_margin_shortfall(logits[:-1], teacher_logits[:-1], row[1:]))
+        kl, nll, short = torch.stack(kl), torch.stack(nll), torch.stack(short)
         losses = {}
         for weight in args.answer_weights:
             token_w = answer_weights(answers, weight)
@@ -167,12 +171,14 @@ def score_calibration(net, tokenizer, hybrids, args):
             losses[str(weight)] = {
                 "answers_kl": float((kl * token_w).mean()),
                 "answers_nll_objective": float((kl.sum() + (nll * prompt_w[:, :-1]).sum()) / kl.numel()),
+                "answers_margin_objective": float((kl.sum() + (short * prompt_w[:, :-1]).sum()) / kl.numel()),
                 "ppl_drop_nll": float((nll * token_w[:, :-1]).mean())}
         scores[name] = {"full_layers": layers, "losses": losses, "mean_kl": float(kl.mean()),
                         "answers_kl_alone": float(kl[answers].mean()), "mean_nll": float(nll.mean())}
         print(f"{name:16s} full {layers}: mean KL {scores[name]['mean_kl']:.5f}  answers' KL "
               f"{scores[name]['answers_kl_alone']:.5f}  " + "  ".join(
                   f"w{w}: answers KL {v['answers_kl']:.5f} answers_nll {v['answers_nll_objective']:.5f} "
+                  f"answers_margin {v['answers_margin_objective']:.5f} "
                   f"NLL {v['ppl_drop_nll']:.5f}" for w, v in losses.items()) + f"  ({time.time() - started:.0f} s)",
               flush=True)
         if args.json:  # after each hybrid: a long CPU run keeps what it measured

@@ -607,6 +607,9 @@ def test_the_diagnostic_scores_hybrids_on_the_comparisons_calibration_rows(tmp_p
                               device="cpu", json=str(tmp_path / "scores.json"))
     scores = diagnostic.score_calibration(net, None, {"teacher": [0, 1, 2], "one": [1]}, args)
     assert scores["teacher"]["losses"]["1.0"]["answers_kl"] == pytest.approx(0.0, abs=1e-6)
+    # the teacher keeps its own greedy margins: no shortfall; a hybrid's margin term adds to its mean KL
+    assert scores["teacher"]["losses"]["1.0"]["answers_margin_objective"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["one"]["losses"]["1.0"]["answers_margin_objective"] >= scores["one"]["mean_kl"] - 1e-7
     teacher = teacher_hidden_states(net, rows)
     for weight in (1.0, 4.0):  # one pass per hybrid; each weight's losses as the refinement and ppl_drop compute them
         got = scores["one"]["losses"][str(weight)]
