@@ -38,7 +38,7 @@ import torch
 
 from dash.data import default_data
 from dash.models import load_model
-from dash.search import token_kl
+from dash.search import greedy_margin, token_kl
 from dash.supernet import build_supernet
 
 
@@ -227,7 +227,7 @@ def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_p
                 task, ids, at = row
                 hidden = answer_hidden(row)
                 logits = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
-                margin = answer_margins(logits, ids[at + 1])
+                margin = greedy_margin(logits, ids[at + 1])
                 values = (token_kl(hidden, t_hidden, head.weight, head.bias).mean(),
                           -torch.log_softmax(logits, -1).gather(-1, ids[at + 1, None]).mean(),
                           (margin > 0).all().float(), margin[0], margin.min())
@@ -249,13 +249,6 @@ def score_ruler_answers(model, tokenizer, net, hybrids, tasks, length, samples_p
                           f"{mean['min_margin'][t]:.2f}" + (f"/{100 * mean['greedy'][t]:.0f}" if greedy else "")
                           for t in tasks)
               + f"  ({time.time() - started:.0f} s)", flush=True)
-
-
-def answer_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[A] margins of each answer position's true-token logit over the largest other logit (> 0: the argmax)."""
-    true = logits.gather(-1, targets[:, None])[:, 0]
-    other = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1)
-    return true - other
 
 
 if __name__ == "__main__":

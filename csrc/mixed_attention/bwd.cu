@@ -103,8 +103,8 @@ bool mma_backward_fits(int64_t head_dim, int num_regions, int limit, const char*
 // Which backward mainloop runs: DASH_CUDA_BWD=mma the FlashAttention-2 style one, DASH_CUDA_BWD=sm90 the Hopper
 // one (CuTe wgmma, bwd_sm90_kernel.cuh), DASH_CUDA_BWD=wmma the first one (bwd_kernel.cuh). Unset: the fastest
 // measured where it runs (sm90 on an sm_90 GPU in a build with the CuTe headers, else mma; each falls back as below
-// where its shared memory does not fit: benchmarks/NOTES.md, session 15). Read at every call (a getenv). sm90 needs the CuTe headers at build time and an sm_90 device (else an error, as for
-// DASH_CUDA_FWD=sm90), and its shared memory (3 R 64 floats a stage of coefficients) to fit the device: where it
+// where its shared memory does not fit: benchmarks/NOTES.md, session 15). Read at every call (a getenv). sm90
+// needs the CuTe headers at build time and an sm_90 device (else an error, as for DASH_CUDA_FWD=sm90), and its shared memory (3 R 64 floats a stage of coefficients) to fit the device: where it
 // does not, the mma one runs (or, where that does not fit either, the wmma one), with a warning (once).
 BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
   const char* choice = std::getenv("DASH_CUDA_BWD");
