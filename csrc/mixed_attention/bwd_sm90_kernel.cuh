@@ -117,22 +117,8 @@ struct BwdTraits {
   static constexpr uint32_t kBarStep = 1, kBarDs = 2;
 };
 
-// Issues one warpgroup product c (+)= a b over the K mode, without waiting (wgmma.commit_group; the caller waits
-// with warpgroup_wait<n> and then fences the operands, as FA3's flash::gemm<zero_init, wg_wait = -1>).
-template <bool kZeroInit, typename Mma, typename TA, typename TB, typename TC>
-__device__ __forceinline__ void wg_gemm_issue(Mma& mma, TA const& a, TB const& b, TC& c) {
-  constexpr bool kRS = !std::is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
-  if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
-  mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-  CUTLASS_PRAGMA_UNROLL
-  for (int kb = 0; kb < size<2>(a); ++kb) {
-    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-}
+// sm90::wg_gemm_issue (fwd_sm90_kernel.cuh) issues each product without waiting; the caller waits with
+// warpgroup_wait<n> and then fences the operands.
 
 // Hang guard of the mbarrier waits (the one failure mode a GPU test cannot time out of cheaply): a wait not complete
 // after kWatchdogNs traps (and, built with DASH_SM90_WATCHDOG_PRINT, prints which wait, block and thread first) (the launch then fails with an error instead of

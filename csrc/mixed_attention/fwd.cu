@@ -12,13 +12,14 @@
 
 #include "fwd_kernel.cuh"
 #include "fwd_mma_kernel.cuh"
+#include "fwd_sm90_tile.h"  // Sm90Fwd
 #include "host_checks.h"
 
 namespace dash {
 
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
 // fwd_sm90.cu: the Hopper mainloop (CuTe wgmma), built only where setup.py found the CUTLASS/CuTe headers
-void launch_fwd_sm90(const FwdParams& params, bool tma, at::ScalarType dtype, int64_t head_dim, int seq,
+void launch_fwd_sm90(const FwdParams& params, Sm90Fwd variant, at::ScalarType dtype, int64_t head_dim, int seq,
                      int batch_heads, cudaStream_t stream);
 #endif
 
@@ -48,11 +49,12 @@ void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t 
 }
 
 // Which forward mainloop runs: DASH_CUDA_FWD=sm90tma the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh) with K / V by
-// TMA from a producer warpgroup into an mbarrier pipeline, DASH_CUDA_FWD=sm90 the same with K / V by cp.async,
+// TMA from a producer warpgroup into an mbarrier pipeline, DASH_CUDA_FWD=sm90overlap the same with each plain tile's
+// softmax overlapping the previous tile's P V (FA3's IntraWGOverlap), DASH_CUDA_FWD=sm90 with K / V by cp.async,
 // DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in registers), DASH_CUDA_FWD=wmma the
 // first one (fwd_kernel.cuh). Unset: the fastest measured where it runs (sm90tma on an sm_90 GPU in a build with the
 // CuTe headers, else mma: benchmarks/NOTES.md, session 15). Read at every call (a getenv).
-enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma };
+enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma, kSm90Overlap };
 FwdMainloop forward_mainloop() {
   const char* choice = std::getenv("DASH_CUDA_FWD");
   if (choice == nullptr || *choice == '\0') {
@@ -67,7 +69,9 @@ FwdMainloop forward_mainloop() {
   if (std::strcmp(choice, "mma") == 0) return FwdMainloop::kMma;
   if (std::strcmp(choice, "sm90") == 0) return FwdMainloop::kSm90;
   if (std::strcmp(choice, "sm90tma") == 0) return FwdMainloop::kSm90Tma;
-  TORCH_CHECK(std::strcmp(choice, "wmma") == 0, "DASH_CUDA_FWD must be one of wmma, mma, sm90, sm90tma (or unset: ",
+  if (std::strcmp(choice, "sm90overlap") == 0) return FwdMainloop::kSm90Overlap;
+  TORCH_CHECK(std::strcmp(choice, "wmma") == 0,
+              "DASH_CUDA_FWD must be one of wmma, mma, sm90, sm90tma, sm90overlap (or unset: ",
               "the fastest that runs here), got '", choice, "'");
   return FwdMainloop::kWmma;
 }
@@ -117,13 +121,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int bh = static_cast<int>(batch * heads_q);
   const FwdMainloop mainloop = forward_mainloop();
-  if (mainloop == FwdMainloop::kSm90 || mainloop == FwdMainloop::kSm90Tma) {
+  if (mainloop == FwdMainloop::kSm90 || mainloop == FwdMainloop::kSm90Tma || mainloop == FwdMainloop::kSm90Overlap) {
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
-    launch_fwd_sm90(params, mainloop == FwdMainloop::kSm90Tma, q.scalar_type(), head_dim, static_cast<int>(seq), bh,
-                    stream);
+    const Sm90Fwd variant = mainloop == FwdMainloop::kSm90    ? Sm90Fwd::kCpAsync
+                            : mainloop == FwdMainloop::kSm90Tma ? Sm90Fwd::kTma
+                                                                : Sm90Fwd::kTmaOverlap;
+    launch_fwd_sm90(params, variant, q.scalar_type(), head_dim, static_cast<int>(seq), bh, stream);
 #else
     TORCH_CHECK(false,
-                "DASH_CUDA_FWD=sm90 / sm90tma: this build of dash_kernels._C has no Hopper forward: it was compiled without "
+                "DASH_CUDA_FWD=sm90 / sm90tma / sm90overlap: this build of dash_kernels._C has no Hopper forward: it was compiled without "
                 "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
                 "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_FWD");
 #endif

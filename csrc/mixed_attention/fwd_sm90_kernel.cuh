@@ -127,9 +127,10 @@ CUTE_HOST_DEVICE auto acc_as_a(L l) {
                      coalesce(make_layout(get<0, 1>(split), get<2>(l))));
 }
 
-// One warpgroup product c (+)= a b over the K mode, waited for (FA3's flash::gemm<zero_init, 0>).
+// One warpgroup product c (+)= a b over the K mode, issued and committed as one wgmma group, not waited for (FA3's
+// flash::gemm<zero_init, -1>): the caller waits with wg_wait, and touches neither c nor (from registers) a before.
 template <bool kZeroInit, typename Mma, typename TA, typename TB, typename TC>
-__device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+__device__ __forceinline__ void wg_gemm_issue(Mma& mma, TA const& a, TB const& b, TC& c) {
   constexpr bool kRS = !std::is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
   warpgroup_fence_operand(c);
@@ -141,9 +142,25 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
   warpgroup_fence_operand(c);
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// Waits until at most kPending of this warpgroup's committed wgmma groups are in flight (they complete in order),
+// then pins the registers the completed ones wrote or read, so that no access to them moves above the wait.
+template <int kPending, typename... Ts>
+__device__ __forceinline__ void wg_wait(Ts&... operands) {
+  warpgroup_wait<kPending>();
+  (warpgroup_fence_operand(operands), ...);
+}
+
+// One warpgroup product, waited for (FA3's flash::gemm<zero_init, 0>).
+template <bool kZeroInit, typename Mma, typename TA, typename TB, typename TC>
+__device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  wg_gemm_issue<kZeroInit>(mma, a, b, c);
+  constexpr bool kRS = !std::is_base_of<GMMA::DescriptorIterator, typename Mma::FrgTypeA>::value;
+  if constexpr (kRS) wg_wait<0>(c, const_cast<TA&>(a));
+  else wg_wait<0>(c);
 }
 
 }  // namespace sm90
@@ -151,7 +168,7 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
 // kTma false: 256 threads (2 consumer warpgroups) issue the K / V loads by cp.async themselves; kTma true: 384
 // threads, warpgroup 2 the producer (one thread issuing TMA loads into a 2-stage PipelineTmaAsync, registers
 // given back by setmaxnreg), warpgroups 0 and 1 the consumers (registers raised to 240).
-template <typename T, int D, bool kTma, typename TmaK, typename TmaV>
+template <typename T, int D, bool kTma, bool kOverlap, typename TmaK, typename TmaV>
 __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Tile<D>::kThreads, 1)
     mixed_attention_fwd_sm90_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaK tma_k,
                                     const __grid_constant__ TmaV tma_v) {
@@ -161,6 +178,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   using namespace cute;
   using Tr = sm90::Traits<T, D>;
   using Tile = FwdSm90Tile<D>;
+  static_assert(kTma || !kOverlap, "the overlapped walk holds stages across tiles: the TMA pipeline's release");
   using Element = typename Tr::Element;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = Tile::kThreads;  // NT: the consumers
   constexpr int ND = D / 8;  // column pairs of O a thread holds per row (D / 4 columns)
@@ -231,11 +249,13 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   auto o_col = [&](int d) { return int(get<1>(cO(0, 2 * d))); };
 
   const KeyTiles<BM, BN> tiles(p, m0);  // what this block loads, in order
-  auto consumer_body = [&](auto& pipeline) {
+  // always_inline: called as a function, the body would keep the kernel's 168-register budget (not the 240 that
+  // setmaxnreg gives the consumers) and its accumulators on the stack (seen at D 128)
+  auto consumer_body = [&](auto& pipeline) __attribute__((always_inline)) {
     constexpr bool kUsesTma = !std::is_same_v<std::decay_t<decltype(pipeline)>, sm90::NoTma>;
   auto issue_tile = [&](int step) {
     const int j0 = tiles.at(step) * BN;
-    const int stage = step & 1;
+    const int stage = step % Tile::kStages;
     load_rows_to<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sK(r, c, stage)); }, k,
                                p.k_stride[1], j0, p.seq);
     load_rows_to<T, D, BN, NT>([&](int r, int c) { return static_cast<void*>(&sVt(c, r, stage)); }, v,
@@ -250,7 +270,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   // product on it has been waited for).
   load_rows_to<T, D, BM, NT>([&](int r, int c) { return static_cast<void*>(&sQ(r, c)); }, q,
                              p.q_stride[1], m0, p.seq);
-  [[maybe_unused]] PipelineState read_state;
+  [[maybe_unused]] PipelineState read_state, release_state;  // the next tile to wait for, the next to release
   if constexpr (kUsesTma) {
     cp_async_wait_all();
     cutlass::arch::fence_view_async_shared();
@@ -262,19 +282,22 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   auto begin_tile = [&]() -> int {  // returns this tile's stage
     if constexpr (kUsesTma) {
       pipeline.consumer_wait(read_state);
-      return int(read_state.index());
+      const int stage = int(read_state.index());
+      ++read_state;
+      return stage;
     } else {
       cp_async_wait_all();
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
       if (step + 1 < tiles.total) issue_tile(step + 1);
-      return step++ & 1;
+      return step++ % Tile::kStages;
     }
   };
+  // gives the oldest held stage back to the producer (tiles are released in the order they were waited for)
   auto end_tile = [&]() {
     if constexpr (kUsesTma) {
-      pipeline.consumer_release(read_state);
-      ++read_state;
+      pipeline.consumer_release(release_state);
+      ++release_state;
     }
   };
 
@@ -296,10 +319,16 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     else y_acc[d][0] = y_acc[d][1] = y_acc[d][2] = y_acc[d][3] = 0.f;
   }
 
-  // One sub-step of the walk for this thread's two rows: take in the keys of the current tile (keys j0 ..) that
-  // ``include(i, j)`` admits, one running max per row; O += P V against this tile's V. kMasked false: every
-  // element is admitted (the caller has checked that the band covers the warpgroup's whole block).
-  auto softmax_step = [&](auto masked, int j0, int stage, auto include) {
+  // P, rounded to 16 bits in S's register layout; viewed as the A operand of P V (tOrP)
+  Tensor tSrP = make_tensor_like<Element>(tSrS);
+  Tensor P = make_tensor(tSrP.data(), sm90::acc_rowcol(tSrP.layout()));
+  Tensor tOrP = make_tensor(tSrP.data(), sm90::acc_as_a(tSrP.layout()));
+
+  // The softmax of one sub-step of the walk for this thread's two rows, in place: S becomes the probabilities
+  // (fp32) of the keys of the current tile (keys j0 ..) that ``include(i, j)`` admits, 0 elsewhere; one running max
+  // per row; l updated; alpha: the factor O must be rescaled by before this sub-step's P V is added to it. kMasked
+  // false: every element is admitted (the caller has checked that the band covers the warpgroup's whole block).
+  auto softmax_rows = [&](auto masked, int j0, auto include, float (&alpha)[2]) {
     constexpr bool kMasked = decltype(masked)::value;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -307,7 +336,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
 #pragma unroll
       for (int c = 0; c < NC; ++c)
         if (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))) mx[i] = fmaxf(mx[i], S(i, c) * p.scale_log2);
-    float m_new[2], alpha[2], sum[2] = {0.f, 0.f};
+    float m_new[2], sum[2] = {0.f, 0.f};
     bool empty[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -315,9 +344,6 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
       empty[i] = m_new[i] == -INFINITY;  // nothing taken in yet, nor now
       alpha[i] = empty[i] ? 1.f : exp2f(m[i] - m_new[i]);
     }
-    // P rounded to 16 bits in S's register layout, then viewed as the A operand of P V
-    Tensor tSrP = make_tensor_like<Element>(tSrS);
-    Tensor P = make_tensor(tSrP.data(), sm90::acc_rowcol(tSrP.layout()));
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -326,18 +352,44 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
         if (!empty[i] && (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))))
           pe = exp2f(fmaf(S(i, c), p.scale_log2, -m_new[i]));
         sum[i] += pe;
-        P(i, c) = static_cast<Element>(pe);
+        S(i, c) = pe;
       }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       l[i] = l[i] * alpha[i] + mma16::quad_sum(sum[i]);
       m[i] = m_new[i];
     }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int c = 0; c < 2 * ND; ++c) O(i, c) *= alpha[i];  // x * 1 == x: unchanged rows stay exact
-    Tensor tOrP = make_tensor(tSrP.data(), sm90::acc_as_a(tSrP.layout()));
+  };
+  auto convert_p = [&]() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int c = 0; c < NC; ++c) P(i, c) = static_cast<Element>(S(i, c));
+  };
+  // the band [lo, hi) of distances t - j of the tile at j0, as softmax_rows' mask (none where the band covers the
+  // warpgroup's whole block: warpgroup-uniform)
+  auto band_softmax = [&](int j0, int lo, int hi, int d_min, int d_max, float (&alpha)[2]) {
+    if (d_min >= lo && d_max < hi && j0 + BN <= p.seq && wg_rows_full) {
+      softmax_rows(std::false_type{}, j0, [](int, int) { return true; }, alpha);
+    } else {
+      softmax_rows(std::true_type{}, j0, [&](int i, int j) {
+        const int dist = t[i] - j;
+        return row_ok[i] && j < p.seq && dist >= lo && dist < hi;
+      }, alpha);
+    }
+  };
+  // One sub-step, every product waited for: the softmax, then O += P V against this tile's V.
+  auto softmax_step = [&](auto masked, int j0, int stage, auto include) {
+    float alpha[2];
+    softmax_rows(masked, j0, include, alpha);
+    convert_p();
+    rescale_o(alpha);
     sm90::wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
   };
 
@@ -385,27 +437,80 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     }
   };
 
+  // distances t - j the key tile kb spans over the warpgroup's rows (warpgroup-uniform)
+  auto dist_min = [&](int kb) { return wr0 - (kb * BN + BN - 1); };
+  auto dist_max = [&](int kb) { return w_last - kb * BN; };
+  auto is_active = [&](int kb) { return wg_live && dist_max(kb) >= 0 && (p.has_full || dist_min(kb) < tiles.widest); };
+  // kOverlap: a plain tile is active, lies in one band [lo, hi), and holds no snapshot: no row's window starts in
+  // it (the lowest key t - w + 1 of a finite window w lies in [j0, j0 + BN) for no row; the full window's, key 0,
+  // is not in it). A run of plain tiles is pipelined as FA3's IntraWGOverlap: each tile's P V is issued one tile
+  // late, together with the next tile's Q K^T, and the next softmax runs while it does. Straight-line code per
+  // tile (no branch on whether a product is in flight), so that ptxas keeps the wgmmas asynchronous.
+  auto plain_band = [&](int kb, int& lo1, int& hi1) {
+    if (!is_active(kb)) return false;
+    const int j0 = kb * BN, d_min = dist_min(kb), d_max = dist_max(kb);
+    int bands = 0;
+    bool snaps = j0 == 0;
+    for (int band = 0; band <= p.num_edges; ++band) {
+      const int lo = band == 0 ? 0 : p.edges[band - 1];
+      const int hi = band < p.num_edges ? p.edges[band] : kFullWindow;
+      if (band == p.num_edges && !p.has_full) break;
+      if (d_max >= lo && d_min < hi) {
+        ++bands;
+        lo1 = lo;
+        hi1 = hi;
+      }
+      if (band < p.num_edges) snaps |= wr0 <= j0 + BN + hi - 2 && w_last >= j0 + hi - 1;
+    }
+    return bands == 1 && !snaps;
+  };
+
   // The walk: from the tile holding the last query's diagonal down to the lowest key any window needs.
   for (int kb = tiles.top; kb >= tiles.bottom; --kb) {
-    const int j0 = kb * BN;
+    int j0 = kb * BN;
     const int stage = begin_tile();
-    // distances t - j this tile spans over the warpgroup's rows (warpgroup-uniform)
-    const int d_min = wr0 - (j0 + BN - 1), d_max = w_last - j0;
-    const bool active = wg_live && d_max >= 0 && (p.has_full || d_min < tiles.widest);
+    const int d_min = dist_min(kb), d_max = dist_max(kb);
+    const bool active = is_active(kb);
+    if constexpr (kOverlap) {
+      int lo = 0, hi = 0;
+      if (plain_band(kb, lo, hi)) {
+        // the run's first tile: its softmax, with nothing to overlap yet
+        sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+        float alpha[2];
+        band_softmax(j0, lo, hi, d_min, d_max, alpha);
+        convert_p();
+        int held = stage;  // the stage of the tile whose P V is pending
+        while (kb > tiles.bottom && plain_band(kb - 1, lo, hi)) {
+          --kb;
+          j0 = kb * BN;
+          const int next = begin_tile();
+          sm90::wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, next), tSrS);
+          rescale_o(alpha);  // O is not an operand of the Q K^T in flight
+          sm90::wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, held), tOrO);
+          sm90::wg_wait<1>(tSrS);  // this tile's S (issued first: groups complete in order)
+          band_softmax(j0, lo, hi, dist_min(kb), dist_max(kb), alpha);  // while the P V runs
+          sm90::wg_wait<0>(tOrO, tSrP);  // the P V has read P and V: P may be overwritten, the stage released
+          end_tile();
+          convert_p();
+          held = next;
+        }
+        rescale_o(alpha);
+        sm90::wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, held), tOrO);
+        end_tile();
+        continue;
+      }
+    }
     if (active) sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
     for (int band = 0; band <= p.num_edges; ++band) {
       const int lo = band == 0 ? 0 : p.edges[band - 1];
       const int hi = band < p.num_edges ? p.edges[band] : kFullWindow;
       if (band == p.num_edges && !p.has_full) break;
       if (active && d_max >= lo && d_min < hi) {
-        if (d_min >= lo && d_max < hi && j0 + BN <= p.seq && wg_rows_full) {
-          softmax_step(std::false_type{}, j0, stage, [](int, int) { return true; });
-        } else {
-          softmax_step(std::true_type{}, j0, stage, [&](int i, int j) {
-            const int dist = t[i] - j;
-            return row_ok[i] && j < p.seq && dist >= lo && dist < hi;
-          });
-        }
+        float alpha[2];
+        band_softmax(j0, lo, hi, d_min, d_max, alpha);
+        convert_p();
+        rescale_o(alpha);
+        sm90::wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
       }
       snapshot(hi, j0);
     }
