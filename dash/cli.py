@@ -21,6 +21,7 @@ from .search import INITS, OBJECTIVES, RELAXATIONS, SearchConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_TOKENS = 16_384  # a smoke-sized search that finishes in minutes on a laptop CPU
 RETRIEVAL_FRACTION = 0.5  # default share of retrieval rows in the search's (and the selectors') data
+PROMPTS_PER_ROW = 1  # default retrieval prompts in a retrieval row (dash.data.retrieval_rows)
 
 
 def _search_parser(sub):
@@ -54,9 +55,14 @@ def _search_parser(sub):
     p.add_argument("--answer-weight", type=float, help="objectives answers / answers_nll / answers_margin: weight "
                    "of the answer tokens' mean KL / NLL / margin shortfall "
                    f"(default {SearchConfig.answer_weight})")
+    p.add_argument("--answer-first-weight", type=float, help="objectives answers_nll / answers_margin: each "
+                   "prompt's first answer token weighs this many of its others, the prompt's total unchanged "
+                   f"(dash.search.prompt_answer_weights; default {SearchConfig.answer_first_weight}: evenly; > 0)")
     p.add_argument("--retrieval-fraction", type=float, help="share of the training rows that are RULER-style "
                    f"retrieval prompts with their answers (dash.data.add_retrieval_rows; default {RETRIEVAL_FRACTION}; "
                    "0: the text alone, for objectives other than answers and answers_nll)")
+    p.add_argument("--prompts-per-row", type=int, help="retrieval prompts in each retrieval row, each in a slot "
+                   f"of seq_len / n tokens (dash.data.retrieval_rows; default {PROMPTS_PER_ROW}: one a row)")
     p.add_argument("--init", choices=list(INITS), help="where the logits start (default budget: every layer at "
                    "the budget's mix of candidates, e.g. p(full) = K / L; uniform: equal logits)")
     p.add_argument("--relaxation", choices=list(RELAXATIONS), help="what a step's forward computes (default "
@@ -129,8 +135,10 @@ def resolve_search_settings(args) -> dict:
     settings.setdefault("output", os.path.join("runs", "search"))
     settings.setdefault("seed", 0)
     settings.setdefault("retrieval_fraction", RETRIEVAL_FRACTION)
+    settings.setdefault("prompts_per_row", PROMPTS_PER_ROW)
     known = {f.name for f in fields(SearchConfig)} | {"model", "data", "candidates", "per_kv_group", "seq_len",
-                                                       "output", "device", "dtype", "bank", "retrieval_fraction"}
+                                                       "output", "device", "dtype", "bank", "retrieval_fraction",
+                                                       "prompts_per_row"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {sorted(known)}")
@@ -169,7 +177,8 @@ def run_search(settings: dict, progress: bool = True) -> dict:
         data = pack(read_documents(settings["data"]), tokenizer, seq_len, seed=seed)
     else:
         data = default_data(tokenizer, seq_len, min(tokens, 2_000_000), seed=seed)
-    data = add_retrieval_rows(data, tokenizer, settings["retrieval_fraction"], seed=seed)
+    data = add_retrieval_rows(data, tokenizer, settings["retrieval_fraction"], seed=seed,
+                              prompts_per_row=settings["prompts_per_row"])
     data_s = time.perf_counter() - started
     net = build_supernet(model, settings.get("candidates"), per_kv_group=bool(settings.get("per_kv_group")))
     _load_bank_if_needed(net, settings)
@@ -317,6 +326,12 @@ def _compare_parser(sub):
                    "the refinement")
     p.add_argument("--search-answer-weight", type=float, default=None, help="the searches' own --answer-weight "
                    "(default: the selectors'): a run with another one searches again and keeps the selectors' rows")
+    p.add_argument("--answer-first-weight", type=float, default=SearchConfig.answer_first_weight, help="the "
+                   "weight of each prompt's first answer token in the answers_nll / answers_margin searches and the "
+                   "answers_nll refinement (as for `dash search`; the other objectives and the selectors weigh it as "
+                   "any other): a run with another one searches again and keeps the selectors' rows")
+    p.add_argument("--prompts-per-row", type=int, default=PROMPTS_PER_ROW, help="retrieval prompts in each "
+                   "retrieval row of the search's and the calibration's data (as for `dash search`)")
     p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
                    "rounds of full-layer swaps that lower the search's own objective on the calibration rows "
                    "(dash.refine), as the row dash_refined; 0: off")
@@ -385,6 +400,8 @@ def _shard_arguments(args) -> list:
                         ("--retrieval-fraction", args.retrieval_fraction),
                         ("--answer-weight", args.answer_weight), ("--import-scores", args.import_scores),
                         ("--search-answer-weight", args.search_answer_weight),
+                        ("--answer-first-weight", args.answer_first_weight),
+                        ("--prompts-per-row", args.prompts_per_row),
                         ("--import-rows", args.import_rows),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
         if value is not None:
@@ -394,7 +411,7 @@ def _shard_arguments(args) -> list:
 
 def _data_settings(args) -> dict:
     return {"retrieval_fraction": args.retrieval_fraction, "calibration_tokens": args.calibration_tokens,
-            "answer_weight": args.answer_weight}
+            "answer_weight": args.answer_weight, "prompts_per_row": args.prompts_per_row}
 
 
 def run_compare(args) -> dict:
@@ -416,7 +433,7 @@ def run_compare(args) -> dict:
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
                     "seed": args.seed, "refine_rounds": args.refine_rounds, "refine_objective": args.refine_objective,
                     **_data_settings(args),
-                    **search_settings(args.search_answer_weight)}
+                    **search_settings(args.search_answer_weight, args.answer_first_weight)}
         if args.selector_shards < 1:
             raise SystemExit(f"--selector-shards must be >= 1, got {args.selector_shards}")
         return run_sharded(_shard_arguments(args), args.budgets, methods, args.devices, args.output, settings,
@@ -428,7 +445,7 @@ def run_compare(args) -> dict:
                                   dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
     search_tokens = args.search_tokens or (12_300_000 if on_gpu else CPU_DEFAULT_TOKENS)
     made = comparison_data(tokenizer, seq_len, search_tokens, args.retrieval_fraction, args.calibration_tokens,
-                           args.seed, args.device)
+                           args.seed, args.device, prompts_per_row=args.prompts_per_row)
     data, calibration, answers, heldout = made["data"], made["calibration"], made["answers"], made["heldout"]
     context = int(getattr(model.config, "max_position_embeddings", 8192))
     candidates = args.candidates
@@ -458,6 +475,7 @@ def run_compare(args) -> dict:
                    search_objectives=args.search_objectives, search_relaxations=args.search_relaxations,
                    calibration_answers=answers,
                    answer_weight=args.answer_weight, search_answer_weight=args.search_answer_weight,
+                   answer_first_weight=args.answer_first_weight,
                    data_settings=_data_settings(args),
                    score_cache=args.score_cache, import_scores=args.import_scores or (),
                    import_rows=args.import_rows or ())

@@ -45,7 +45,8 @@ import torch
 from .baselines import METHODS, _loss, select, set_choices
 from .candidates import Candidate, default_candidates
 from .data import tensor_digest
-from .search import ANSWER_OBJECTIVES, OBJECTIVES, RELAXATIONS, Search, SearchConfig, candidate_cache_bytes, save_json
+from .search import (ANSWER_OBJECTIVES, FIRST_WEIGHT_OBJECTIVES, OBJECTIVES, RELAXATIONS, Search, SearchConfig,
+                     candidate_cache_bytes, save_json)
 from .stats import cell_scores, paired_difference, per_sample_scores, standard_error
 
 
@@ -148,17 +149,20 @@ EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
 # files written before these were recorded
 LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_init": "uniform", "search_lr": 0.05,
                    "retrieval_fraction": 0.0, "calibration_tokens": 16384, "answer_weight": 1.0,
-                   "search_answer_weight": None}
+                   "search_answer_weight": None, "prompts_per_row": 1, "answer_first_weight": 1.0}
 # how the refinement runs (files without refine_objective refined by the search's own objective)
 LEGACY_REFINE = {"refine_rounds": 0, "refine_objective": None}
 # what the search and the selectors learn from: other data, everything is selected again
-DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight")
+DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight", "prompts_per_row")
 
 
-def search_settings(answer_weight: Optional[float] = None) -> Dict:
-    """Where DASH's search starts, how fast it moves, and its objective's answer weight where that is not the
-    selectors' (``answer_weight``; None: theirs): recorded, so that rows of another search are redone."""
-    return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr, "search_answer_weight": answer_weight}
+def search_settings(answer_weight: Optional[float] = None, answer_first_weight: float = 1.0) -> Dict:
+    """Where DASH's search starts, how fast it moves, its objective's answer weight where that is not the
+    selectors' (``answer_weight``; None: theirs) and the weight of each prompt's first answer position
+    (``answer_first_weight``: the answers_nll / answers_margin searches' and the answers_nll refinement's; the
+    selectors do not use it): recorded, so that rows of another search are redone."""
+    return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr, "search_answer_weight": answer_weight,
+            "answer_first_weight": answer_first_weight}
 
 
 RELAXATION_TAGS = {"mixture": "", "straight_through": "_st"}  # of the row names (dash_method)
@@ -249,15 +253,15 @@ def _finetune_folder(tokens: int, rank: int, lr: float, seed: int) -> str:
 
 
 def comparison_data(tokenizer, seq_len: int, search_tokens: int, retrieval_fraction: float, calibration_tokens: int,
-                    seed: int = 0, device: str = "cpu") -> Dict:
+                    seed: int = 0, device: str = "cpu", prompts_per_row: int = 1) -> Dict:
     """The data of `dash compare`, built as every run of it builds them: ``data`` (the searches' rows, default corpus
-    plus retrieval rows), ``calibration`` (the first ``calibration_tokens`` of its rows, on ``device``: the scoring
-    selectors' and the refinement's), ``answers`` (their answer mask, or None) and ``heldout`` (32K tokens of
+    plus retrieval rows of ``prompts_per_row`` prompts each), ``calibration`` (the first ``calibration_tokens`` of
+    its rows, on ``device``: the scoring selectors' and the refinement's), ``answers`` (their answer mask, or None) and ``heldout`` (32K tokens of
     held-out rows: the perplexity). Scripts that score hybrids as the comparison does use these same rows."""
     from .data import add_retrieval_rows, default_data
 
     data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=seed, heldout_fraction=0.1)
-    data = add_retrieval_rows(data, tokenizer, retrieval_fraction, seed=seed)
+    data = add_retrieval_rows(data, tokenizer, retrieval_fraction, seed=seed, prompts_per_row=prompts_per_row)
     rows = torch.arange(min(data.train.shape[0], max(1, calibration_tokens // seq_len)))
     answers = data.answers(rows).to(device) if data.train_answers is not None else None
     return {"data": data, "calibration": data.train[rows].to(device), "answers": answers,
@@ -320,7 +324,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             refine_rounds: int = 2, refine_objective: Optional[str] = None,
             search_objectives: Sequence[str] = OBJECTIVES[:1], search_relaxations: Sequence[str] = RELAXATIONS[:1],
             calibration_answers: Optional[torch.Tensor] = None, answer_weight: float = SearchConfig.answer_weight,
-            search_answer_weight: Optional[float] = None,
+            search_answer_weight: Optional[float] = None, answer_first_weight: float = SearchConfig.answer_first_weight,
             data_settings: Optional[Dict] = None, score_cache: Optional[str] = "",
             import_scores: Sequence[str] = (), import_rows: Sequence[str] = ()) -> Dict:
     """``include_dash=False``: the selectors only (a shard of ``run_sharded``). ``search_objectives``: one DASH
@@ -331,7 +335,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     calibration rows).
     ``calibration_answers``: the calibration rows' answer mask (retrieval rows, ``dash.data``): ppl_drop, kl_restore
     and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``); the searches
-    too, unless ``search_answer_weight`` gives them their own.
+    too, unless ``search_answer_weight`` gives them their own. ``answer_first_weight``: the weight of each prompt's
+    first answer position in the answers_nll and answers_margin searches and the answers_nll refinement
+    (``dash.search.prompt_answer_weights``; the other objectives and the selectors weigh it as any other).
     ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
     again. ``score_cache``: the folder of ``ScoreCache`` ("": ``output_dir/scores``; None: none); ``import_scores``:
     earlier compare.json files whose hybrids need no second scoring (``ScoreCache.import_rows``); ``import_rows``:
@@ -361,6 +367,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
             and calibration_answers is None):
         raise ValueError(f"refining by the {refined_by} objective needs calibration_answers (the calibration rows' "
                          "answer mask)")
+    if not (math.isfinite(answer_first_weight) and answer_first_weight > 0):
+        raise ValueError(f"answer_first_weight must be a finite number > 0, got {answer_first_weight}")
     if finetune_tokens:  # bad settings fail now, not after the first search
         FinetuneConfig(tokens=finetune_tokens, batch_size=search_batch, lr=finetune_lr, rank=finetune_rank).validate()
     tasks = list(tasks or TASKS)
@@ -371,7 +379,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 "eval_batch": eval_batch, "finetune_tokens": finetune_tokens, "finetune_rank": finetune_rank,
                 "finetune_lr": finetune_lr, "candidates": names, "refine_rounds": refine_rounds,
                 "refine_objective": refine_objective,
-                "answer_weight": answer_weight, **(data_settings or {}), **search_settings(search_answer_weight)}
+                "answer_weight": answer_weight, **(data_settings or {}),
+                **search_settings(search_answer_weight, answer_first_weight)}
     context = int(getattr(net.model.config, "max_position_embeddings", 8192))
     rows, earlier = resume_rows(path, settings)
     done = {_row_key(r) for r in rows}
@@ -475,7 +484,9 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 config = SearchConfig(tokens=search_tokens, batch_size=search_batch, budget=budget, seed=seed,
                                       objective=objective, relaxation=relaxation,
                                       answer_weight=answer_weight if search_answer_weight is None else
-                                      search_answer_weight)
+                                      search_answer_weight,
+                                      answer_first_weight=answer_first_weight
+                                      if objective in FIRST_WEIGHT_OBJECTIVES else 1.0)
                 # another candidate set, objective, relaxation, start, seed or data, another search (a checkpoint
                 # resumes only its own; the folders of searches from uniform logits, which lack the start's name,
                 # are left alone)
@@ -483,6 +494,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                 folder = f"search_K{budget}_{objective}_{config.init}" + RELAXATION_TAGS[relaxation] + \
                     ("" if default else "_" + "+".join(names)) + ("" if seed == 0 else f"_seed{seed}") + \
                     ("" if search_answer_weight is None else f"_aw{search_answer_weight:g}") + \
+                    ("" if config.answer_first_weight == 1.0 else f"_afw{config.answer_first_weight:g}") + \
                     f"_data{search_data.digest()[:8]}"
                 if dash_row is None:
                     search = Search(net, search_data, config, os.path.join(output_dir, folder))
@@ -502,6 +514,8 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
 
                     refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=refined_by,
                                                  answers=calibration_answers, answer_weight=answer_weight,
+                                                 answer_first_weight=answer_first_weight
+                                                 if refined_by == "answers_nll" else 1.0,
                                                  checkpoint=os.path.join(output_dir, folder, "refine_kl.json" if
                                                                          refined_by == objective else
                                                                          f"refine_kl_{refined_by}.json"),

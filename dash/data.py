@@ -8,10 +8,10 @@ documents reward exactly what full attention gives over a window, which is the s
 
 Retrieval rows (``add_retrieval_rows``, any data): RULER-style prompts (``dash.ruler``'s generators, at seeds
 the evaluation never uses) followed by their answers, teacher-forced, each alone in a row (the rest of the row is
-natural text after an EOS), with a mask of the positions that predict an answer token. Retrieval is where a
-hybrid's missing context shows, and those few answer tokens are where it shows most: scored on them, the
-hybrids of the SmolLM2 comparison rank as RULER ranks them, where the mean KL over the text does not
-(benchmarks/NOTES.md, session 9). ``dash.search``'s ``answers`` objective weights them.
+natural text after an EOS; or ``prompts_per_row`` of them to a row, each in its slot), with a mask of the positions
+that predict an answer token. Retrieval is where a hybrid's missing context shows, and those few answer tokens are
+where it shows most: scored on them, the hybrids of the SmolLM2 comparison rank as RULER ranks them, where the mean
+KL over the text does not (benchmarks/NOTES.md, session 9). ``dash.search``'s ``answers`` objective weights them.
 """
 from __future__ import annotations
 
@@ -208,22 +208,35 @@ ANSWER_ROOM = 96  # tokens kept after a retrieval prompt for its answer (cwe's t
 
 
 def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int], *, seed: int = 0,
-                   tasks: Optional[Sequence[str]] = None):
+                   tasks: Optional[Sequence[str]] = None, prompts_per_row: int = 1):
     """``count`` rows of ``seq_len`` tokens, each a RULER-style prompt, its answers (joined by commas,
     teacher-forced), EOS, then ``filler_ids`` (natural text, from a seeded offset) to the end; and the [count, T]
     mask of the positions that predict an answer token. Tasks take turns (default: every task of ``dash.ruler``
     whose prompt fits); prompt lengths take turns over a quarter, a half and all of the row less ``ANSWER_ROOM``,
     so the answers sit at several distances from their needles. Samples are ``dash.ruler``'s at seed
-    ``seed + RETRIEVAL_SEED_OFFSET``: disjoint from the evaluation's prompts (seed ``seed``)."""
+    ``seed + RETRIEVAL_SEED_OFFSET``: disjoint from the evaluation's prompts (seed ``seed``).
+
+    ``prompts_per_row`` n > 1: each row is n slots of ``seq_len // n`` tokens (the last one takes the remainder),
+    each a prompt whose length takes those turns relative to the slot (a quarter, a half, the slot less
+    ``ANSWER_ROOM``), its answers, EOS and filler to the slot's end: ``count * n`` prompts, and n runs of answer
+    positions in every row (``dash.search.prompt_answer_weights`` counts each run as a prompt). More prompts for
+    the same tokens: a short answer (a passkey's first token) is not outweighed by a few long ones."""
     from .ruler import TASKS, generate_samples
 
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    if isinstance(prompts_per_row, bool) or not isinstance(prompts_per_row, int) or prompts_per_row < 1:
+        raise ValueError(f"prompts_per_row must be an integer >= 1, got {prompts_per_row!r}")
     tasks = list(TASKS if tasks is None else tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown retrieval tasks {unknown}; known: {list(TASKS)}")
-    lengths = sorted({n for n in (seq_len // 4, seq_len // 2, seq_len - ANSWER_ROOM) if n >= 64})
+    slot = seq_len // prompts_per_row  # the last slot of a row also takes seq_len % prompts_per_row
+    lengths = sorted({n for n in (slot // 4, slot // 2, slot - ANSWER_ROOM) if n >= 64})
+    if not lengths and prompts_per_row > 1:
+        raise ValueError(f"prompts_per_row {prompts_per_row} leaves slots of {slot} tokens, too short for a "
+                         f"retrieval prompt: a slot needs >= 128 tokens (a prompt of half of it, >= 64; seq_len >= "
+                         f"{prompts_per_row * 128}, or fewer prompts_per_row)")
     if not lengths or len(filler_ids) < seq_len:
         raise ValueError(f"retrieval rows need seq_len >= {64 + ANSWER_ROOM} and {seq_len} filler tokens, got "
                          f"seq_len {seq_len} and {len(filler_ids)} (text alone: --retrieval-fraction 0, with an "
@@ -238,12 +251,15 @@ def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int
         except ValueError:
             return False
 
-    slots = [(task, length) for length in lengths for task in tasks if fits(task, length)]
-    if not slots:
-        raise ValueError(f"tasks {tasks} yield no retrieval prompt of at most {lengths[-1]} tokens")
+    kinds = [(task, length) for length in lengths for task in tasks if fits(task, length)]
+    if not kinds:
+        raise ValueError(f"tasks {tasks} yield no retrieval prompt of at most {lengths[-1]} tokens"
+                         + (f" (slots of {slot} tokens: prompts_per_row {prompts_per_row})"
+                            if prompts_per_row > 1 else ""))
+    total = count * prompts_per_row
     samples = []
-    for i, (task, length) in enumerate(slots):
-        n = count // len(slots) + (i < count % len(slots))
+    for i, (task, length) in enumerate(kinds):
+        n = total // len(kinds) + (i < total % len(kinds))
         samples.extend(generate_samples(tokenizer, task, length, n, seed_of_samples, words=words) if n else [])
     rng = random.Random(seed)
     rng.shuffle(samples)
@@ -252,25 +268,30 @@ def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int
     ids = torch.empty(count, seq_len, dtype=torch.long)
     mask = torch.zeros(count, seq_len, dtype=torch.bool)
     for i, sample in enumerate(samples):
+        row, k = divmod(i, prompts_per_row)
+        start = k * slot
+        size = slot if k < prompts_per_row - 1 else seq_len - start  # one slot a row: the whole row
         prompt = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"]
         answer = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False)["input_ids"]
-        head = torch.tensor((prompt + answer + eos)[:seq_len], dtype=torch.long)
-        start = rng.randrange(filler.numel() - seq_len + 1)
-        ids[i] = torch.cat([head, filler[start:start + seq_len - head.numel()]])
-        mask[i, len(prompt) - 1:min(len(prompt) + len(answer), seq_len) - 1] = True
+        head = torch.tensor((prompt + answer + eos)[:size], dtype=torch.long)
+        offset = rng.randrange(filler.numel() - size + 1)
+        ids[row, start:start + size] = torch.cat([head, filler[offset:offset + size - head.numel()]])
+        mask[row, start + len(prompt) - 1:start + min(len(prompt) + len(answer), size) - 1] = True
     return ids, mask
 
 
 def add_retrieval_rows(data: PackedData, tokenizer, fraction: float, *, seed: int = 0,
-                       tasks: Optional[Sequence[str]] = None) -> PackedData:
-    """``data`` with retrieval rows (``retrieval_rows``) making up ``fraction`` of its training rows, shuffled in
-    (seeded); the held-out rows stay as they are (perplexity is measured on text). Filler: the data's own text."""
+                       tasks: Optional[Sequence[str]] = None, prompts_per_row: int = 1) -> PackedData:
+    """``data`` with retrieval rows (``retrieval_rows``, ``prompts_per_row`` prompts each) making up ``fraction``
+    of its training rows, shuffled in (seeded); the held-out rows stay as they are (perplexity is measured on
+    text). Filler: the data's own text."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"retrieval fraction must be in [0, 1), got {fraction}")
     count = int(round(data.train.shape[0] * fraction / (1.0 - fraction)))
     if count == 0:
         return data
-    ids, mask = retrieval_rows(tokenizer, data.seq_len, count, data.train.flatten(), seed=seed, tasks=tasks)
+    ids, mask = retrieval_rows(tokenizer, data.seq_len, count, data.train.flatten(), seed=seed, tasks=tasks,
+                               prompts_per_row=prompts_per_row)
     old_mask = data.answers(torch.arange(data.train.shape[0]))
     order = torch.randperm(data.train.shape[0] + count, generator=torch.Generator().manual_seed(seed))
     return PackedData(train=torch.cat([data.train, ids])[order], heldout=data.heldout,

@@ -33,14 +33,17 @@ from .supernet import Supernet
 def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.Tensor, rounds: int = 2,
                        tolerance: float = 1e-4, objective: str = "uniform",
                        answers: Optional[torch.Tensor] = None, answer_weight: float = 1.0,
-                       checkpoint: Optional[str] = None, progress: bool = False) -> Dict:
+                       answer_first_weight: float = 1.0, checkpoint: Optional[str] = None,
+                       progress: bool = False) -> Dict:
     """The refined choice (list of Candidates), its KL and the searched one's, the swaps taken, and the cost.
 
     ``tolerance``: a swap must lower the KL by this fraction of it (rows are few: below that, noise).
     ``objective``: the search's token weighting of the KL (``dash.search``): with ``long_range`` each token's KL
     is weighted by the all-efficient model's KL there (one more pass over the rows), mean 1 over the rows; with
     ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole;
-    with ``answers_nll`` the answers' NLL, averaged per prompt (a row), counts ``answer_weight`` beside the mean KL.
+    with ``answers_nll`` the answers' NLL, averaged per prompt (a run of answer positions in a row; each prompt's
+    first position ``answer_first_weight`` times another, ``dash.search.prompt_answer_weights``), counts
+    ``answer_weight`` beside the mean KL.
     ``checkpoint``: a JSON file of the KLs measured so far (kept only for the same rows, objective and
     candidates); a rerun reads it and measures only the hybrids it lacks. The cost counts every pass, those of
     earlier runs included, so a resumed refinement reports what an uninterrupted one would."""
@@ -51,6 +54,9 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     if objective == "answers_margin":
         raise ValueError("the refinement does not score the answers_margin objective yet: refine by answers or "
                          "answers_nll (refine_objective)")
+    if answer_first_weight != 1.0 and objective != "answers_nll":
+        raise ValueError(f"answer_first_weight {answer_first_weight} weights only the answers_nll objective here, "
+                         f"not {objective!r}: leave it at 1.0")
     if rows is None or rows.numel() == 0:
         raise ValueError("refinement needs calibration rows")
     answer_objective = objective in ANSWER_OBJECTIVES
@@ -65,6 +71,8 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     started = time.time()
     key = {"rows": tensor_digest(rows, answers if answer_objective else None), "objective": objective,
            "answer_weight": answer_weight if answer_objective else None, "candidates": names}
+    if answer_first_weight != 1.0:  # (keys of the default stay those of earlier checkpoints)
+        key["answer_first_weight"] = answer_first_weight
     measured, earlier_seconds = _read_checkpoint(checkpoint, key)
     teacher = teacher_hidden_states(net, rows)
     passes = 1
@@ -79,7 +87,7 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     elif objective == "answers":
         weights = calibration_weights(answers, answer_weight)
     elif objective == "answers_nll":
-        label_weights = list(prompt_answer_weights(answers, answer_weight))
+        label_weights = list(prompt_answer_weights(answers, answer_weight, answer_first_weight))
 
     from tqdm.auto import tqdm
 

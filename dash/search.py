@@ -37,6 +37,11 @@ ppl_drop's, yet greedy RULER scores it lower; the misses on passkey are all one 
 (" " before the number against " the" / " a", a teacher margin of 0.6-0.75 logits), which DASH's hybrid narrows to
 0.24 on average and flips in 8 of 30 prompts. Flipping a near-tie costs little KL yet loses the whole answer; the
 margin term weighs exactly those tokens (benchmarks/NOTES.md, session 15). An ablation until a comparison measures it.
+For both, a prompt is a run of answer positions in a row (``prompt_answer_weights``), so rows of several prompts
+(``dash.data.retrieval_rows``' ``prompts_per_row``, ``dash search --prompts-per-row``) count each prompt alike; and
+``answer_first_weight`` (default 1: evenly) weighs each prompt's first answer position that many times one of its
+others, the prompt's total unchanged (``answer_weight`` keeps its meaning): the near-tie on the answer's first token
+then counts more. Opt-in levers, off by default, until a comparison measures them.
 
 Relaxation (``relaxation``). ``"mixture"`` (default): each layer outputs the probability-weighted sum of its
 candidates (DARTS). The search then ranks layers inside a model where several are fractionally full, which the
@@ -73,6 +78,8 @@ BUDGET_KINDS = ("full_layers", "kv_bytes")
 # the search's loss over tokens, the default first (module docstring); the answer ones need the data's answer mask
 OBJECTIVES = ("answers", "uniform", "long_range", "answers_nll", "answers_margin")
 ANSWER_OBJECTIVES = ("answers", "answers_nll", "answers_margin")
+# the objectives weighted per prompt (prompt_answer_weights), the only ones SearchConfig.answer_first_weight weights
+FIRST_WEIGHT_OBJECTIVES = ("answers_nll", "answers_margin")
 # the answers_margin objective keeps at most this much of the teacher's margin (logits): beyond it a token is safe
 MARGIN_CAP = 2.0
 INITS = ("budget", "uniform")  # where the logits start (SearchConfig.init)
@@ -100,6 +107,9 @@ class SearchConfig:
     compile_modules: bool = False  # torch.compile the stateless modules (norms, MLPs): fewer launches a step
     objective: str = "answers"  # or "uniform", "long_range", "answers_nll", "answers_margin" (module docstring)
     answer_weight: float = 1.0  # the answer tokens' mean KL ("answers") or NLL ("answers_nll") counts this much
+    # answers_nll / answers_margin: each prompt's first answer position weighs this many of its others (the sum per
+    # prompt stays; prompt_answer_weights); 1: evenly. Other objectives take only 1
+    answer_first_weight: float = 1.0
     init: str = "budget"  # or "uniform": every layer starts at the budget's mix of candidates (budget_prior)
     relaxation: str = "mixture"  # or "straight_through": each step a sampled discrete hybrid (module docstring)
 
@@ -112,6 +122,11 @@ class SearchConfig:
             raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {self.relaxation!r}")
         if not self.answer_weight >= 0:
             raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight}")
+        if not (math.isfinite(self.answer_first_weight) and self.answer_first_weight > 0):
+            raise ValueError(f"answer_first_weight must be a finite number > 0, got {self.answer_first_weight}")
+        if self.answer_first_weight != 1.0 and self.objective not in FIRST_WEIGHT_OBJECTIVES:
+            raise ValueError(f"answer_first_weight {self.answer_first_weight} weights only the objectives "
+                             f"{FIRST_WEIGHT_OBJECTIVES}, not {self.objective!r}: leave it at 1.0 or choose one")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.budget_kind not in BUDGET_KINDS:
@@ -271,19 +286,34 @@ def answer_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
     return 1.0 + answer_weight * flags * (flags.numel() / count)
 
 
-def prompt_answer_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
-    """The ``answers_nll`` objective's weights of each position's NLL, the shape of ``answers`` ([rows, T]; a
-    retrieval row holds one prompt): on a row's answer positions ``answer_weight * N / (rows with answers x the
-    row's answer positions)``, 0 elsewhere. Their weighted mean over the N positions is ``answer_weight`` times the
-    mean over prompts of each prompt's mean answer NLL: every prompt counts alike, as RULER counts every task,
-    where a mean over tokens would let the long answers (a UUID, three 7-digit values, ten words: 20-35 tokens,
-    tasks no hybrid of SmolLM2 solves among them) outweigh a passkey's 6 tokens."""
+def prompt_answer_weights(answers: torch.Tensor, answer_weight: float,
+                          answer_first_weight: float = 1.0) -> torch.Tensor:
+    """The ``answers_nll`` / ``answers_margin`` objectives' weights of each position's term, the shape of ``answers``
+    ([rows, T]). A prompt is a run of consecutive answer positions in a row (one per retrieval row, or
+    ``dash.data.retrieval_rows``' ``prompts_per_row``). Every prompt's weights sum to ``answer_weight * N /
+    prompts``, spread evenly over its positions except the first, which takes ``answer_first_weight`` times a
+    position's share (``1``: evenly); 0 elsewhere. Their weighted mean over the N positions is then ``answer_weight``
+    times the mean over prompts of each prompt's (first-weighted) mean answer term: every prompt counts alike, as
+    RULER counts every task, where a mean over tokens would let the long answers (a UUID, three 7-digit values, ten
+    words: 20-35 tokens, tasks no hybrid of SmolLM2 solves among them) outweigh a passkey's 6 tokens; and the
+    answer's first token, a near-tie that greedy decoding must win (" " against " the", module docstring), can
+    count more than the rest. On the device (no host read)."""
     if answers.dim() != 2:
-        raise ValueError(f"answers must be [rows, T] (one prompt a row), got shape {tuple(answers.shape)}")
-    flags = answers.float()
-    per_row = flags.sum(-1, keepdim=True)
-    prompts = (per_row > 0).sum().clamp_min(1)  # on the device: no host read
-    return answer_weight * flags / per_row.clamp_min(1.0) * (flags.numel() / prompts)
+        raise ValueError(f"answers must be [rows, T] (a prompt: a run of answer positions in a row), got shape "
+                         f"{tuple(answers.shape)}")
+    if not (math.isfinite(answer_first_weight) and answer_first_weight > 0):
+        raise ValueError(f"answer_first_weight must be a finite number > 0, got {answer_first_weight}")
+    answers = answers.bool()
+    before = F.pad(answers[:, :-1], (1, 0), value=False)  # each position's predecessor in its row
+    firsts = answers & ~before  # a prompt's first answer position
+    prompts = firsts.sum().clamp_min(1)  # on the device: no host read
+    run = firsts.reshape(-1).cumsum(0)  # each position's prompt: the last one begun (1, 2, ...; 0 before any)
+    sizes = torch.zeros(run.numel() + 1, dtype=torch.long, device=run.device)
+    sizes = sizes.scatter_add_(0, run, answers.reshape(-1).long())[run].view(answers.shape)  # exact, in integers
+    # a prompt's weights before normalising: 1 a position, its first one answer_first_weight (1: the plain count)
+    flags = answers.float() * (1.0 + (answer_first_weight - 1.0) * firsts.float())
+    totals = torch.where(answers, sizes.float() + (answer_first_weight - 1.0), torch.ones_like(flags))
+    return answer_weight * flags / totals * (flags.numel() / prompts)
 
 
 def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
@@ -427,8 +457,8 @@ class Search:
         self.optimizer.load_state_dict(state["optimizer"])
         # a checkpoint continues only its own trajectory (older checkpoints: uniform objective and init, lr 0.05)
         saved = dict({"objective": "uniform", "init": "uniform", "lr": 0.05, "answer_weight": 1.0,
-                      "relaxation": "mixture"}, **state.get("config", {}))
-        for name in ("objective", "init", "lr", "answer_weight", "relaxation"):
+                      "answer_first_weight": 1.0, "relaxation": "mixture"}, **state.get("config", {}))
+        for name in ("objective", "init", "lr", "answer_weight", "answer_first_weight", "relaxation"):
             if saved[name] != getattr(self.config, name):
                 raise ValueError(f"{self.state_path} was made with {name} {saved[name]!r}, not "
                                  f"{getattr(self.config, name)!r}: use another output folder or the same {name}")
@@ -458,7 +488,8 @@ class Search:
             weights = answer_weights(answers.reshape(-1), self.config.answer_weight)
         elif self.config.objective in ("answers_nll", "answers_margin"):
             labels = next_tokens(input_ids).reshape(-1)
-            label_weights = prompt_answer_weights(answers, self.config.answer_weight).reshape(-1)
+            label_weights = prompt_answer_weights(answers, self.config.answer_weight,
+                                                  self.config.answer_first_weight).reshape(-1)
         student_hidden = base(input_ids, use_cache=False).last_hidden_state
         kl = distillation_kl(student_hidden, teacher_hidden, head, self.config.kl_chunk_tokens, weights, labels,
                              label_weights, margin=self.config.objective == "answers_margin")

@@ -72,3 +72,33 @@ class WordTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):  # not invertible: ids as words (enough to score a sample)
         return " ".join(str(int(i)) for i in ids)
+
+
+class TextTokenizer:
+    """An invertible word-level tokenizer for dash.data's retrieval rows without a real one: one id a
+    (space-prefixed) piece, from a stable hash (0 = EOS); ``decode`` joins the pieces back into the text; the
+    vocabulary: 720 made-up plain words (``dash.data.vocabulary_words``)."""
+
+    eos_token_id = 0
+
+    def __init__(self):
+        self.pieces = {0: ""}
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        import re
+        import zlib
+
+        ids = []
+        for piece in re.findall(r"\s*\S+|\s+", text):
+            ids.append(1 + zlib.crc32(piece.encode()) % 2_000_000_000)
+            self.pieces.setdefault(ids[-1], piece)
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[int(i)] for i in ids)
+
+    def get_vocab(self):
+        from itertools import product
+
+        words = ["".join(p) for p in product("bdfgklmnprst", "aeiou", "bdfgklmnprst")]
+        return {w: i for i, w in enumerate(words)}

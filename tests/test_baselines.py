@@ -622,3 +622,52 @@ def test_the_diagnostic_scores_hybrids_on_the_comparisons_calibration_rows(tmp_p
     assert scores["one"]["losses"]["4.0"]["answers_kl"] > scores["one"]["losses"]["1.0"]["answers_kl"]
     assert json.load(open(tmp_path / "scores.json"))["scores"]["one"]["full_layers"] == [1]
 
+
+
+def test_compare_gives_the_first_answer_weight_to_the_objectives_that_weigh_it(tmp_path, monkeypatch):
+    """--answer-first-weight: the answers_nll search takes it (a folder of its own), the answers search (which would
+    refuse it) and the refinement by answers do not; the answers_nll refinement does, in its checkpoint's key."""
+    import os
+
+    import dash.compare as compare_module
+    from dash.search import Search
+    from test_search import random_data
+
+    _small_vocabulary(monkeypatch)
+    rows = _rows()
+    seen = []
+    real_init = Search.__init__
+
+    def spy(self, net, data, config, output_dir):
+        seen.append((config.objective, config.answer_first_weight, os.path.basename(output_dir)))
+        real_init(self, net, data, config, output_dir)
+
+    monkeypatch.setattr(Search, "__init__", spy)
+    kwargs = dict(methods=["first"], search_tokens=48, search_batch=2, lengths=[700], tasks=["passkey"], samples=1,
+                  eval_batch=1, progress=False, refine_rounds=1, calibration_answers=_answers(rows),
+                  search_objectives=["answers", "answers_nll"], answer_first_weight=4.0)
+    out = compare_module.compare(_compare_net(), CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                                 **dict(kwargs, output_dir=str(tmp_path / "a")))
+    (answers, one, plain), (nll, four, own) = seen
+    assert (answers, one, nll, four) == ("answers", 1.0, "answers_nll", 4.0)
+    assert "_afw" not in plain and "_afw4_" in own
+    assert json.load(open(tmp_path / "a" / "compare.json"))["answer_first_weight"] == 4.0
+    assert {r["method"] for r in out["rows"]} == {"dash", "dash_answers_nll", "dash_refined", "first"}
+    checkpoint = json.load(open(next((tmp_path / "a").rglob("refine_kl.json"))))
+    assert "answer_first_weight" not in checkpoint["key"]  # refined by answers, which weighs it as any other
+    compare_module.compare(_compare_net(), CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                           **dict(kwargs, output_dir=str(tmp_path / "b"), search_objectives=["answers"], methods=[],
+                                  refine_objective="answers_nll", import_rows=[str(tmp_path / "a" / "compare.json")]))
+    checkpoint = json.load(open(next((tmp_path / "b").rglob("refine_kl_answers_nll.json"))))
+    assert checkpoint["key"]["answer_first_weight"] == 4.0
+    with pytest.raises(ValueError, match="answer_first_weight must be a finite number > 0"):
+        compare_module.compare(_compare_net(), CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                               **dict(kwargs, output_dir=str(tmp_path / "c"), answer_first_weight=0.0))
+
+
+def test_the_refinement_takes_a_first_answer_weight_only_for_answers_nll():
+    from dash.refine import refine_full_layers
+
+    rows = _rows()
+    with pytest.raises(ValueError, match="answer_first_weight 2.0 weights only the answers_nll objective"):
+        refine_full_layers(_net(), [], rows, objective="answers", answers=_answers(rows), answer_first_weight=2.0)

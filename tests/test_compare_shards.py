@@ -124,10 +124,13 @@ def test_shards_repeat_the_parents_settings():
     parent = parser.parse_args(["compare", "--budgets", "3", "6", "--lengths", "1024", "2048", "--samples", "7",
                                 "--candidates", "full", "swa512", "--devices", "cuda:0", "cuda:0", "--seed", "4",
                                 "--import-rows", "a.json", "--import-scores", "b.json",
-                                "--refine-objective", "answers_nll", "--search-answer-weight", "4"])
+                                "--refine-objective", "answers_nll", "--search-answer-weight", "4",
+                                "--answer-first-weight", "3", "--prompts-per-row", "2"])
     shard = parser.parse_args(["compare", *_shard_arguments(parent), "--budgets", "3", "--methods", "--skip-dash"])
+    assert (parent.answer_first_weight, parent.prompts_per_row) == (3.0, 2)
     for name in ("lengths", "samples", "candidates", "seed", "model", "search_tokens", "finetune_tokens",
-                 "import_rows", "import_scores", "refine_objective", "search_answer_weight"):
+                 "import_rows", "import_scores", "refine_objective", "search_answer_weight", "answer_first_weight",
+                 "prompts_per_row"):
         assert getattr(shard, name) == getattr(parent, name), name
     assert shard.methods == [] and shard.skip_dash and shard.devices is None
     relaxed = parser.parse_args(["compare", "--search-objectives", "answers", "--search-relaxations",
@@ -249,3 +252,26 @@ def test_a_search_answer_weight_of_its_own_searches_again_and_keeps_the_selector
     folders = [str(tmp_path / "a"), str(tmp_path / "b")]
     assert [(r["method"], r["budget"]) for r in merge_shard_rows(folders, search_settings(10.0))] == [("dash", 3)]
     assert [(r["method"], r["budget"]) for r in merge_shard_rows(folders)] == [("dash", 6)]
+
+
+def test_a_first_answer_weight_searches_again_and_other_prompts_a_row_select_again(tmp_path):
+    """--answer-first-weight: only the DASH rows of a table made without it (before it was recorded: weighted
+    evenly) are searched again; --prompts-per-row: other data, every row is selected again."""
+    rows = [{"method": m, "budget": 3, "seed": None, "choice": [], "cost": {}}
+            for m in ("dash", "dash_answers_nll", "first")]
+    base = {"lengths": [64], "tasks": ["vt"], "samples": 1, "seed": 0, "eval_batch": 1, "finetune_tokens": 0,
+            "candidates": None, "refine_rounds": 0}
+    before = {k: v for k, v in search_settings().items() if k != "answer_first_weight"}
+    assert search_settings()["answer_first_weight"] == 1.0
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"rows": rows, **base, **before}))
+    everything = ["dash", "dash_answers_nll", "first"]
+    assert [r["method"] for r in resume_rows(str(old), dict(base, **search_settings()))[0]] == everything
+    assert [r["method"] for r in resume_rows(str(old), dict(base, **search_settings(None, 4.0)))[0]] == ["first"]
+    assert [r["method"] for r in resume_rows(str(old), dict(base, **search_settings(), prompts_per_row=1))[0]] == \
+        everything
+    assert resume_rows(str(old), dict(base, **search_settings(), prompts_per_row=3)) == ([], {})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "compare.json").write_text(json.dumps({"rows": rows, **base, **before}))
+    assert [r["method"] for r in merge_shard_rows([str(tmp_path / "a")], search_settings(None, 4.0))] == ["first"]
+    assert [r["method"] for r in merge_shard_rows([str(tmp_path / "a")])] == everything

@@ -93,13 +93,59 @@ def test_the_answers_nll_loss_is_the_mean_kl_plus_the_prompts_mean_answer_nll():
     assert got.item() == pytest.approx((mean_kl + 0.5 * per_prompt).item(), rel=1e-5)
     assert distillation_kl(student, teacher, head, 5).item() == pytest.approx(mean_kl.item(), rel=1e-5)
     assert torch.equal(prompt_answer_weights(torch.zeros(2, 4, dtype=torch.bool), 0.5), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="one prompt a row"):
+    with pytest.raises(ValueError, match="a run of answer positions in a row"):
         prompt_answer_weights(answers.reshape(-1), 0.5)
     with pytest.raises(ValueError, match="labels and label_weights go together"):
         distillation_kl(student, teacher, head, 5, labels=next_tokens(ids).reshape(-1))
     with pytest.raises(ValueError, match="label_weights must have shape"):
         distillation_kl(student, teacher, head, 5, labels=next_tokens(ids).reshape(-1),
                         label_weights=torch.ones(3))
+
+
+def test_prompt_answer_weights_by_default_are_the_one_prompt_a_row_formula():
+    """Rows of one prompt each (or none): the weights are, bit for bit, those of the formula before prompts were
+    runs, answer_weight * flags / (the row's answer positions) * N / (rows with answers)."""
+    from dash.search import prompt_answer_weights
+
+    gen = torch.Generator().manual_seed(0)
+    for rows, length in ((5, 9), (8, 64), (1, 3)):
+        answers = torch.zeros(rows, length, dtype=torch.bool)
+        for r in range(rows):
+            if torch.rand((), generator=gen) < 0.7:  # some rows are text alone
+                first = int(torch.randint(0, length, (), generator=gen))
+                last = int(torch.randint(first, length, (), generator=gen))
+                answers[r, first:last + 1] = True
+        for weight in (0.0, 0.5, 1.0, 3.0):
+            flags = answers.float()
+            per_row = flags.sum(-1, keepdim=True)
+            before = weight * flags / per_row.clamp_min(1.0) * (flags.numel() / (per_row > 0).sum().clamp_min(1))
+            assert torch.equal(prompt_answer_weights(answers, weight), before)
+            assert torch.equal(prompt_answer_weights(answers, weight, 1.0), before)
+
+
+def test_prompt_answer_weights_count_each_run_as_a_prompt_and_weigh_its_first_position():
+    from dash.search import prompt_answer_weights
+
+    answers = torch.tensor([[0, 1, 1, 0, 0, 1],    # two prompts in a row: positions 1-2 and 5
+                            [1, 1, 0, 0, 0, 0]],   # one, which begins where the row before ends: another prompt
+                           dtype=torch.bool)
+    # N 12, 3 prompts: each prompt's weights sum to answer_weight * 12 / 3 = 4
+    assert prompt_answer_weights(answers, 1.0).tolist() == [[0, 2, 2, 0, 0, 4], [2, 2, 0, 0, 0, 0]]
+    four = prompt_answer_weights(answers, 1.0, answer_first_weight=4.0)  # first 4/5 of the prompt, then 1/5
+    torch.testing.assert_close(four, torch.tensor([[0, 3.2, 0.8, 0, 0, 4], [3.2, 0.8, 0, 0, 0, 0]]))
+    torch.testing.assert_close(prompt_answer_weights(answers, 0.5, 4.0), four / 2)
+    torch.testing.assert_close(prompt_answer_weights(answers, 1.0, 0.25),  # (0.25, 1) / 1.25: 0.8, 3.2
+                               torch.tensor([[0, 0.8, 3.2, 0, 0, 4], [0.8, 3.2, 0, 0, 0, 0]]))
+    # the weighted mean of a per-position term: answer_weight times the mean over prompts of their weighted means
+    term = torch.arange(12.0).view(2, 6)
+    per_prompt = [(4 * 1 + 2) / 5, 5.0, (4 * 6 + 7) / 5]
+    assert float((four * term).mean()) == pytest.approx(sum(per_prompt) / 3)
+    assert torch.equal(prompt_answer_weights(torch.zeros(2, 4, dtype=torch.bool), 1.0, 4.0), torch.zeros(2, 4))
+    meta = prompt_answer_weights(answers.to("meta"), 1.0, 4.0)  # tensor ops only: no host read of the mask
+    assert meta.device.type == "meta" and meta.shape == (2, 6)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="answer_first_weight must be a finite number > 0"):
+            prompt_answer_weights(answers, 1.0, bad)
 
 
 def test_the_margin_shortfall_keeps_the_teachers_greedy_decisions():
@@ -154,6 +200,48 @@ def test_the_answers_objective_needs_answers_and_a_checkpoint_its_own_data(tmp_p
         Search(net, random_data(seed=1), config, str(tmp_path / "b")).run(progress=False)
     with pytest.raises(ValueError, match="answer_weight must be >= 0"):
         Search(net, random_data(), SearchConfig(answer_weight=-1.0), str(tmp_path / "c"))
+
+
+def test_the_first_answer_weight_is_its_objectives_own_and_a_checkpoints_own(tmp_path, monkeypatch):
+    net = build_supernet(tiny_model("llama"), ["full", "swa4"])
+    for objective in ("answers", "uniform", "long_range"):  # they would ignore it: say so
+        with pytest.raises(ValueError, match=f"answer_first_weight 4.0 weights only .* not '{objective}'"):
+            Search(net, random_data(), SearchConfig(objective=objective, answer_first_weight=4.0), str(tmp_path))
+    for bad in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="answer_first_weight must be a finite number > 0"):
+            Search(net, random_data(), SearchConfig(objective="answers_nll", answer_first_weight=bad), str(tmp_path))
+    assert SearchConfig().answer_first_weight == 1.0
+    import dash.search as search_module
+
+    rows, seen, real = torch.arange(4), [], search_module.prompt_answer_weights
+    monkeypatch.setattr(search_module, "prompt_answer_weights", lambda *a: seen.append(a[2:]) or real(*a))
+    for objective in ("answers_nll", "answers_margin"):  # the loss weighs the answers' first positions more
+        even = make_search(tmp_path / f"{objective}_1", steps=2, objective=objective)
+        first = make_search(tmp_path / f"{objective}_4", steps=2, objective=objective, answer_first_weight=4.0)
+        batch, answers = even.data.train[rows], even.data.answers(rows)
+        with torch.no_grad():
+            losses = [search.loss_terms(batch, answers)["kl"] for search in (even, first)]
+        assert seen[-2:] == [(1.0,), (4.0,)]
+        if objective == "answers_nll":  # (the margin's shortfall is 0 here: the random teacher is never right)
+            assert losses[0] != losses[1]
+        even.run(progress=False)
+        first.run(progress=False)
+
+    def resume(name, **overrides):
+        make_search(tmp_path / name, steps=2, objective="answers_nll", **overrides).run(progress=False)
+
+    with pytest.raises(ValueError, match="answer_first_weight 4.0, not 1.0"):
+        resume("answers_nll_4")
+    with pytest.raises(ValueError, match="answer_first_weight 1.0, not 2.0"):
+        resume("answers_nll_1", answer_first_weight=2.0)
+    # a checkpoint from before the setting: weighted evenly
+    path = tmp_path / "answers_nll_1" / "search_state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["answer_first_weight"]
+    torch.save(state, path)
+    resume("answers_nll_1")
+    with pytest.raises(ValueError, match="answer_first_weight 1.0, not 4.0"):
+        resume("answers_nll_1", answer_first_weight=4.0)
 
 
 def test_fixed_choice_computes_that_hybrid_and_leaves_the_logits():
@@ -330,6 +418,11 @@ def test_cli_settings_precedence(tmp_path):
                                                           "--device", "cpu"]))
     assert settings["tokens"] == 1000 and settings["seq_len"] == 64 and settings["budget"] == 5
     assert settings["dtype"] == "float32" and settings["model"] == "smollm2-135m-instruct"
+    assert settings["prompts_per_row"] == 1 and "answer_first_weight" not in settings  # SearchConfig's default
+    settings = resolve_search_settings(parser.parse_args(["search", "--config", str(cfg), "--prompts-per-row", "3",
+                                                          "--answer-first-weight", "4", "--objective",
+                                                          "answers_nll"]))
+    assert settings["prompts_per_row"] == 3 and settings["answer_first_weight"] == 4.0
     cfg.write_text("tokenz: 5\n")
     with pytest.raises(SystemExit, match="unknown settings"):
         resolve_search_settings(parser.parse_args(["search", "--config", str(cfg)]))
