@@ -40,7 +40,8 @@ CANDIDATE_SETS = {
 }
 TOKENS_PER_BATCH = 16384
 # the CUDA backend's forward + backward mainloops (csrc/README.md); "wmma" is the default of each
-CUDA_MAINLOOPS = ["wmma+wmma", "mma+mma", "sm90+mma", "sm90tma+mma", "sm90tma+sm90", "sm90overlap+sm90"]
+CUDA_MAINLOOPS = ["wmma+wmma", "mma+mma", "sm90+mma", "sm90tma+mma", "sm90tma+sm90", "sm90overlap+sm90",
+                  "sm90pingpong+sm90"]
 
 
 @dataclass

@@ -62,6 +62,11 @@ def main(argv=None):
                         "rows under its discrete losses")
     parser.add_argument("--calibration-tokens", type=int, default=65536)
     parser.add_argument("--retrieval-fraction", type=float, default=0.5)
+    parser.add_argument("--prompts-per-row", type=int, default=1, help="with --calibration: retrieval prompts a row "
+                        "(`dash compare --prompts-per-row`)")
+    parser.add_argument("--answer-first-weights", type=float, nargs="+", default=[1.0],
+                        help="with --calibration: each prompt's first answer position weighs this many of its others "
+                             "in the answers_nll / answers_margin objectives (`--answer-first-weight`), one score each")
     parser.add_argument("--answer-weights", type=float, nargs="+", default=[1.0],
                         help="with --calibration: the answer weights to score each hybrid's losses at")
     parser.add_argument("--device", default="cpu")
@@ -139,13 +144,14 @@ def score_calibration(net, tokenizer, hybrids, args):
 
     seq_len = args.seq_len
     made = comparison_data(tokenizer, seq_len, 12_300_000, args.retrieval_fraction, args.calibration_tokens,
-                           device=args.device)
+                           device=args.device, prompts_per_row=args.prompts_per_row)
     rows, answers = made["calibration"], made["answers"]
     if answers is None or not bool(answers.any()):
         raise SystemExit("--calibration needs retrieval rows among the calibration rows (--retrieval-fraction > 0)")
     digest = made["data"].digest()
+    prompts = int((answers & ~torch.nn.functional.pad(answers[:, :-1], (1, 0), value=False)).sum())
     print(f"data digest {digest[:8]}; {rows.shape[0]} calibration rows of {seq_len} tokens, "
-          f"{int((answers.sum(-1) > 0).sum())} with answers", flush=True)
+          f"{int((answers.sum(-1) > 0).sum())} with answers, {prompts} prompts", flush=True)
     started = time.time()
     teacher = teacher_hidden_states(net, rows)
     model = net.model
@@ -167,23 +173,26 @@ def score_calibration(net, tokenizer, hybrids, args):
         losses = {}
         for weight in args.answer_weights:
             token_w = answer_weights(answers, weight)
-            prompt_w = prompt_answer_weights(answers, weight)
-            losses[str(weight)] = {
-                "answers_kl": float((kl * token_w).mean()),
-                "answers_nll_objective": float((kl.sum() + (nll * prompt_w[:, :-1]).sum()) / kl.numel()),
-                "answers_margin_objective": float((kl.sum() + (short * prompt_w[:, :-1]).sum()) / kl.numel()),
-                "ppl_drop_nll": float((nll * token_w[:, :-1]).mean())}
+            losses[str(weight)] = {"answers_kl": float((kl * token_w).mean()),
+                                   "ppl_drop_nll": float((nll * token_w[:, :-1]).mean())}
+            for first in args.answer_first_weights:
+                prompt_w = prompt_answer_weights(answers, weight, first)
+                tag = "" if first == 1.0 else f"_first{first:g}"
+                losses[str(weight)].update({
+                    f"answers_nll_objective{tag}": float((kl.sum() + (nll * prompt_w[:, :-1]).sum()) / kl.numel()),
+                    f"answers_margin_objective{tag}":
+                        float((kl.sum() + (short * prompt_w[:, :-1]).sum()) / kl.numel())})
         scores[name] = {"full_layers": layers, "losses": losses, "mean_kl": float(kl.mean()),
                         "answers_kl_alone": float(kl[answers].mean()), "mean_nll": float(nll.mean())}
         print(f"{name:16s} full {layers}: mean KL {scores[name]['mean_kl']:.5f}  answers' KL "
               f"{scores[name]['answers_kl_alone']:.5f}  " + "  ".join(
-                  f"w{w}: answers KL {v['answers_kl']:.5f} answers_nll {v['answers_nll_objective']:.5f} "
-                  f"answers_margin {v['answers_margin_objective']:.5f} "
-                  f"NLL {v['ppl_drop_nll']:.5f}" for w, v in losses.items()) + f"  ({time.time() - started:.0f} s)",
+                  f"w{w}: " + " ".join(f"{key.replace('_objective', '')} {value:.5f}" for key, value in v.items())
+                  for w, v in losses.items()) + f"  ({time.time() - started:.0f} s)",
               flush=True)
         if args.json:  # after each hybrid: a long CPU run keeps what it measured
             with open(args.json, "w") as f:
                 json.dump({"data_digest": digest, "seq_len": seq_len, "answer_weights": args.answer_weights,
+                           "answer_first_weights": args.answer_first_weights, "prompts_per_row": args.prompts_per_row,
                            "scores": scores}, f, indent=1)
     return scores
 

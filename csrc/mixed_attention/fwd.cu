@@ -50,11 +50,12 @@ void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t 
 
 // Which forward mainloop runs: DASH_CUDA_FWD=sm90tma the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh) with K / V by
 // TMA from a producer warpgroup into an mbarrier pipeline, DASH_CUDA_FWD=sm90overlap the same with each plain tile's
-// softmax overlapping the previous tile's P V (FA3's IntraWGOverlap), DASH_CUDA_FWD=sm90 with K / V by cp.async,
+// softmax overlapping the previous tile's P V (FA3's IntraWGOverlap), DASH_CUDA_FWD=sm90pingpong that and the two
+// consumer warpgroups taking turns to issue their products, DASH_CUDA_FWD=sm90 with K / V by cp.async,
 // DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in registers), DASH_CUDA_FWD=wmma the
 // first one (fwd_kernel.cuh). Unset: the fastest measured where it runs (sm90tma on an sm_90 GPU in a build with the
 // CuTe headers, else mma: benchmarks/NOTES.md, session 15). Read at every call (a getenv).
-enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma, kSm90Overlap };
+enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma, kSm90Overlap, kSm90PingPong };
 FwdMainloop forward_mainloop() {
   const char* choice = std::getenv("DASH_CUDA_FWD");
   if (choice == nullptr || *choice == '\0') {
@@ -70,8 +71,9 @@ FwdMainloop forward_mainloop() {
   if (std::strcmp(choice, "sm90") == 0) return FwdMainloop::kSm90;
   if (std::strcmp(choice, "sm90tma") == 0) return FwdMainloop::kSm90Tma;
   if (std::strcmp(choice, "sm90overlap") == 0) return FwdMainloop::kSm90Overlap;
+  if (std::strcmp(choice, "sm90pingpong") == 0) return FwdMainloop::kSm90PingPong;
   TORCH_CHECK(std::strcmp(choice, "wmma") == 0,
-              "DASH_CUDA_FWD must be one of wmma, mma, sm90, sm90tma, sm90overlap (or unset: ",
+              "DASH_CUDA_FWD must be one of wmma, mma, sm90, sm90tma, sm90overlap, sm90pingpong (or unset: ",
               "the fastest that runs here), got '", choice, "'");
   return FwdMainloop::kWmma;
 }
@@ -121,15 +123,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int bh = static_cast<int>(batch * heads_q);
   const FwdMainloop mainloop = forward_mainloop();
-  if (mainloop == FwdMainloop::kSm90 || mainloop == FwdMainloop::kSm90Tma || mainloop == FwdMainloop::kSm90Overlap) {
+  if (mainloop == FwdMainloop::kSm90 || mainloop == FwdMainloop::kSm90Tma || mainloop == FwdMainloop::kSm90Overlap ||
+      mainloop == FwdMainloop::kSm90PingPong) {
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
-    const Sm90Fwd variant = mainloop == FwdMainloop::kSm90    ? Sm90Fwd::kCpAsync
-                            : mainloop == FwdMainloop::kSm90Tma ? Sm90Fwd::kTma
-                                                                : Sm90Fwd::kTmaOverlap;
+    const Sm90Fwd variant = mainloop == FwdMainloop::kSm90          ? Sm90Fwd::kCpAsync
+                            : mainloop == FwdMainloop::kSm90Tma     ? Sm90Fwd::kTma
+                            : mainloop == FwdMainloop::kSm90Overlap ? Sm90Fwd::kTmaOverlap
+                                                                    : Sm90Fwd::kTmaPingPong;
     launch_fwd_sm90(params, variant, q.scalar_type(), head_dim, static_cast<int>(seq), bh, stream);
 #else
     TORCH_CHECK(false,
-                "DASH_CUDA_FWD=sm90 / sm90tma / sm90overlap: this build of dash_kernels._C has no Hopper forward: it was compiled without "
+                "DASH_CUDA_FWD=sm90 / sm90tma / sm90overlap / sm90pingpong: this build of dash_kernels._C has no Hopper forward: it was compiled without "
                 "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
                 "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_FWD");
 #endif

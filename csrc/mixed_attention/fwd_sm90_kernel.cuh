@@ -168,7 +168,7 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
 // kTma false: 256 threads (2 consumer warpgroups) issue the K / V loads by cp.async themselves; kTma true: 384
 // threads, warpgroup 2 the producer (one thread issuing TMA loads into a 2-stage PipelineTmaAsync, registers
 // given back by setmaxnreg), warpgroups 0 and 1 the consumers (registers raised to 240).
-template <typename T, int D, bool kTma, bool kOverlap, typename TmaK, typename TmaV>
+template <typename T, int D, bool kTma, bool kOverlap, bool kPingPong, typename TmaK, typename TmaV>
 __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Tile<D>::kThreads, 1)
     mixed_attention_fwd_sm90_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaK tma_k,
                                     const __grid_constant__ TmaV tma_v) {
@@ -179,9 +179,11 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   using Tr = sm90::Traits<T, D>;
   using Tile = FwdSm90Tile<D>;
   static_assert(kTma || !kOverlap, "the overlapped walk holds stages across tiles: the TMA pipeline's release");
+  static_assert(kOverlap || !kPingPong, "the ping-pong schedules the overlapped walk's products");
   using Element = typename Tr::Element;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = Tile::kThreads;  // NT: the consumers
   constexpr int ND = D / 8;  // column pairs of O a thread holds per row (D / 4 columns)
+  [[maybe_unused]] constexpr uint32_t kBarSched = 2;  // kPingPong's named barriers: 2 + warpgroup (1: the Q load)
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // the 128B swizzle is a function of the address bits: every tile starts 1024-byte aligned
@@ -275,6 +277,9 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     cp_async_wait_all();
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(NT, 1);  // id 1: the consumers only (0 is __syncthreads')
+    if constexpr (kPingPong) {  // warpgroup 0 issues first
+      if (wg == 1) cutlass::arch::NamedBarrier::arrive(NT, kBarSched + 0);
+    }
   } else {
     issue_tile(0);
   }
@@ -437,6 +442,23 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     }
   };
 
+  // kPingPong (FA3's warp-scheduler barriers): the two consumer warpgroups take turns to issue a tile's products,
+  // so that one's softmax runs while the other's products do. Each warpgroup passes sched_sync and sched_arrive
+  // exactly once per tile it waits for (the same tiles for both), whether it computes on the tile or not, so the
+  // turns pair up; the last arrive of warpgroup 1 is left unmatched at exit.
+  auto sched_sync = [&]() {
+    if constexpr (kPingPong) {
+      if (wg == 0) cutlass::arch::NamedBarrier::sync(NT, kBarSched);
+      else cutlass::arch::NamedBarrier::sync(NT, kBarSched + 1);
+    }
+  };
+  auto sched_arrive = [&]() {
+    if constexpr (kPingPong) {
+      if (wg == 0) cutlass::arch::NamedBarrier::arrive(NT, kBarSched + 1);
+      else cutlass::arch::NamedBarrier::arrive(NT, kBarSched);
+    }
+  };
+
   // distances t - j the key tile kb spans over the warpgroup's rows (warpgroup-uniform)
   auto dist_min = [&](int kb) { return wr0 - (kb * BN + BN - 1); };
   auto dist_max = [&](int kb) { return w_last - kb * BN; };
@@ -475,7 +497,9 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
       int lo = 0, hi = 0;
       if (plain_band(kb, lo, hi)) {
         // the run's first tile: its softmax, with nothing to overlap yet
+        sched_sync();
         sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+        sched_arrive();
         float alpha[2];
         band_softmax(j0, lo, hi, d_min, d_max, alpha);
         convert_p();
@@ -484,9 +508,11 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
           --kb;
           j0 = kb * BN;
           const int next = begin_tile();
+          sched_sync();
           sm90::wg_gemm_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, next), tSrS);
           rescale_o(alpha);  // O is not an operand of the Q K^T in flight
           sm90::wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, held), tOrO);
+          sched_arrive();
           sm90::wg_wait<1>(tSrS);  // this tile's S (issued first: groups complete in order)
           band_softmax(j0, lo, hi, dist_min(kb), dist_max(kb), alpha);  // while the P V runs
           sm90::wg_wait<0>(tOrO, tSrP);  // the P V has read P and V: P may be overwritten, the stage released
@@ -500,7 +526,9 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
         continue;
       }
     }
-    if (active) sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+    sched_sync();  // a serial tile's Q K^T is waited for within its turn (a wait outside it, under the branch,
+    if (active) sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);  // made ptxas serialise wgmma)
+    sched_arrive();
     for (int band = 0; band <= p.num_edges; ++band) {
       const int lo = band == 0 ? 0 : p.edges[band - 1];
       const int hi = band < p.num_edges ? p.edges[band] : kFullWindow;
@@ -532,8 +560,11 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     for (int kb = 0; kb < n; ++kb) {
       const int j0 = kb * BN;
       const int stage = begin_tile();
-      if (wg_limit > j0) {  // warpgroup-uniform: does any row of the warpgroup take a key of this tile?
-        sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+      const bool takes = wg_limit > j0;  // warpgroup-uniform: does any row of the warpgroup take a key of this tile?
+      sched_sync();
+      if (takes) sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+      sched_arrive();
+      if (takes) {
         softmax_step(std::true_type{}, j0, stage, [&](int i, int j) { return j < limit[i]; });
       }
       end_tile();

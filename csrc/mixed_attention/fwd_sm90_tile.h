@@ -34,7 +34,9 @@ struct FwdSm90Tile {
 //   kTma        (sm90tma):     K / V by TMA from a producer warpgroup; every product waited for where it is issued;
 //   kTmaOverlap (sm90overlap): the TMA loads, and the walk's plain tiles pipelined as FlashAttention-3's
 //                              IntraWGOverlap: tile n + 1's S = Q K^T and tile n's O += P V issued together, tile
-//                              n + 1's softmax computed while the P V runs.
-enum class Sm90Fwd { kCpAsync, kTma, kTmaOverlap };
+//                              n + 1's softmax computed while the P V runs;
+//   kTmaPingPong (sm90pingpong): the overlapped walk, and the two consumer warpgroups taking turns to issue their
+//                              products (FA3's warp-scheduler barriers), one's softmax during the other's products.
+enum class Sm90Fwd { kCpAsync, kTma, kTmaOverlap, kTmaPingPong };
 
 }  // namespace dash
