@@ -604,7 +604,8 @@ def test_the_diagnostic_scores_hybrids_on_the_comparisons_calibration_rows(tmp_p
     monkeypatch.setattr("dash.compare.comparison_data", lambda *a, **k: {
         "data": random_data(), "calibration": rows, "answers": answers, "heldout": rows})
     args = argparse.Namespace(seq_len=24, retrieval_fraction=0.5, calibration_tokens=48, answer_weights=[1.0, 4.0],
-                              device="cpu", json=str(tmp_path / "scores.json"))
+                              prompts_per_row=1, answer_first_weights=[1.0, 3.0], device="cpu",
+                              json=str(tmp_path / "scores.json"))
     scores = diagnostic.score_calibration(net, None, {"teacher": [0, 1, 2], "one": [1]}, args)
     assert scores["teacher"]["losses"]["1.0"]["answers_kl"] == pytest.approx(0.0, abs=1e-6)
     # the teacher keeps its own greedy margins: no shortfall; a hybrid's margin term adds to its mean KL
@@ -619,6 +620,9 @@ def test_the_diagnostic_scores_hybrids_on_the_comparisons_calibration_rows(tmp_p
             nll = _loss(net, rows, None, "nll", calibration_weights(answers, weight))
         assert got["answers_kl"] == pytest.approx(want, rel=1e-5) and got["ppl_drop_nll"] == pytest.approx(nll, rel=1e-5)
         assert got["answers_nll_objective"] == pytest.approx(with_nll, rel=1e-5) and with_nll > want > 0
+        with net.fixed([1, 0, 1]):  # the first answer position weighted 3x: the same loss with those weights
+            first3 = _loss(net, rows, teacher, "kl", None, list(prompt_answer_weights(answers, weight, 3.0)))
+        assert got["answers_nll_objective_first3"] == pytest.approx(first3, rel=1e-5)
     assert scores["one"]["losses"]["4.0"]["answers_kl"] > scores["one"]["losses"]["1.0"]["answers_kl"]
     assert json.load(open(tmp_path / "scores.json"))["scores"]["one"]["full_layers"] == [1]
 
