@@ -12,7 +12,7 @@
 //   - 128 query rows per block = 2 consumer warpgroups of 64 rows (one 64-row wgmma atom each: TiledMMA atom
 //     layout 2 x 1 x 1), 64-key tiles, 256 threads (+ 128 for the TMA producer), one block per SM;
 //   - Q, K and V live in 128B-swizzled shared layouts (GMMA::Layout_K_SW128_Atom for Q and K,
-//     GMMA::Layout_MN_SW128_Atom for V^T, tiled by tile_to_shape), K / V double-buffered;
+//     GMMA::Layout_MN_SW128_Atom for V^T, tiled by tile_to_shape), K / V in 3 stages;
 //   - two ways to load K / V, one kernel template (kTma):
 //     DASH_CUDA_FWD=sm90: cp.async by all 256 threads into the swizzled layouts (addresses from the CuTe smem
 //       tensors), then fence.proxy.async (the wgmma reads through the async proxy) and one block barrier per key
@@ -20,10 +20,12 @@
 //     DASH_CUDA_FWD=sm90tma: FA3's warp specialisation: a third (producer) warpgroup, registers given back by
 //       setmaxnreg (24; consumers 240), one thread of which issues TMA loads (make_tma_copy on the host:
 //       SM90_TMA_LOAD of K as (T, D, Hkv, B), of V through its transposed view (D, T, Hkv, B) into V^T) into a
-//       2-stage cutlass::PipelineTmaAsync (full / empty mbarriers, both tiles on one barrier); the consumers
+//       3-stage cutlass::PipelineTmaAsync (full / empty mbarriers, both tiles on one barrier); the consumers
 //       consumer_wait before a tile and consumer_release after its last product; Q by cp.async from the
-//       consumers and a named barrier. The products are still waited for one by one (no intra-warpgroup overlap
-//       of softmax and wgmma yet, FA3's IntraWGOverlap);
+//       consumers and a named barrier. sm90tma waits for each product where it is issued; DASH_CUDA_FWD=sm90overlap
+//       (kOverlap) pipelines runs of plain tiles as FA3's IntraWGOverlap (the walk below), and
+//       DASH_CUDA_FWD=sm90pingpong (kPingPong) adds FA3's warp-scheduler barriers between the two consumer
+//       warpgroups;
 //   - every per-element mask and row statistic uses the accumulator's (row, col) mapping taken from CuTe
 //     (partition_C of an identity tensor, viewed as (row, col) as FA3's convert_layout_acc_rowcol does): each
 //     thread holds 2 rows of its warpgroup's 64 and, per row, BN / 4 (S) or D / 4 (O) columns in pairs; the 4
@@ -166,7 +168,7 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
 }  // namespace sm90
 
 // kTma false: 256 threads (2 consumer warpgroups) issue the K / V loads by cp.async themselves; kTma true: 384
-// threads, warpgroup 2 the producer (one thread issuing TMA loads into a 2-stage PipelineTmaAsync, registers
+// threads, warpgroup 2 the producer (one thread issuing TMA loads into a 3-stage PipelineTmaAsync, registers
 // given back by setmaxnreg), warpgroups 0 and 1 the consumers (registers raised to 240).
 template <typename T, int D, bool kTma, bool kOverlap, bool kPingPong, typename TmaK, typename TmaV>
 __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Tile<D>::kThreads, 1)
