@@ -71,18 +71,16 @@ for part in ${PARTS:-tests bench}; do
         2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20 ;;
     mainloops)
       pairs="${CUDA_MAINLOOPS:-wmma+wmma mma+mma sm90+mma sm90tma+mma sm90tma+sm90 sm90overlap+sm90 sm90pingpong+sm90}"
+      pair_tests() {  # pair, part: reference (the fp32-reference cases, the gate of its benchmark column) or rest
+        local k; [ "$2" = reference ] && k="cuda and fp32_reference" || k="cuda and not fp32_reference"
+        DASH_CUDA_FWD="${1%+*}" DASH_CUDA_BWD="${1#*+}" timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -m gpu \
+          -p no:cacheprovider -s tests/test_gpu.py -k "$k" > "$OUT/gpu_tests_${1/+/_}_$2.log" 2>&1
+      }
+      # the reference cases one pair after the other (~10 s each; their fp32 references at T 8192 take ~25 GB a
+      # process: three at once ran out of memory on an 80 GB H100), then the rest of every pair at once (~90 s)
+      for pair in $pairs; do pair_tests "$pair" reference; done
       pids=()
-      for pair in $pairs; do
-        # per pair, one process after the other: the fp32-reference cases (the gate of its benchmark column),
-        # then the rest (the Triton contract, the refusals); the pairs at once
-        (export DASH_CUDA_FWD="${pair%+*}" DASH_CUDA_BWD="${pair#*+}"
-         for part in reference rest; do
-           [ $part = reference ] && k="cuda and fp32_reference" || k="cuda and not fp32_reference"
-           timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -m gpu -p no:cacheprovider -s tests/test_gpu.py \
-             -k "$k" > "$OUT/gpu_tests_${pair/+/_}_$part.log" 2>&1
-         done) &
-        pids+=($!)
-      done
+      for pair in $pairs; do pair_tests "$pair" rest & pids+=($!); done
       wait "${pids[@]}"
       passed=()
       for pair in $pairs; do

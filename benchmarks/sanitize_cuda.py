@@ -17,6 +17,8 @@ CASES = [
     (1, 77, 4, 2, 64, torch.bfloat16, [None, 1, 100, 9], [0, 0, 0, 1]),
     (2, 130, 2, 1, 128, torch.float16, [None, 64, 17], [0, 0, 64]),
     (1, 5, 2, 2, 128, torch.bfloat16, [3, None], [1, 0]),
+    # long enough for runs of plain tiles (one band, no snapshot): the overlapped walk (DASH_CUDA_FWD=sm90overlap)
+    (1, 700, 2, 1, 64, torch.bfloat16, [None, 256, 64], [0, 0, 4]),
 ]
 
 

@@ -331,12 +331,15 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   Tensor P = make_tensor(tSrP.data(), sm90::acc_rowcol(tSrP.layout()));
   Tensor tOrP = make_tensor(tSrP.data(), sm90::acc_as_a(tSrP.layout()));
 
-  // The softmax of one sub-step of the walk for this thread's two rows, in place: S becomes the probabilities
-  // (fp32) of the keys of the current tile (keys j0 ..) that ``include(i, j)`` admits, 0 elsewhere; one running max
-  // per row; l updated; alpha: the factor O must be rescaled by before this sub-step's P V is added to it. kMasked
-  // false: every element is admitted (the caller has checked that the band covers the warpgroup's whole block).
-  auto softmax_rows = [&](auto masked, int j0, auto include, float (&alpha)[2]) {
-    constexpr bool kMasked = decltype(masked)::value;
+  // The softmax of one sub-step of the walk for this thread's two rows: the probabilities of the keys of the current
+  // tile (keys j0 ..) that ``include(i, j)`` admits, 0 elsewhere; one running max per row; l updated; alpha: the
+  // factor O must be rescaled by before this sub-step's P V is added to it. kMasked false: every element is admitted
+  // (the caller has checked that the band covers the warpgroup's whole block). kToP: the probabilities go to P (16
+  // bits) and S keeps the scores, as the serial walk needs (a tile spanning several bands runs one softmax per band
+  // on the same S); else they overwrite S (fp32) and convert_p moves them to P later: the overlapped walk computes
+  // a tile's softmax while the previous tile's P V still reads P.
+  auto softmax_rows = [&](auto masked, auto to_p, int j0, auto include, float (&alpha)[2]) {
+    constexpr bool kMasked = decltype(masked)::value, kToP = decltype(to_p)::value;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -359,7 +362,8 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
         if (!empty[i] && (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))))
           pe = exp2f(fmaf(S(i, c), p.scale_log2, -m_new[i]));
         sum[i] += pe;
-        S(i, c) = pe;
+        if constexpr (kToP) P(i, c) = static_cast<Element>(pe);
+        else S(i, c) = pe;
       }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -381,11 +385,11 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   };
   // the band [lo, hi) of distances t - j of the tile at j0, as softmax_rows' mask (none where the band covers the
   // warpgroup's whole block: warpgroup-uniform)
-  auto band_softmax = [&](int j0, int lo, int hi, int d_min, int d_max, float (&alpha)[2]) {
+  auto band_softmax = [&](auto to_p, int j0, int lo, int hi, int d_min, int d_max, float (&alpha)[2]) {
     if (d_min >= lo && d_max < hi && j0 + BN <= p.seq && wg_rows_full) {
-      softmax_rows(std::false_type{}, j0, [](int, int) { return true; }, alpha);
+      softmax_rows(std::false_type{}, to_p, j0, [](int, int) { return true; }, alpha);
     } else {
-      softmax_rows(std::true_type{}, j0, [&](int i, int j) {
+      softmax_rows(std::true_type{}, to_p, j0, [&](int i, int j) {
         const int dist = t[i] - j;
         return row_ok[i] && j < p.seq && dist >= lo && dist < hi;
       }, alpha);
@@ -394,8 +398,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   // One sub-step, every product waited for: the softmax, then O += P V against this tile's V.
   auto softmax_step = [&](auto masked, int j0, int stage, auto include) {
     float alpha[2];
-    softmax_rows(masked, j0, include, alpha);
-    convert_p();
+    softmax_rows(masked, std::true_type{}, j0, include, alpha);
     rescale_o(alpha);
     sm90::wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
   };
@@ -503,8 +506,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
         sm90::wg_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
         sched_arrive();
         float alpha[2];
-        band_softmax(j0, lo, hi, d_min, d_max, alpha);
-        convert_p();
+        band_softmax(std::true_type{}, j0, lo, hi, d_min, d_max, alpha);  // no P V pending: straight to P
         int held = stage;  // the stage of the tile whose P V is pending
         while (kb > tiles.bottom && plain_band(kb - 1, lo, hi)) {
           --kb;
@@ -516,7 +518,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
           sm90::wg_gemm_issue<false>(mma_pv, tOrP, tOrV(_, _, _, held), tOrO);
           sched_arrive();
           sm90::wg_wait<1>(tSrS);  // this tile's S (issued first: groups complete in order)
-          band_softmax(j0, lo, hi, dist_min(kb), dist_max(kb), alpha);  // while the P V runs
+          band_softmax(std::false_type{}, j0, lo, hi, dist_min(kb), dist_max(kb), alpha);  // while the P V runs
           sm90::wg_wait<0>(tOrO, tSrP);  // the P V has read P and V: P may be overwritten, the stage released
           end_tile();
           convert_p();
@@ -537,8 +539,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
       if (band == p.num_edges && !p.has_full) break;
       if (active && d_max >= lo && d_min < hi) {
         float alpha[2];
-        band_softmax(j0, lo, hi, d_min, d_max, alpha);
-        convert_p();
+        band_softmax(std::true_type{}, j0, lo, hi, d_min, d_max, alpha);  // S stays: the next band reads it
         rescale_o(alpha);
         sm90::wg_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
       }
