@@ -84,10 +84,15 @@ for part in ${PARTS:-tests bench}; do
       wait "${pids[@]}"
       passed=()
       for pair in $pairs; do
-        gate=$(tail -1 "$OUT/gpu_tests_${pair/+/_}_reference.log") rest=$(tail -1 "$OUT/gpu_tests_${pair/+/_}_rest.log")
+        summary() { grep -E "[0-9]+ (passed|failed|error)" "$1" | tail -1; }  # pytest's last line; none: timed out
+        gate=$(summary "$OUT/gpu_tests_${pair/+/_}_reference.log") rest=$(summary "$OUT/gpu_tests_${pair/+/_}_rest.log")
         echo "$pair: reference: ${gate:-no summary (timed out)}; the rest: ${rest:-no summary (timed out)}"
         case "$gate" in *passed*) case "$gate" in *failed*|*error*) ;; *) passed+=("$pair") ;; esac ;; esac
       done
+      # one log for every pair: the device returns at most 8 files from $OUT
+      for pair in $pairs; do for part in reference rest; do
+        echo "===== $pair $part"; cat "$OUT/gpu_tests_${pair/+/_}_$part.log"; rm -f "$OUT/gpu_tests_${pair/+/_}_$part.log"
+      done; done > "$OUT/gpu_tests_mainloops.log"
       if [ ${#passed[@]} -gt 0 ]; then
         timeout "${BENCH_TIMEOUT:-330}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
           --cuda-mainloops "${passed[@]}" ${BENCH_ARGS:-} 2>&1 | grep -v Warning > "$OUT/bench.log"
