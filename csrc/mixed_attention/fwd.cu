@@ -53,8 +53,9 @@ void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t 
 // softmax overlapping the previous tile's P V (FA3's IntraWGOverlap), DASH_CUDA_FWD=sm90pingpong that and the two
 // consumer warpgroups taking turns to issue their products, DASH_CUDA_FWD=sm90 with K / V by cp.async,
 // DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in registers), DASH_CUDA_FWD=wmma the
-// first one (fwd_kernel.cuh). Unset: the fastest measured where it runs (sm90tma on an sm_90 GPU in a build with the
-// CuTe headers, else mma: benchmarks/NOTES.md, session 15). Read at every call (a getenv).
+// first one (fwd_kernel.cuh). Unset: the fastest measured where it runs (sm90overlap on an sm_90 GPU in a build with
+// the CuTe headers: 1.56 ms against sm90tma's 1.71 at the Qwen2.5-3B shape, T 4096, 4 candidates, on an H100; else
+// mma: benchmarks/NOTES.md, sessions 15 and 17). Read at every call (a getenv).
 enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma, kSm90Overlap, kSm90PingPong };
 FwdMainloop forward_mainloop() {
   const char* choice = std::getenv("DASH_CUDA_FWD");
@@ -63,7 +64,7 @@ FwdMainloop forward_mainloop() {
     int device = c10::cuda::current_device(), major = 0, minor = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    if (major == 9 && minor == 0) return FwdMainloop::kSm90Tma;
+    if (major == 9 && minor == 0) return FwdMainloop::kSm90Overlap;
 #endif
     return FwdMainloop::kMma;
   }

@@ -29,7 +29,7 @@ struct FwdSm90Tile {
   static constexpr size_t kSmemBytesTma = kSmemBytes + kPipelineBytes;
 };
 
-// The three ways the Hopper forward runs (DASH_CUDA_FWD, fwd.cu):
+// The four ways the Hopper forward runs (DASH_CUDA_FWD, fwd.cu; unset on sm_90: kTmaOverlap, the fastest measured):
 //   kCpAsync    (sm90):        K / V by cp.async from the consumers; every product waited for where it is issued;
 //   kTma        (sm90tma):     K / V by TMA from a producer warpgroup; every product waited for where it is issued;
 //   kTmaOverlap (sm90overlap): the TMA loads, and the walk's plain tiles pipelined as FlashAttention-3's
