@@ -76,6 +76,7 @@ for part in ${PARTS:-tests bench}; do
         DASH_CUDA_FWD="${1%+*}" DASH_CUDA_BWD="${1#*+}" timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -m gpu \
           -p no:cacheprovider -s tests/test_gpu.py -k "$k" > "$OUT/gpu_tests_${1/+/_}_$2.log" 2>&1
       }
+      summary() { grep -E "[0-9]+ (passed|failed|error)" "$1" | tail -1; }  # pytest's counts; none: timed out
       # the reference cases one pair after the other (~10 s each; their fp32 references at T 8192 take ~25 GB a
       # process: three at once ran out of memory on an 80 GB H100), then the rest of every pair at once (~90 s)
       for pair in $pairs; do pair_tests "$pair" reference; done
@@ -84,7 +85,6 @@ for part in ${PARTS:-tests bench}; do
       wait "${pids[@]}"
       passed=()
       for pair in $pairs; do
-        summary() { grep -E "[0-9]+ (passed|failed|error)" "$1" | tail -1; }  # pytest's last line; none: timed out
         gate=$(summary "$OUT/gpu_tests_${pair/+/_}_reference.log") rest=$(summary "$OUT/gpu_tests_${pair/+/_}_rest.log")
         echo "$pair: reference: ${gate:-no summary (timed out)}; the rest: ${rest:-no summary (timed out)}"
         case "$gate" in *passed*) case "$gate" in *failed*|*error*) ;; *) passed+=("$pair") ;; esac ;; esac
