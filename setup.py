@@ -113,7 +113,11 @@ def cuda_extensions():
         sources=sources,
         include_dirs=include_dirs,
         # C++20: torch 2.14's headers refuse anything older ("C++20 or later compatible compiler is required")
-        extra_compile_args={"cxx": ["-O3", "-std=c++20", *defines], "nvcc": ["-O3", "-std=c++20", *gencode, *defines]},
+        # DASH_CUDA_LINEINFO=1: source-line tables for Nsight Compute's source view (benchmarks/ncu_source.py);
+        # no effect on the generated code
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", *defines],
+                            "nvcc": ["-O3", "-std=c++20", *gencode, *defines,
+                                     *(["-lineinfo"] if os.environ.get("DASH_CUDA_LINEINFO") == "1" else [])]},
     )
     return [ext], {"build_ext": BuildExtension}
 

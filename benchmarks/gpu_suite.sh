@@ -19,6 +19,9 @@
 #                  cuda[mma+mma] sdpa_cudnn", Qwen2.5-3B shape, T 4096, 4 candidates; NCU_ARGS more arguments of
 #                  benchmarks/ncu_mixed_attention.py): per kernel, duration, SM and memory throughput, occupancy,
 #                  registers, the main stall reasons; CSV, JSON and a table per method  ~1 min each
+#     ncu_source   Nsight Compute's source view of each NCU_METHODS entry's forward kernel (default "fused
+#                  cuda[sm90overlap+sm90]"): SASS and source-line CSVs (gzipped) and benchmarks/ncu_source.py's
+#                  summary (instructions by opcode, the top instructions and lines)  ~1 min each
 #     bench        kernel benchmark vs the baselines (issue table)     ~5 min
 #     search_step  Qwen2.5-3B-shaped search step vs its floor          ~3 min
 #     linear       gated linear attention / gated delta rule vs fla 0.6.0 and cuDNN (fla from carried
@@ -114,6 +117,24 @@ for part in ${PARTS:-tests bench}; do
         echo "== ncu $method (exit $?)"
         python benchmarks/ncu_mixed_attention.py --summarize "$OUT/ncu_$name.csv" --json "$OUT/ncu_$name.json" 2>&1 | tail -12
       done
+      set +f ;;
+    ncu_source)  # where each NCU_METHODS entry's forward issues its instructions (benchmarks/ncu_source.py); the
+      # CUDA pairs need the extension built with DASH_CUDA_LINEINFO=1 for the CUDA-line view: PARTS="build ncu_source"
+      set -f
+      for method in ${NCU_METHODS:-fused cuda[sm90overlap+sm90]}; do
+        name=$(echo "$method" | tr -c 'A-Za-z0-9_\n' '_') rep="$HOME/ncu_source_$name"
+        timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --profile-from-start off \
+          --kernel-name "${NCU_KERNEL:-regex:mixed_attention_fwd|_mixed_attn_fwd}" --launch-count 1 \
+          --section SourceCounters --section InstructionStats --section WarpStateStats -f -o "$rep" \
+          python benchmarks/ncu_mixed_attention.py --method "$method" ${NCU_ARGS:-} >> "$OUT/ncu_source.log" 2>&1
+        echo "== ncu source $method (exit $?)"
+        for view in sass cuda; do
+          ncu -i "$rep.ncu-rep" --page source --csv --print-source "$view" > "$HOME/${name}_$view.csv" 2>&1
+          gzip -c "$HOME/${name}_$view.csv" > "$OUT/ncu_source_${name}_$view.csv.gz"
+          python benchmarks/ncu_source.py "$HOME/${name}_$view.csv" $([ $view = cuda ] && echo --lines) 2>&1 | head -20
+        done
+        ncu -i "$rep.ncu-rep" --page details --csv 2>&1 | grep -E "Instructions|Duration|Issue" | head -12
+      done 2>&1 | tee "$OUT/ncu_source_summary.log"
       set +f ;;
     bench)
       timeout "${BENCH_TIMEOUT:-330}" python benchmarks/bench_mixed_attention.py --out "$OUT/mixed_attention.json" \
