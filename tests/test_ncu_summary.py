@@ -45,3 +45,33 @@ def test_summary_reads_durations_throughputs_and_stalls(tmp_path, capsys):
                                    "threads/warp | top stalls |")
     assert fwd_row["l1_%"] == "31.9" and fwd_row["threads/warp"] == "31.52" and "barrier 3.5" in out
     assert (tmp_path / "ncu.json").exists()
+
+
+def test_source_view_summary_counts_opcodes_and_ranks_instructions(tmp_path):
+    from ncu_source import opcode, read_rows, summarize as summarize_source
+
+    path = tmp_path / "sass.csv"
+    path.write_text(
+        '==PROF== something\n'
+        '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"\n'
+        '"0x10","@P0 HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24","30","1,000"\n'
+        '"0x20","FFMA R1, R2, R3, R4","10","4000"\n'
+        '"0x30","@!P1 FMNMX R1, R2, R3, !PT","0","3000"\n'
+        '"0x40","FFMA R5, R6, R7, R8","0","2000"\n')
+    assert opcode("@!P1 FMNMX R1, R2, R3, !PT") == "FMNMX"
+    summary = summarize_source(read_rows(str(path)))
+    assert summary["instructions_executed"] == 10000
+    assert summary["by_opcode"]["FFMA"]["share"] == 0.6  # both FFMA rows, 6000 of 10000
+    assert list(summary["by_opcode"]) == ["FFMA", "FMNMX", "HGMMA"]
+    assert summary["top_executed"][0]["source"].startswith("FFMA R1")
+    assert summary["top_stalled"][0]["source"].startswith("@P0 HGMMA") and summary["top_stalled"][0]["stall_share"] == 0.75
+
+
+def test_source_view_summary_names_a_csv_without_the_columns(tmp_path):
+    import pytest
+    from ncu_source import read_rows
+
+    path = tmp_path / "bad.csv"
+    path.write_text("==ERROR== no report\n")
+    with pytest.raises(SystemExit, match="no source-view rows"):
+        read_rows(str(path))
