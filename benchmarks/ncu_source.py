@@ -81,10 +81,9 @@ def summarize(rows, top: int = 25, sass: bool = True) -> dict:
         for text, executed, _ in rows:
             by_op[opcode(text)] += executed
         summary["by_opcode"] = {op: {"executed": n, "share": n / total} for op, n in by_op.most_common()}
-    summary["top_executed"] = [{"source": t[:120], "executed": e, "share": e / total, "stall_share": s / stalls}
-                               for t, e, s in sorted(rows, key=lambda r: -r[1])[:top]]
-    summary["top_stalled"] = [{"source": t[:120], "executed": e, "share": e / total, "stall_share": s / stalls}
-                              for t, e, s in sorted(rows, key=lambda r: -r[2])[:top]]
+    for key, column in (("top_executed", 1), ("top_stalled", 2)):
+        summary[key] = [{"source": t[:120], "executed": e, "share": e / total, "stall_share": s / stalls}
+                        for t, e, s in sorted(rows, key=lambda r: -r[column])[:top]]
     return summary
 
 
