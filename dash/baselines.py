@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .candidates import Candidate
-from .search import answer_weights, kl_from_log_probs, label_nll
+from .search import answer_margin_shortfall, answer_weights, kl_from_log_probs, label_nll
 from .supernet import Supernet
 
 METHODS = ("uniform", "random", "first", "last", "ppl_drop", "attn_mse", "kl_restore", "duo_gate", "teacher",
@@ -77,11 +77,13 @@ def calibration_weights(answers: Optional[torch.Tensor], answer_weight: float) -
 
 def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch.Tensor]], kind: str,
           weights: Optional[List[torch.Tensor]] = None,
-          label_weights: Optional[List[torch.Tensor]] = None) -> float:
+          label_weights: Optional[List[torch.Tensor]] = None, margin: bool = False) -> float:
     """Mean next-token NLL (kind 'nll') or KL(teacher || model) ('kl') over the calibration rows; with ``weights``
     (one [T] tensor per row, weight t for the prediction at position t) each token's loss is weighted
     (``dash.search``'s long_range or answers objective). ``label_weights`` (kind 'kl'; per row, [T]): plus the
-    next-token NLL times these, summed and divided by the same count (the answers_nll objective)."""
+    next-token NLL times these, summed and divided by the same count (the answers_nll objective); with ``margin``
+    the next token's greedy-margin shortfall from the teacher's instead of its NLL (the answers_margin objective,
+    ``dash.search.answer_margin_shortfall``)."""
     import torch.nn.functional as F
 
     model = net.model
@@ -97,10 +99,13 @@ def _loss(net: Supernet, rows: torch.Tensor, teacher_hidden: Optional[List[torch
                 count += row.numel() - 1
             else:
                 logp = torch.log_softmax(logits, -1)
-                per_token = kl_from_log_probs(logp, torch.log_softmax(head(teacher_hidden[i]).float(), -1))
+                teacher_logits = head(teacher_hidden[i]).float()
+                per_token = kl_from_log_probs(logp, torch.log_softmax(teacher_logits, -1))
                 total += (per_token if weights is None else per_token * weights[i]).sum().item()
                 if label_weights is not None:
-                    total += (label_nll(logp[:-1], row[1:]) * label_weights[i][:-1]).sum().item()
+                    term = (answer_margin_shortfall(logits[:-1], teacher_logits[:-1], row[1:]) if margin
+                            else label_nll(logp[:-1], row[1:]))
+                    total += (term * label_weights[i][:-1]).sum().item()
                 count += row.numel()
     return total / max(1, count)
 

@@ -327,9 +327,9 @@ def _compare_parser(sub):
     p.add_argument("--search-answer-weight", type=float, default=None, help="the searches' own --answer-weight "
                    "(default: the selectors'): a run with another one searches again and keeps the selectors' rows")
     p.add_argument("--answer-first-weight", type=float, default=SearchConfig.answer_first_weight, help="the "
-                   "weight of each prompt's first answer token in the answers_nll / answers_margin searches and the "
-                   "answers_nll refinement (as for `dash search`; the other objectives and the selectors weigh it as "
-                   "any other): a run with another one searches again and keeps the selectors' rows")
+                   "weight of each prompt's first answer token in the answers_nll / answers_margin searches and "
+                   "refinements (as for `dash search`; the other objectives and the selectors weigh it as any other): "
+                   "a run with another one searches again and keeps the selectors' rows")
     p.add_argument("--prompts-per-row", type=int, default=PROMPTS_PER_ROW, help="retrieval prompts in each "
                    "retrieval row of the search's and the calibration's data (as for `dash search`)")
     p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "

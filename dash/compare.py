@@ -159,7 +159,7 @@ DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight", "p
 def search_settings(answer_weight: Optional[float] = None, answer_first_weight: float = 1.0) -> Dict:
     """Where DASH's search starts, how fast it moves, its objective's answer weight where that is not the
     selectors' (``answer_weight``; None: theirs) and the weight of each prompt's first answer position
-    (``answer_first_weight``: the answers_nll / answers_margin searches' and the answers_nll refinement's; the
+    (``answer_first_weight``: the answers_nll / answers_margin searches' and refinements'; the
     selectors do not use it): recorded, so that rows of another search are redone."""
     return {"search_init": SearchConfig.init, "search_lr": SearchConfig.lr, "search_answer_weight": answer_weight,
             "answer_first_weight": answer_first_weight}
@@ -336,7 +336,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
     ``calibration_answers``: the calibration rows' answer mask (retrieval rows, ``dash.data``): ppl_drop, kl_restore
     and the refinement weight the answer tokens as the ``answers`` objective does (``answer_weight``); the searches
     too, unless ``search_answer_weight`` gives them their own. ``answer_first_weight``: the weight of each prompt's
-    first answer position in the answers_nll and answers_margin searches and the answers_nll refinement
+    first answer position in the answers_nll and answers_margin searches and refinements
     (``dash.search.prompt_answer_weights``; the other objectives and the selectors weigh it as any other).
     ``data_settings``: how the data was made (``DATA_SETTINGS``), recorded so that a rerun on other data selects
     again. ``score_cache``: the folder of ``ScoreCache`` ("": ``output_dir/scores``; None: none); ``import_scores``:
@@ -360,8 +360,6 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
         raise ValueError(f"refine_rounds must be >= 0 (0: no refined DASH row), got {refine_rounds}")
     if refine_objective is not None and refine_objective not in OBJECTIVES:
         raise ValueError(f"refine_objective must be one of {OBJECTIVES} (None: the search's), got {refine_objective!r}")
-    if refine_objective == "answers_margin":
-        raise ValueError("refine_objective: the refinement does not score answers_margin yet; use answers or answers_nll")
     refined_by = refine_objective or OBJECTIVES[0]  # dash_refined starts from the default objective's hybrid
     if (include_dash and refine_rounds and OBJECTIVES[0] in search_objectives and refined_by in ANSWER_OBJECTIVES
             and calibration_answers is None):
@@ -515,7 +513,7 @@ def compare(net, tokenizer, search_data, calibration: torch.Tensor, heldout: tor
                     refined = refine_full_layers(net, choices, calibration, refine_rounds, objective=refined_by,
                                                  answers=calibration_answers, answer_weight=answer_weight,
                                                  answer_first_weight=answer_first_weight
-                                                 if refined_by == "answers_nll" else 1.0,
+                                                 if refined_by in FIRST_WEIGHT_OBJECTIVES else 1.0,
                                                  checkpoint=os.path.join(output_dir, folder, "refine_kl.json" if
                                                                          refined_by == objective else
                                                                          f"refine_kl_{refined_by}.json"),

@@ -25,8 +25,8 @@ import torch
 from .baselines import _loss, calibration_weights, set_choices, teacher_hidden_states
 from .candidates import Candidate
 from .data import tensor_digest
-from .search import (ANSWER_OBJECTIVES, OBJECTIVES, efficient_reference, long_range_weights,
-                     prompt_answer_weights, save_json)
+from .search import (ANSWER_OBJECTIVES, FIRST_WEIGHT_OBJECTIVES, OBJECTIVES, efficient_reference,
+                     long_range_weights, prompt_answer_weights, save_json)
 from .supernet import Supernet
 
 
@@ -43,7 +43,8 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
     ``answers`` the answer tokens (``answers``: the rows' answer mask) count ``answer_weight`` more, as a whole;
     with ``answers_nll`` the answers' NLL, averaged per prompt (a run of answer positions in a row; each prompt's
     first position ``answer_first_weight`` times another, ``dash.search.prompt_answer_weights``), counts
-    ``answer_weight`` beside the mean KL.
+    ``answer_weight`` beside the mean KL; ``answers_margin`` weighs each answer token's greedy-margin shortfall
+    from the teacher's (``dash.search.answer_margin_shortfall``) in the NLL's place, as the search does.
     ``checkpoint``: a JSON file of the KLs measured so far (kept only for the same rows, objective and
     candidates); a rerun reads it and measures only the hybrids it lacks. The cost counts every pass, those of
     earlier runs included, so a resumed refinement reports what an uninterrupted one would."""
@@ -51,12 +52,9 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if objective == "answers_margin":
-        raise ValueError("the refinement does not score the answers_margin objective yet: refine by answers or "
-                         "answers_nll (refine_objective)")
-    if answer_first_weight != 1.0 and objective != "answers_nll":
-        raise ValueError(f"answer_first_weight {answer_first_weight} weights only the answers_nll objective here, "
-                         f"not {objective!r}: leave it at 1.0")
+    if answer_first_weight != 1.0 and objective not in FIRST_WEIGHT_OBJECTIVES:
+        raise ValueError(f"answer_first_weight {answer_first_weight} weights only the {FIRST_WEIGHT_OBJECTIVES} "
+                         f"objectives, not {objective!r}: leave it at 1.0")
     if rows is None or rows.numel() == 0:
         raise ValueError("refinement needs calibration rows")
     answer_objective = objective in ANSWER_OBJECTIVES
@@ -86,8 +84,9 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         passes += 1
     elif objective == "answers":
         weights = calibration_weights(answers, answer_weight)
-    elif objective == "answers_nll":
+    elif objective in ("answers_nll", "answers_margin"):
         label_weights = list(prompt_answer_weights(answers, answer_weight, answer_first_weight))
+    margin = objective == "answers_margin"
 
     from tqdm.auto import tqdm
 
@@ -101,7 +100,7 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         label = ",".join(c.name for c in choice)
         if label not in measured:
             set_choices(net, [names.index(c.name) for c in choice])
-            measured[label] = _loss(net, rows, teacher, "kl", weights, label_weights)
+            measured[label] = _loss(net, rows, teacher, "kl", weights, label_weights, margin)
             if checkpoint:
                 save_json(checkpoint, {"key": key, "kl": measured,
                                        "seconds": earlier_seconds + time.time() - started})

@@ -630,7 +630,8 @@ def test_the_diagnostic_scores_hybrids_on_the_comparisons_calibration_rows(tmp_p
 
 def test_compare_gives_the_first_answer_weight_to_the_objectives_that_weigh_it(tmp_path, monkeypatch):
     """--answer-first-weight: the answers_nll search takes it (a folder of its own), the answers search (which would
-    refuse it) and the refinement by answers do not; the answers_nll refinement does, in its checkpoint's key."""
+    refuse it) and the refinement by answers do not; the answers_nll and answers_margin refinements do, in their
+    checkpoints' keys."""
     import os
 
     import dash.compare as compare_module
@@ -659,19 +660,63 @@ def test_compare_gives_the_first_answer_weight_to_the_objectives_that_weigh_it(t
     assert {r["method"] for r in out["rows"]} == {"dash", "dash_answers_nll", "dash_refined", "first"}
     checkpoint = json.load(open(next((tmp_path / "a").rglob("refine_kl.json"))))
     assert "answer_first_weight" not in checkpoint["key"]  # refined by answers, which weighs it as any other
-    compare_module.compare(_compare_net(), CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
-                           **dict(kwargs, output_dir=str(tmp_path / "b"), search_objectives=["answers"], methods=[],
-                                  refine_objective="answers_nll", import_rows=[str(tmp_path / "a" / "compare.json")]))
-    checkpoint = json.load(open(next((tmp_path / "b").rglob("refine_kl_answers_nll.json"))))
-    assert checkpoint["key"]["answer_first_weight"] == 4.0
+    for refined_by in ("answers_nll", "answers_margin"):  # the prompt objectives' refinements weigh it
+        compare_module.compare(_compare_net(), CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
+                               **dict(kwargs, output_dir=str(tmp_path / refined_by), search_objectives=["answers"],
+                                      methods=[], refine_objective=refined_by,
+                                      import_rows=[str(tmp_path / "a" / "compare.json")]))
+        checkpoint = json.load(open(next((tmp_path / refined_by).rglob(f"refine_kl_{refined_by}.json"))))
+        assert checkpoint["key"]["answer_first_weight"] == 4.0 and checkpoint["key"]["objective"] == refined_by
     with pytest.raises(ValueError, match="answer_first_weight must be a finite number > 0"):
         compare_module.compare(_compare_net(), CharTokenizer(), random_data(), rows, rows, [1], EFFICIENT,
                                **dict(kwargs, output_dir=str(tmp_path / "c"), answer_first_weight=0.0))
 
 
-def test_the_refinement_takes_a_first_answer_weight_only_for_answers_nll():
+def test_the_refinement_takes_a_first_answer_weight_only_for_the_prompt_objectives():
     from dash.refine import refine_full_layers
 
     rows = _rows()
-    with pytest.raises(ValueError, match="answer_first_weight 2.0 weights only the answers_nll objective"):
+    with pytest.raises(ValueError, match="answer_first_weight 2.0 weights only the .*answers_nll"):
         refine_full_layers(_net(), [], rows, objective="answers", answers=_answers(rows), answer_first_weight=2.0)
+
+
+def _greedy_rows(net, count=2, length=24):
+    """Rows the teacher continues greedily from random prompts: it is right at every position after the prompt, so
+    the answers_margin objective has margins to keep there (on random rows it is never right and the term is 0)."""
+    rows = torch.randint(0, 97, (count, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), net.teacher():
+        while rows.shape[1] < length:  # whole sequences: the supernet keeps no KV cache
+            logits = net.model(rows, use_cache=False).logits[:, -1]
+            rows = torch.cat([rows, logits.argmax(-1, keepdim=True)], 1)
+    return rows
+
+
+def test_the_refinement_scores_the_answers_margin_objective_as_the_search_does():
+    """The refinement's answers_margin loss of a discrete hybrid is the search's loss with that hybrid fixed: the mean
+    KL plus each prompt's mean greedy-margin shortfall from the teacher's, first position weighted, on the same rows;
+    and a refinement by it never raises it."""
+    from dash.baselines import _loss, teacher_hidden_states
+    from dash.refine import refine_full_layers
+    from dash.search import distillation_kl, next_tokens, prompt_answer_weights
+
+    net = _net()
+    rows = _greedy_rows(net)
+    answers = torch.zeros(rows.shape, dtype=torch.bool)
+    answers[:, 6:-1] = True  # the teacher's own continuation: it is right there, with margins to keep
+    head = net.model.get_output_embeddings()
+    teacher = teacher_hidden_states(net, rows)
+    hybrid = [1, 0, 2]
+    weights = prompt_answer_weights(answers, 2.0, 3.0)
+    with torch.no_grad(), net.fixed(hybrid):
+        got = _loss(net, rows, teacher, "kl", None, list(weights), margin=True)
+        kl_alone = _loss(net, rows, teacher, "kl")
+        student = net.model.base_model(rows, use_cache=False).last_hidden_state
+        want = distillation_kl(student, torch.stack(teacher), head, 7, None, next_tokens(rows).reshape(-1),
+                               weights.reshape(-1), margin=True)
+    assert got == pytest.approx(float(want), rel=1e-5)
+    assert got > kl_alone > 0  # the hybrid falls short of some of the teacher's margins
+    start = [net.candidates[i] for i in hybrid]
+    out = refine_full_layers(net, start, rows, rounds=1, objective="answers_margin", answers=answers,
+                             answer_weight=2.0, answer_first_weight=3.0)
+    assert out["searched_kl"] == pytest.approx(got, rel=1e-6) and out["kl"] <= out["searched_kl"]
+    assert sum(c.is_full for c in out["choices"]) == 1

@@ -538,13 +538,3 @@ def test_straight_through_search_runs_resumes_and_keeps_its_own_checkpoint(tmp_p
         make_search(tmp_path / "b").run(progress=False)
     with pytest.raises(ValueError, match="relaxation must be one of"):
         make_search(tmp_path / "x", relaxation="hard")
-
-
-def test_the_refinement_refuses_the_margin_objective_by_name():
-    from dash.refine import refine_full_layers
-
-    net = build_supernet(tiny_model("llama"), ["full", "swa4"])
-    rows = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="does not score the answers_margin objective"):
-        refine_full_layers(net, [net.candidates[0]] * 3, rows, objective="answers_margin",
-                           answers=torch.ones_like(rows, dtype=torch.bool))
