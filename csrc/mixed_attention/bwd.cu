@@ -70,12 +70,14 @@ void launch_bwd_mma(const BwdParams& params, float* dq_accum, int batch_heads, c
 // warpgroup and 2 wgmma warpgroups) that adds dQ (pre-scaled) into the zeroed fp32 ``dq_accum`` by atomics and
 // writes dK / dV per query head like the mma one.
 template <typename T, int D>
-void launch_bwd_wgmma(const BwdParams& params, float* dq_accum, at::ScalarType dtype, int batch_heads,
-                      cudaStream_t stream) {
+void launch_bwd_wgmma(const BwdParams& params, float* dq_accum, float* dk_accum, float* dv_accum,
+                      at::ScalarType dtype, int batch_heads, cudaStream_t stream) {
   launch_prep<T>(params, D, batch_heads, stream);
   BwdMmaParams mma_params{};
   static_cast<BwdParams&>(mma_params) = params;
   mma_params.dq_accum = dq_accum;
+  mma_params.dk_accum = dk_accum;
+  mma_params.dv_accum = dv_accum;
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
   launch_bwd_sm90(mma_params, dtype, D, batch_heads, stream);
 #else
@@ -212,8 +214,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const bool use_mma = mainloop != BwdMainloop::kWmma;
   auto dq = use_mma ? at::zeros({batch, seq, heads_q, head_dim}, f32)
                     : at::empty({batch, seq, heads_q, head_dim}, q.options());
-  auto dk = at::empty({batch, seq, heads_q, head_dim}, f32);  // per query head; summed per group below
-  auto dv = at::empty({batch, seq, heads_q, head_dim}, f32);
+  const int64_t group = heads_q / heads_kv;
+  // dK / dV in fp32: the sm90 backward adds a GQA group's query heads into [B, T, Hkv, D] by atomics; the others
+  // write them per query head, summed per group below
+  const bool kv_accum = mainloop == BwdMainloop::kSm90 && group > 1;
+  auto dk = kv_accum ? at::zeros({batch, seq, heads_kv, head_dim}, f32)
+                     : at::empty({batch, seq, heads_q, head_dim}, f32);
+  auto dv = kv_accum ? at::zeros_like(dk) : at::empty_like(dk);
 
   fill_attention_params(params, q, k, v, num_c);
   params.dy = dy.data_ptr();
@@ -234,15 +241,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const int row_tiles = static_cast<int>((seq + 63) / 64), bh = static_cast<int>(batch * heads_q);
   dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
     if (mainloop == BwdMainloop::kSm90)
-      launch_bwd_wgmma<decltype(type), decltype(dim)::value>(params, dq.data_ptr<float>(), q.scalar_type(), bh,
-                                                             stream);
+      launch_bwd_wgmma<decltype(type), decltype(dim)::value>(params, dq.data_ptr<float>(),
+                                                             kv_accum ? dk.data_ptr<float>() : nullptr,
+                                                             kv_accum ? dv.data_ptr<float>() : nullptr,
+                                                             q.scalar_type(), bh, stream);
     else if (use_mma) launch_bwd_mma<decltype(type), decltype(dim)::value>(params, dq.data_ptr<float>(), bh, stream);
     else launch_bwd<decltype(type), decltype(dim)::value>(params, row_tiles, bh, stream);
   });
   if (use_mma) dq = dq.to(q.scalar_type());
-  const int64_t group = heads_q / heads_kv;
-  auto dk_out = dk.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(k.scalar_type());
-  auto dv_out = dv.view({batch, seq, heads_kv, group, head_dim}).sum(3).to(v.scalar_type());
+  auto dk_out = (kv_accum ? dk : dk.view({batch, seq, heads_kv, group, head_dim}).sum(3)).to(k.scalar_type());
+  auto dv_out = (kv_accum ? dv : dv.view({batch, seq, heads_kv, group, head_dim}).sum(3)).to(v.scalar_type());
   return {dq, dk_out, dv_out, delta};
 }
 

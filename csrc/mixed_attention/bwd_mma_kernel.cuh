@@ -26,6 +26,10 @@ namespace dash {
 
 struct BwdMmaParams : BwdParams {
   float* dq_accum;  // [B, T, Hq, D] fp32, zeroed: dQ (already multiplied by scale) accumulates here
+  // the sm90 backward with GQA (group > 1): [B, T, Hkv, D] fp32, zeroed, where every query head of a group adds its
+  // dK (times scale) / dV by atomics, instead of dk / dv per query head summed afterwards (nullptr: per query head)
+  float* dk_accum;
+  float* dv_accum;
 };
 
 template <int D>

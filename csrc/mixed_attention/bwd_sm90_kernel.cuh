@@ -499,7 +499,8 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
     }
   }
 
-  // dK (times scale), dV: fp32, per query head, [B, T, Hq, D] (the launcher sums GQA groups)
+  // dK (times scale), dV: fp32; with GQA added by atomics into [B, T, Hkv, D] (dk_accum / dv_accum: the group's
+  // query heads sum there, in L2, instead of in a pass over per-head copies afterwards), else per query head
   Tensor dV = make_tensor(tdVrdV.data(), sm90::acc_rowcol(tdVrdV.layout()));
   Tensor dK = make_tensor(tdKrdK.data(), sm90::acc_rowcol(tdKrdK.layout()));
   Tensor cKV_part = thr_dkv.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
@@ -508,6 +509,16 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
   for (int i = 0; i < decltype(size<0>(dV))::value; ++i) {
     const int j = j0 + int(get<0>(cKV(i, 0)));
     if (j >= p.seq) continue;
+    if (p.dk_accum != nullptr) {  // block-uniform
+      const int64_t out = ((int64_t(b) * p.seq + j) * (p.heads_q / p.group) + hk) * D;
+#pragma unroll
+      for (int c2 = 0; c2 < decltype(size<1>(dV))::value / 2; ++c2) {
+        const int d = int(get<1>(cKV(i, 2 * c2)));
+        atomic_add2(p.dk_accum + out + d, dK(i, 2 * c2) * p.scale, dK(i, 2 * c2 + 1) * p.scale);
+        atomic_add2(p.dv_accum + out + d, dV(i, 2 * c2), dV(i, 2 * c2 + 1));
+      }
+      continue;
+    }
     const int64_t out = ((int64_t(b) * p.seq + j) * p.heads_q + h) * D;
 #pragma unroll
     for (int c2 = 0; c2 < decltype(size<1>(dV))::value / 2; ++c2) {
