@@ -4,6 +4,7 @@
 #   PARTS="tests bench"          which parts, in order (default: tests bench)
 #     build        the CUDA extension in place (setup.py build_ext --inplace; the tests and bench then
 #                  include backend "cuda"); a warm machine keeps it between calls   ~2 min
+#     gqa_sum      the sm90 backward's GQA dK / dV group sum by atomics against the ATen sum (after build)  ~1 min
 #     sanitize     the CUDA backend under compute-sanitizer memcheck and racecheck, small shapes  ~2 min
 #     mainloops    the CUDA backend's mainloops (CUDA_MAINLOOPS="wmma+wmma mma+mma sm90+mma sm90tma+mma sm90tma+sm90
 #                  sm90overlap+sm90 sm90pingpong+sm90",
@@ -58,6 +59,9 @@ for part in ${PARTS:-tests bench}; do
         && echo "built: $(ls dash_kernels/_C*.so)" || { echo "BUILD FAILED"; tail -30 "$OUT/build.log"; }
       grep -E "registers|spill" "$OUT/build.log" | head -8
       python -m dash_kernels | tail -3 ;;
+    gqa_sum)
+      timeout "${BENCH_TIMEOUT:-120}" python benchmarks/bench_cuda_gqa_sum.py --out "$OUT/cuda_gqa_sum.json" 2>&1 \
+        | grep -v Warn | tail -5 ;;
     sanitize)
       for tool in memcheck racecheck; do
         # instrument only our kernels (PyTorch's own would dominate the time); older tools lack the filter

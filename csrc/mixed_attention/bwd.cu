@@ -216,8 +216,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
                     : at::empty({batch, seq, heads_q, head_dim}, q.options());
   const int64_t group = heads_q / heads_kv;
   // dK / dV in fp32: the sm90 backward adds a GQA group's query heads into [B, T, Hkv, D] by atomics; the others
-  // write them per query head, summed per group below
-  const bool kv_accum = mainloop == BwdMainloop::kSm90 && group > 1;
+  // write them per query head, summed per group below (DASH_CUDA_GQA_SUM=aten: that for the sm90 one too, the
+  // baseline of benchmarks/bench_cuda_gqa_sum.py)
+  const char* gqa_sum = std::getenv("DASH_CUDA_GQA_SUM");
+  const bool kv_accum =
+      mainloop == BwdMainloop::kSm90 && group > 1 && !(gqa_sum && std::strcmp(gqa_sum, "aten") == 0);
   auto dk = kv_accum ? at::zeros({batch, seq, heads_kv, head_dim}, f32)
                      : at::empty({batch, seq, heads_q, head_dim}, f32);
   auto dv = kv_accum ? at::zeros_like(dk) : at::empty_like(dk);
