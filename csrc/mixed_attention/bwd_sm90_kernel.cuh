@@ -426,8 +426,8 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
         const float2 cb = *reinterpret_cast<const float2*>(b_r + col);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          const float p0 = exp2f(fmaf(S(i, c), p.scale_log2, -rf.x));
-          const float p1 = exp2f(fmaf(S(i, c + 1), p.scale_log2, -rf.y));
+          const float p0 = mma16::exp2_ftz(fmaf(S(i, c), p.scale_log2, -rf.x));
+          const float p1 = mma16::exp2_ftz(fmaf(S(i, c + 1), p.scale_log2, -rf.y));
           put(i, c, p0 * ca.x, p1 * ca.y, p0 * fmaf(ca.x, dP(i, c), -cb.x), p1 * fmaf(ca.y, dP(i, c + 1), -cb.y));
         }
       }
@@ -446,7 +446,7 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
             if (t < p.seq && j < p.seq && j <= t) {
               const int r = band_of(p, t - j) * (p.num_sinks + 1) + level[i];
               if (p.membership[r] != 0) {
-                const float prob = exp2f(fmaf(S(i, c + e), p.scale_log2, -sRef[r * BM + col]));
+                const float prob = mma16::exp2_ftz(fmaf(S(i, c + e), p.scale_log2, -sRef[r * BM + col]));
                 const float ca = sA[r * BM + col];
                 pa[e] = prob * ca;
                 ds[e] = prob * fmaf(ca, dP(i, c + e), -sB[r * BM + col]);

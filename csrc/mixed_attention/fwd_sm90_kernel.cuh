@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     for (int i = 0; i < 2; ++i) {
       m_new[i] = fmaxf(m[i], mma16::quad_max(mx[i]));
       empty[i] = m_new[i] == -INFINITY;  // nothing taken in yet, nor now
-      alpha[i] = empty[i] ? 1.f : exp2f(m[i] - m_new[i]);
+      alpha[i] = empty[i] ? 1.f : mma16::exp2_ftz(m[i] - m_new[i]);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
       for (int c = 0; c < NC; ++c) {
         float pe = 0.f;
         if (!empty[i] && (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))))
-          pe = exp2f(fmaf(S(i, c), p.scale_log2, -m_new[i]));
+          pe = mma16::exp2_ftz(fmaf(S(i, c), p.scale_log2, -m_new[i]));
         sum[i] += pe;
         if constexpr (kToP) P(i, c) = static_cast<Element>(pe);
         else S(i, c) = pe;
