@@ -2,12 +2,13 @@
 
 The sm90 backward adds each query head's dK / dV (fp32) into a [B, T, Hkv, D] buffer by atomics (the default),
 or (DASH_CUDA_GQA_SUM=aten, the earlier way) writes them per query head, [B, T, Hq, D], and sums each group with
-ATen afterwards. Floor of what the atomics remove, at the issue's shape (B.T 16384, Hq 16, Hkv 2, D 128): the per-head
-copies are 2 x 134 MB written by the kernel and read back by the sum, ~0.55 GB, ~0.2 ms at 3 TB/s; the atomics
+ATen afterwards. Floor of what the atomics remove, at the issue's shape (B.T 16384, Hq 16, Hkv 2, D 128): the
+per-head copies are 2 x 134 MB written by the kernel and read back by the sum, ~0.55 GB, ~0.2 ms at 3 TB/s; the atomics
 add 2 x 134 MB of reductions in L2 instead (the 33 MB accumulator fits the H100's 50 MB L2).
 
 Times the backward alone (cuda_op.mixed_attention_bwd on fixed forward outputs) with triton.testing.do_bench
-(median, twice each way, alternately; the lower of the two reported), and checks that they agree (the same sums in another order).
+(median, twice each way, alternately; the lower of the two reported), and checks that they agree (the same sums
+in another order).
 Usage: python benchmarks/bench_cuda_gqa_sum.py [--out results.json]
 """
 from __future__ import annotations

@@ -84,7 +84,7 @@ def refine_full_layers(net: Supernet, choices: Sequence[Candidate], rows: torch.
         passes += 1
     elif objective == "answers":
         weights = calibration_weights(answers, answer_weight)
-    elif objective in ("answers_nll", "answers_margin"):
+    elif objective in FIRST_WEIGHT_OBJECTIVES:  # answers_nll, answers_margin: a term per answer label
         label_weights = list(prompt_answer_weights(answers, answer_weight, answer_first_weight))
     margin = objective == "answers_margin"
 
