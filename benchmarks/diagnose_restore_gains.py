@@ -64,6 +64,9 @@ def main(argv=None):
     parser.add_argument("--retrieval-fraction", type=float, default=0.5)
     parser.add_argument("--prompts-per-row", type=int, default=1, help="with --calibration: retrieval prompts a row "
                         "(`dash compare --prompts-per-row`)")
+    parser.add_argument("--retrieval-tasks", nargs="+", default=None, metavar="TASK[:WEIGHT]", help="with "
+                        "--calibration: the retrieval rows' tasks and shares (`dash compare --retrieval-tasks`, "
+                        "explicit weights)")
     parser.add_argument("--answer-first-weights", type=float, nargs="+", default=[1.0],
                         help="with --calibration: each prompt's first answer position weighs this many of its others "
                              "in the answers_nll / answers_margin objectives (`--answer-first-weight`), one score each")
@@ -143,8 +146,11 @@ def score_calibration(net, tokenizer, hybrids, args):
                              prompt_answer_weights)
 
     seq_len = args.seq_len
+    from dash.data import parse_retrieval_tasks
+
     made = comparison_data(tokenizer, seq_len, 12_300_000, args.retrieval_fraction, args.calibration_tokens,
-                           device=args.device, prompts_per_row=args.prompts_per_row)
+                           device=args.device, prompts_per_row=args.prompts_per_row,
+                           retrieval_tasks=parse_retrieval_tasks(args.retrieval_tasks, name="--retrieval-tasks"))
     rows, answers = made["calibration"], made["answers"]
     if answers is None or not bool(answers.any()):
         raise SystemExit("--calibration needs retrieval rows among the calibration rows (--retrieval-fraction > 0)")

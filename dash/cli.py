@@ -22,6 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CPU_DEFAULT_TOKENS = 16_384  # a smoke-sized search that finishes in minutes on a laptop CPU
 RETRIEVAL_FRACTION = 0.5  # default share of retrieval rows in the search's (and the selectors') data
 PROMPTS_PER_ROW = 1  # default retrieval prompts in a retrieval row (dash.data.retrieval_rows)
+SOLVED_SAMPLES = 8  # --retrieval-tasks solved: the teacher's greedy answers per task
 
 
 def _search_parser(sub):
@@ -63,6 +64,10 @@ def _search_parser(sub):
                    "0: the text alone, for objectives other than answers and answers_nll)")
     p.add_argument("--prompts-per-row", type=int, help="retrieval prompts in each retrieval row, each in a slot "
                    f"of seq_len / n tokens (dash.data.retrieval_rows; default {PROMPTS_PER_ROW}: one a row)")
+    p.add_argument("--retrieval-tasks", nargs="+", metavar="TASK[:WEIGHT]", help="the RULER-style tasks of the "
+                   "retrieval rows, each with its share of the prompts (default: every task, in turn); 'solved': "
+                   "the tasks the teacher answers on training prompts, weighted by its score on them "
+                   f"({SOLVED_SAMPLES} greedy answers each; dash.ruler.teacher_task_weights)")
     p.add_argument("--init", choices=list(INITS), help="where the logits start (default budget: every layer at "
                    "the budget's mix of candidates, e.g. p(full) = K / L; uniform: equal logits)")
     p.add_argument("--relaxation", choices=list(RELAXATIONS), help="what a step's forward computes (default "
@@ -138,12 +143,22 @@ def resolve_search_settings(args) -> dict:
     settings.setdefault("prompts_per_row", PROMPTS_PER_ROW)
     known = {f.name for f in fields(SearchConfig)} | {"model", "data", "candidates", "per_kv_group", "seq_len",
                                                        "output", "device", "dtype", "bank", "retrieval_fraction",
-                                                       "prompts_per_row"}
+                                                       "prompts_per_row", "retrieval_tasks"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; known: {sorted(known)}")
     if settings["dtype"] not in DTYPES:
         raise SystemExit(f"dtype must be one of {list(DTYPES)}, got {settings['dtype']!r}")
+    tasks = settings.get("retrieval_tasks")
+    if tasks is not None:  # checked before the model loads
+        from .data import parse_retrieval_tasks
+
+        settings["retrieval_tasks"] = tasks = [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
+        if tasks != ["solved"]:
+            try:
+                parse_retrieval_tasks(tasks, name="--retrieval-tasks")
+            except ValueError as error:
+                raise SystemExit(str(error)) from None
     return settings
 
 
@@ -157,10 +172,37 @@ def _load_bank_if_needed(net, settings: dict) -> None:
                          "--bank <dir>")
 
 
+def retrieval_task_weights(specs, model, tokenizer, seq_len: int, prompts_per_row: int, fraction: float,
+                           seed: int, progress: bool = True):
+    """``--retrieval-tasks`` as ``dash.data.retrieval_rows`` takes it: None (every task), {task: weight}, or for
+    ``solved`` the teacher's scores on training prompts as long as the rows' middle prompt (half a slot)."""
+    from .data import parse_retrieval_tasks
+    from .ruler import teacher_task_weights
+
+    if specs is None or fraction == 0:
+        return None
+    if isinstance(specs, str):
+        specs = [specs]
+    if "solved" not in specs:
+        try:
+            return parse_retrieval_tasks(specs, name="--retrieval-tasks")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    if len(specs) != 1:
+        raise SystemExit(f"--retrieval-tasks: 'solved' stands alone, got {list(specs)}")
+    length = max(128, seq_len // prompts_per_row // 2)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    try:
+        return teacher_task_weights(model, tokenizer, length, SOLVED_SAMPLES, seed=seed, progress=progress,
+                                    batch_size=SOLVED_SAMPLES if on_gpu else 1)
+    except ValueError as error:
+        raise SystemExit(f"--retrieval-tasks solved: {error}") from None
+
+
 def run_search(settings: dict, progress: bool = True) -> dict:
     import yaml
 
-    from .data import add_retrieval_rows, default_data, pack, read_documents
+    from .data import add_retrieval_rows, default_data, format_retrieval_tasks, pack, read_documents
     from .models import load_model
     from .search import Search
     from .supernet import build_supernet
@@ -177,7 +219,14 @@ def run_search(settings: dict, progress: bool = True) -> dict:
         data = pack(read_documents(settings["data"]), tokenizer, seq_len, seed=seed)
     else:
         data = default_data(tokenizer, seq_len, min(tokens, 2_000_000), seed=seed)
-    data = add_retrieval_rows(data, tokenizer, settings["retrieval_fraction"], seed=seed,
+    task_weights = retrieval_task_weights(settings.get("retrieval_tasks"), model, tokenizer, seq_len,
+                                          settings["prompts_per_row"], settings["retrieval_fraction"], seed,
+                                          progress=progress)
+    if settings.get("retrieval_tasks") == ["solved"]:
+        print(f"--retrieval-tasks solved: {' '.join(format_retrieval_tasks(task_weights))}", file=sys.stderr)
+        with open(os.path.join(settings["output"], "config.yaml"), "w") as f:  # the weights the data were made with
+            yaml.safe_dump({**settings, "retrieval_task_weights": task_weights}, f, sort_keys=True)
+    data = add_retrieval_rows(data, tokenizer, settings["retrieval_fraction"], seed=seed, tasks=task_weights,
                               prompts_per_row=settings["prompts_per_row"])
     data_s = time.perf_counter() - started
     net = build_supernet(model, settings.get("candidates"), per_kv_group=bool(settings.get("per_kv_group")))
@@ -332,6 +381,9 @@ def _compare_parser(sub):
                    "a run with another one searches again and keeps the selectors' rows")
     p.add_argument("--prompts-per-row", type=int, default=PROMPTS_PER_ROW, help="retrieval prompts in each "
                    "retrieval row of the search's and the calibration's data (as for `dash search`)")
+    p.add_argument("--retrieval-tasks", nargs="+", default=None, metavar="TASK[:WEIGHT]", help="the tasks of the "
+                   "retrieval rows of the search's and the calibration's data, with their shares, or 'solved' (as "
+                   "for `dash search`; resolved once, before any shard starts, and recorded as explicit weights)")
     p.add_argument("--refine-rounds", type=int, default=2, help="also score DASH's hybrid refined by this many "
                    "rounds of full-layer swaps that lower the search's own objective on the calibration rows "
                    "(dash.refine), as the row dash_refined; 0: off")
@@ -402,6 +454,7 @@ def _shard_arguments(args) -> list:
                         ("--search-answer-weight", args.search_answer_weight),
                         ("--answer-first-weight", args.answer_first_weight),
                         ("--prompts-per-row", args.prompts_per_row),
+                        ("--retrieval-tasks", args.retrieval_tasks),
                         ("--import-rows", args.import_rows),
                         ("--finetune-lr", args.finetune_lr), ("--dtype", args.dtype), ("--seed", args.seed)]:
         if value is not None:
@@ -411,13 +464,45 @@ def _shard_arguments(args) -> list:
 
 def _data_settings(args) -> dict:
     return {"retrieval_fraction": args.retrieval_fraction, "calibration_tokens": args.calibration_tokens,
-            "answer_weight": args.answer_weight, "prompts_per_row": args.prompts_per_row}
+            "answer_weight": args.answer_weight, "prompts_per_row": args.prompts_per_row,
+            "retrieval_tasks": args.retrieval_tasks}
+
+
+def _resolve_compare_tasks(args, model=None, tokenizer=None) -> None:
+    """``args.retrieval_tasks`` as explicit ``task:weight`` specs (None: every task in turn), so that every shard
+    builds the same rows and the table records the mix: 'solved' asks the teacher once (loaded here on the first
+    device unless given)."""
+    from .data import format_retrieval_tasks, parse_retrieval_tasks
+    from .models import load_model
+
+    if args.retrieval_tasks is None:
+        return
+    if args.retrieval_tasks != ["solved"]:
+        if "solved" in args.retrieval_tasks:
+            raise SystemExit(f"--retrieval-tasks: 'solved' stands alone, got {args.retrieval_tasks}")
+        try:
+            weights = parse_retrieval_tasks(args.retrieval_tasks, name="--retrieval-tasks")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    else:
+        device = args.devices[0] if args.devices else args.device
+        on_gpu = device.startswith("cuda")
+        if model is None:
+            model, tokenizer = load_model(args.model, device=device,
+                                          dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
+        seq_len = args.seq_len or (4096 if on_gpu else 1024)
+        weights = retrieval_task_weights(["solved"], model, tokenizer, seq_len, args.prompts_per_row,
+                                         args.retrieval_fraction, args.seed, progress=not args.no_progress)
+        if weights is not None:
+            print(f"--retrieval-tasks solved: {' '.join(format_retrieval_tasks(weights))}", file=sys.stderr)
+    args.retrieval_tasks = format_retrieval_tasks(weights)
 
 
 def run_compare(args) -> dict:
     from .baselines import METHODS
     from .candidates import Candidate
     from .compare import compare, comparison_candidates, comparison_data, run_sharded, search_settings
+    from .data import parse_retrieval_tasks
     from .models import load_model
     from .supernet import build_supernet
 
@@ -428,6 +513,7 @@ def run_compare(args) -> dict:
     if args.devices:
         if args.skip_dash:
             raise SystemExit("--skip-dash is for one shard; --devices plans the shards itself")
+        _resolve_compare_tasks(args)
         os.makedirs(args.output, exist_ok=True)
         settings = {"lengths": args.lengths, "tasks": args.tasks, "finetune_tokens": args.finetune_tokens,
                     "finetune_rank": args.finetune_rank, "finetune_lr": args.finetune_lr, "samples": args.samples,
@@ -444,8 +530,10 @@ def run_compare(args) -> dict:
     model, tokenizer = load_model(args.model, device=args.device,
                                   dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
     search_tokens = args.search_tokens or (12_300_000 if on_gpu else CPU_DEFAULT_TOKENS)
+    _resolve_compare_tasks(args, model, tokenizer)
     made = comparison_data(tokenizer, seq_len, search_tokens, args.retrieval_fraction, args.calibration_tokens,
-                           args.seed, args.device, prompts_per_row=args.prompts_per_row)
+                           args.seed, args.device, prompts_per_row=args.prompts_per_row,
+                           retrieval_tasks=parse_retrieval_tasks(args.retrieval_tasks))
     data, calibration, answers, heldout = made["data"], made["calibration"], made["answers"], made["heldout"]
     context = int(getattr(model.config, "max_position_embeddings", 8192))
     candidates = args.candidates

@@ -149,11 +149,12 @@ EVALUATION_SETTINGS = ("lengths", "tasks", "samples", "eval_batch")
 # files written before these were recorded
 LEGACY_DEFAULTS = {"eval_batch": 1, "finetune_tokens": 0, "seed": 0, "search_init": "uniform", "search_lr": 0.05,
                    "retrieval_fraction": 0.0, "calibration_tokens": 16384, "answer_weight": 1.0,
-                   "search_answer_weight": None, "prompts_per_row": 1, "answer_first_weight": 1.0}
+                   "search_answer_weight": None, "prompts_per_row": 1, "answer_first_weight": 1.0,
+                   "retrieval_tasks": None}
 # how the refinement runs (files without refine_objective refined by the search's own objective)
 LEGACY_REFINE = {"refine_rounds": 0, "refine_objective": None}
 # what the search and the selectors learn from: other data, everything is selected again
-DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight", "prompts_per_row")
+DATA_SETTINGS = ("retrieval_fraction", "calibration_tokens", "answer_weight", "prompts_per_row", "retrieval_tasks")
 
 
 def search_settings(answer_weight: Optional[float] = None, answer_first_weight: float = 1.0) -> Dict:
@@ -253,15 +254,18 @@ def _finetune_folder(tokens: int, rank: int, lr: float, seed: int) -> str:
 
 
 def comparison_data(tokenizer, seq_len: int, search_tokens: int, retrieval_fraction: float, calibration_tokens: int,
-                    seed: int = 0, device: str = "cpu", prompts_per_row: int = 1) -> Dict:
+                    seed: int = 0, device: str = "cpu", prompts_per_row: int = 1,
+                    retrieval_tasks: Optional[Dict[str, float]] = None) -> Dict:
     """The data of `dash compare`, built as every run of it builds them: ``data`` (the searches' rows, default corpus
-    plus retrieval rows of ``prompts_per_row`` prompts each), ``calibration`` (the first ``calibration_tokens`` of
-    its rows, on ``device``: the scoring selectors' and the refinement's), ``answers`` (their answer mask, or None) and ``heldout`` (32K tokens of
+    plus retrieval rows of ``prompts_per_row`` prompts each, of the tasks ``retrieval_tasks`` {task: weight} or,
+    None, of every task), ``calibration`` (the first ``calibration_tokens`` of its rows, on ``device``: the scoring
+    selectors' and the refinement's), ``answers`` (their answer mask, or None) and ``heldout`` (32K tokens of
     held-out rows: the perplexity). Scripts that score hybrids as the comparison does use these same rows."""
     from .data import add_retrieval_rows, default_data
 
     data = default_data(tokenizer, seq_len, min(search_tokens, 2_000_000), seed=seed, heldout_fraction=0.1)
-    data = add_retrieval_rows(data, tokenizer, retrieval_fraction, seed=seed, prompts_per_row=prompts_per_row)
+    data = add_retrieval_rows(data, tokenizer, retrieval_fraction, seed=seed, prompts_per_row=prompts_per_row,
+                              tasks=retrieval_tasks)
     rows = torch.arange(min(data.train.shape[0], max(1, calibration_tokens // seq_len)))
     answers = data.answers(rows).to(device) if data.train_answers is not None else None
     return {"data": data, "calibration": data.train[rows].to(device), "answers": answers,

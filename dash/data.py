@@ -16,10 +16,11 @@ KL over the text does not (benchmarks/NOTES.md, session 9). ``dash.search``'s ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -207,8 +208,51 @@ RETRIEVAL_SEED_OFFSET = 1000  # retrieval rows draw samples at seed + this; `das
 ANSWER_ROOM = 96  # tokens kept after a retrieval prompt for its answer (cwe's ten words need the most)
 
 
+def parse_retrieval_tasks(specs: Optional[Sequence[str]], name: str = "retrieval tasks") -> Optional[Dict[str, float]]:
+    """``--retrieval-tasks`` specs, each ``task`` or ``task:weight``, as {task: weight} (None: every task, in turn).
+    A weight is the task's share of the retrieval prompts relative to the others' (a bare task weighs 1); a task of
+    weight 0 is left out. Errors begin with ``name`` (the argument's, e.g. ``--retrieval-tasks``)."""
+    from .ruler import TASKS
+
+    if not specs:
+        return None
+    weights: Dict[str, float] = {}
+    for spec in specs:
+        task, sep, value = str(spec).partition(":")
+        if task not in TASKS:
+            raise ValueError(f"{name}: unknown task {task!r} in {spec!r}; known: {list(TASKS)}")
+        if task in weights:
+            raise ValueError(f"{name}: {task!r} is named twice")
+        try:
+            weight = float(value) if sep else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"{name}: the weight of {spec!r} must be a finite number >= 0 (task:weight)")
+        weights[task] = weight
+    if not any(weights.values()):
+        raise ValueError(f"{name}: every weight is 0 in {list(specs)}")
+    return weights
+
+
+def format_retrieval_tasks(weights: Optional[Mapping[str, float]]) -> Optional[List[str]]:
+    """The specs ``parse_retrieval_tasks`` reads back as ``weights`` (a recorded setting, a shard's arguments)."""
+    return None if weights is None else [f"{task}:{weight:g}" for task, weight in weights.items()]
+
+
+def _shares(total: int, weights: Sequence[float]) -> List[int]:
+    """``total`` split in proportion to ``weights`` by largest remainders (ties: the earlier one)."""
+    whole = sum(weights)
+    exact = [total * w / whole for w in weights]
+    shares = [int(math.floor(x)) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[:total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int], *, seed: int = 0,
-                   tasks: Optional[Sequence[str]] = None, prompts_per_row: int = 1):
+                   tasks: Union[None, Sequence[str], Mapping[str, float]] = None, prompts_per_row: int = 1):
     """``count`` rows of ``seq_len`` tokens, each a RULER-style prompt, its answers (joined by commas,
     teacher-forced), EOS, then ``filler_ids`` (natural text, from a seeded offset) to the end; and the [count, T]
     mask of the positions that predict an answer token. Tasks take turns (default: every task of ``dash.ruler``
@@ -220,13 +264,21 @@ def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int
     each a prompt whose length takes those turns relative to the slot (a quarter, a half, the slot less
     ``ANSWER_ROOM``), its answers, EOS and filler to the slot's end: ``count * n`` prompts, and n runs of answer
     positions in every row (``dash.search.prompt_answer_weights`` counts each run as a prompt). More prompts for
-    the same tokens: a short answer (a passkey's first token) is not outweighed by a few long ones."""
+    the same tokens: a short answer (a passkey's first token) is not outweighed by a few long ones.
+
+    ``tasks`` a mapping {task: weight} (``parse_retrieval_tasks``): each task's share of the prompts is in
+    proportion to its weight (largest remainders), split evenly over the lengths its prompt fits; e.g. the tasks
+    the teacher answers, weighted by how often (``dash.ruler.teacher_task_weights``)."""
     from .ruler import TASKS, generate_samples
 
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     if isinstance(prompts_per_row, bool) or not isinstance(prompts_per_row, int) or prompts_per_row < 1:
         raise ValueError(f"prompts_per_row must be an integer >= 1, got {prompts_per_row!r}")
+    weights = dict(tasks) if isinstance(tasks, Mapping) else None
+    if weights is not None:
+        parse_retrieval_tasks([f"{t}:{w}" for t, w in weights.items()])  # the same checks as the specs'
+        tasks = [t for t, w in weights.items() if w > 0]
     tasks = list(TASKS if tasks is None else tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -257,9 +309,18 @@ def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int
                          + (f" (slots of {slot} tokens: prompts_per_row {prompts_per_row})"
                             if prompts_per_row > 1 else ""))
     total = count * prompts_per_row
+    if weights is None:  # tasks and lengths in turn
+        per_kind = [total // len(kinds) + (i < total % len(kinds)) for i in range(len(kinds))]
+    else:
+        fitting = [t for t in tasks if any(task == t for task, _ in kinds)]
+        per_task = dict(zip(fitting, _shares(total, [weights[t] for t in fitting])))
+        per_kind = []
+        for task, length in kinds:
+            mine = [n for t, n in kinds if t == task]
+            i = mine.index(length)
+            per_kind.append(per_task[task] // len(mine) + (i < per_task[task] % len(mine)))
     samples = []
-    for i, (task, length) in enumerate(kinds):
-        n = total // len(kinds) + (i < total % len(kinds))
+    for n, (task, length) in zip(per_kind, kinds):
         samples.extend(generate_samples(tokenizer, task, length, n, seed_of_samples, words=words) if n else [])
     rng = random.Random(seed)
     rng.shuffle(samples)
@@ -281,7 +342,8 @@ def retrieval_rows(tokenizer, seq_len: int, count: int, filler_ids: Sequence[int
 
 
 def add_retrieval_rows(data: PackedData, tokenizer, fraction: float, *, seed: int = 0,
-                       tasks: Optional[Sequence[str]] = None, prompts_per_row: int = 1) -> PackedData:
+                       tasks: Union[None, Sequence[str], Mapping[str, float]] = None,
+                       prompts_per_row: int = 1) -> PackedData:
     """``data`` with retrieval rows (``retrieval_rows``, ``prompts_per_row`` prompts each) making up ``fraction``
     of its training rows, shuffled in (seeded); the held-out rows stay as they are (perplexity is measured on
     text). Filler: the data's own text."""

@@ -346,6 +346,36 @@ def evaluate(model, tokenizer, lengths: Sequence[int], tasks: Sequence[str] = TA
             "average": sum(per_length.values()) / len(per_length), "records": records}
 
 
+def teacher_task_weights(model, tokenizer, length: int, num_samples: int = 8, seed: int = 0,
+                         tasks: Sequence[str] = TASKS, progress: bool = True, batch_size: int = 1) -> Dict[str, float]:
+    """{task: the model's RULER score} on ``num_samples`` greedy answers at ``length`` tokens, for the tasks it
+    answers at all (score > 0): the weights of a retrieval mix of what the teacher can do
+    (``dash.data.retrieval_rows(tasks=...)``, ``--retrieval-tasks solved``). A prompt the teacher answers wrongly
+    teaches a hybrid only to repeat the mistake. The prompts are the training rows' (seed ``seed +
+    RETRIEVAL_SEED_OFFSET``), not the evaluation's; a task whose prompt does not fit ``length`` is left out."""
+    from .data import RETRIEVAL_SEED_OFFSET
+
+    def fits(task):  # as evaluate makes its prompts: the answer budget inside the length
+        try:
+            generate_samples(tokenizer, task, length - MAX_NEW_TOKENS.get(task, 32), 1, seed + RETRIEVAL_SEED_OFFSET)
+            return True
+        except ValueError:
+            return False
+
+    fitting = [task for task in tasks if fits(task)]
+    if not fitting:
+        raise ValueError(f"no prompt of the tasks {list(tasks)} fits {length} tokens: use longer rows")
+    tasks = fitting
+    result = evaluate(model, tokenizer, [length], tasks, num_samples, seed=seed + RETRIEVAL_SEED_OFFSET,
+                      progress=progress, batch_size=batch_size)
+    weights = {task: round(result["scores"][task][length], 4) for task in tasks}
+    weights = {task: weight for task, weight in weights.items() if weight > 0}
+    if not weights:
+        raise ValueError(f"the teacher answers none of the tasks {list(tasks)} at {length} tokens ({num_samples} "
+                         "prompts each): name the retrieval tasks instead of 'solved'")
+    return weights
+
+
 def markdown_table(result: Dict) -> str:
     lengths = result["lengths"]
     lines = ["| task | " + " | ".join(str(n) for n in lengths) + " |", "| --- |" + " --- |" * len(lengths)]

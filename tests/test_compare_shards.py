@@ -3,6 +3,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from dash.baselines import METHODS
 from dash.compare import dash_method, merge_shard_rows, plan_shards, resume_rows, run_sharded, search_settings
@@ -275,3 +276,36 @@ def test_a_first_answer_weight_searches_again_and_other_prompts_a_row_select_aga
     (tmp_path / "a" / "compare.json").write_text(json.dumps({"rows": rows, **base, **before}))
     assert [r["method"] for r in merge_shard_rows([str(tmp_path / "a")], search_settings(None, 4.0))] == ["first"]
     assert [r["method"] for r in merge_shard_rows([str(tmp_path / "a")])] == everything
+
+
+def test_a_retrieval_task_mix_is_resolved_once_and_every_shard_builds_it(tmp_path, monkeypatch):
+    """--retrieval-tasks: explicit task:weight specs reach every shard; 'solved' asks the teacher once, in the
+    parent, and the shards and the table get its weights; a table of another mix is selected again."""
+    import dash.ruler as ruler
+    from dash.cli import _data_settings, _resolve_compare_tasks, _shard_arguments, build_parser
+
+    parser = build_parser()
+    parent = parser.parse_args(["compare", "--devices", "cpu", "--retrieval-tasks", "passkey:2", "niah_single_1"])
+    _resolve_compare_tasks(parent)
+    shard = parser.parse_args(["compare", *_shard_arguments(parent), "--budgets", "3", "--skip-dash"])
+    assert shard.retrieval_tasks == parent.retrieval_tasks == ["passkey:2", "niah_single_1:1"]
+    asked = []
+    monkeypatch.setattr(ruler, "teacher_task_weights",
+                        lambda model, tok, length, n, seed=0, **_: asked.append((length, n, seed))
+                        or {"passkey": 0.875, "niah_single_1": 1.0})
+    solved = parser.parse_args(["compare", "--devices", "cpu", "--retrieval-tasks", "solved", "--seq-len", "2048",
+                                "--seed", "3"])
+    _resolve_compare_tasks(solved, model=torch.nn.Linear(1, 1), tokenizer=object())
+    assert asked == [(1024, 8, 3)]  # half a 2K row (one prompt a row), 8 prompts a task, the run's seed
+    assert solved.retrieval_tasks == ["passkey:0.875", "niah_single_1:1"]
+    assert _data_settings(solved)["retrieval_tasks"] == ["passkey:0.875", "niah_single_1:1"]
+    for bad, message in ((["solved", "vt"], "'solved' stands alone"), (["qa"], "unknown task 'qa'")):
+        with pytest.raises(SystemExit, match=f"--retrieval-tasks: {message}"):
+            _resolve_compare_tasks(parser.parse_args(["compare", "--retrieval-tasks", *bad]))
+    rows = [{"method": m, "budget": 3, "seed": None, "choice": [], "cost": {}} for m in ("dash", "first")]
+    base = {"lengths": [64], "tasks": ["vt"], "samples": 1, "seed": 0, "eval_batch": 1, "finetune_tokens": 0,
+            "candidates": None, "refine_rounds": 0, **search_settings()}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"rows": rows, **base}))  # made before the mix was recorded: every task in turn
+    assert [r["method"] for r in resume_rows(str(old), dict(base, retrieval_tasks=None))[0]] == ["dash", "first"]
+    assert resume_rows(str(old), dict(base, retrieval_tasks=solved.retrieval_tasks)) == ([], {})

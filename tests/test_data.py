@@ -1,5 +1,6 @@
 """Retrieval rows (dash.data.retrieval_rows): one prompt a row as before, several with prompts_per_row; errors."""
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -135,3 +136,61 @@ def test_bad_prompts_per_row_are_named(tokenizer):
     with pytest.raises(ValueError, match=r"no retrieval prompt of at most 85 tokens \(slots of 170 tokens: "
                                          "prompts_per_row 2"):  # cwe's list alone is longer
         retrieval_rows(tokenizer, 2 * 170, 2, text, tasks=["cwe"], prompts_per_row=2)
+
+
+def test_a_weighted_task_mix_shares_the_prompts_by_weight(tokenizer):
+    """tasks={task: weight}: each task's share of the prompts follows its weight (largest remainders), split evenly
+    over the lengths its prompt fits; a task of weight 0 is left out; the rows are as deterministic as before."""
+    from dash.ruler import generate_samples as samples_of
+
+    text = filler()
+    seq_len, count, n = 512, 12, 2
+    weights = {"passkey": 3.0, "niah_single_1": 1.0, "vt": 0.0}
+    ids, mask = retrieval_rows(tokenizer, seq_len, count, text, seed=1, tasks=weights, prompts_per_row=n)
+    again = retrieval_rows(tokenizer, seq_len, count, text, seed=1, tasks=weights, prompts_per_row=n)
+    assert torch.equal(ids, again[0]) and torch.equal(mask, again[1])
+    # which task each prompt is: the prompts retrieval_rows draws, recognised by their text in the row
+    words = vocabulary_words(tokenizer)
+    slot = seq_len // n
+    lengths = sorted({x for x in (slot // 4, slot // 2, slot - ANSWER_ROOM) if x >= 64})
+    found = Counter()
+    for task in weights:
+        for length in lengths:
+            try:
+                drawn = samples_of(tokenizer, task, length, count * n, 1 + RETRIEVAL_SEED_OFFSET, words=words)
+            except ValueError:  # the task's question alone is longer
+                drawn = []
+            for sample in drawn:
+                head = torch.tensor(tokenizer(sample.prompt, add_special_tokens=False)["input_ids"])
+                for row in range(count):
+                    for k in range(n):
+                        if torch.equal(ids[row, k * slot:k * slot + head.numel()], head):
+                            found[task, length] += 1
+    per_task = Counter()
+    for (task, _), m in found.items():
+        per_task[task] += m
+    assert per_task == {"passkey": 18, "niah_single_1": 6}  # 24 prompts, 3 : 1, no vt
+    for task, total in per_task.items():  # evenly over the lengths that fit
+        assert sorted(found[task, length] for length in lengths) == [total // len(lengths)] * len(lengths)
+    assert sum(len(runs(mask[row])) for row in range(count)) == count * n
+    plain = retrieval_rows(tokenizer, seq_len, count, text, seed=1, tasks=["passkey", "niah_single_1"],
+                           prompts_per_row=n)
+    assert not torch.equal(plain[0], ids)  # a list takes tasks in turn: 1 : 1
+
+
+def test_retrieval_task_specs_parse_and_bad_ones_are_named():
+    from dash.data import format_retrieval_tasks, parse_retrieval_tasks
+
+    assert parse_retrieval_tasks(None) is None and parse_retrieval_tasks([]) is None
+    weights = parse_retrieval_tasks(["passkey:2.5", "niah_single_1", "vt:0"])
+    assert weights == {"passkey": 2.5, "niah_single_1": 1.0, "vt": 0.0}
+    assert parse_retrieval_tasks(format_retrieval_tasks(weights)) == weights
+    for bad, message in ((["qa"], "unknown task 'qa'"), (["passkey:-1"], "must be a finite number >= 0"),
+                         (["passkey:inf"], "must be a finite number >= 0"), (["passkey:two"], "finite number"),
+                         (["vt", "vt:2"], "'vt' is named twice"), (["vt:0"], "every weight is 0")):
+        with pytest.raises(ValueError, match="^--retrieval-tasks: "):
+            parse_retrieval_tasks(bad, name="--retrieval-tasks")
+        with pytest.raises(ValueError, match=message):
+            parse_retrieval_tasks(bad)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        retrieval_rows(TextTokenizer(), 512, 2, filler(), tasks={"passkey": -1.0})

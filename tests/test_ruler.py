@@ -112,3 +112,28 @@ def test_batched_evaluation_matches_one_by_one_where_nothing_is_filled(tiny_word
     samples = ruler.generate_samples(CharTokenizer(), task, 700 - ruler.MAX_NEW_TOKENS.get(task, 32), 3, 0)
     longest = max(range(3), key=lambda i: len(CharTokenizer()(samples[i].prompt)["input_ids"]))
     assert together["records"][longest]["prediction"] == alone["records"][longest]["prediction"]
+
+
+def test_teacher_task_weights_keep_what_the_teacher_answers_on_training_prompts(tiny_words, monkeypatch):
+    """The weights are the teacher's scores on the training rows' prompts (seed + RETRIEVAL_SEED_OFFSET, not the
+    evaluation's), tasks it never answers left out; a teacher that answers nothing is a clear error."""
+    import dash.ruler as ruler
+    from dash.data import RETRIEVAL_SEED_OFFSET
+    from test_supernet import tiny_model
+
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096
+    with pytest.raises(ValueError, match="the teacher answers none of the tasks \\['passkey'\\] at 300 tokens"):
+        ruler.teacher_task_weights(model, CharTokenizer(), 300, 1, tasks=["passkey"], progress=False)
+    seen = {}
+
+    def scored(model, tokenizer, lengths, tasks, num_samples, seed=0, progress=True, batch_size=1):
+        seen.update(lengths=lengths, num_samples=num_samples, seed=seed)
+        return {"scores": {t: {lengths[0]: {"passkey": 0.875, "niah_single_1": 1.0}.get(t, 0.0)} for t in tasks}}
+
+    monkeypatch.setattr(ruler, "evaluate", scored)
+    weights = ruler.teacher_task_weights(model, CharTokenizer(), 512, 8, seed=2, progress=False)
+    assert weights == {"niah_single_1": 1.0, "passkey": 0.875}
+    assert seen == {"lengths": [512], "num_samples": 8, "seed": 2 + RETRIEVAL_SEED_OFFSET}
+    with pytest.raises(ValueError, match="no prompt of the tasks \\['cwe'\\] fits 128 tokens"):
+        ruler.teacher_task_weights(model, CharTokenizer(), 128, 1, tasks=["cwe"], progress=False)

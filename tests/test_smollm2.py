@@ -110,6 +110,24 @@ def test_cli_search_end_to_end_and_resume(tmp_path):
     assert json.load(open(tmp_path / "summary.json"))["probabilities"] == summary["probabilities"]
 
 
+def test_cli_search_with_a_weighted_retrieval_mix(tmp_path):
+    """--retrieval-tasks task:weight: checked before the model loads, recorded, and the search runs on those rows."""
+    import yaml
+
+    from dash.cli import main
+
+    with pytest.raises(SystemExit, match="--retrieval-tasks: unknown task 'qa'"):
+        main(["search", "--retrieval-tasks", "qa", "--output", str(tmp_path / "bad"), "--no-progress"])
+    assert not (tmp_path / "bad").exists()
+    args = ["search", "--tokens", "512", "--seq-len", "256", "--candidates", "full", "swa64", "--budget", "10",
+            "--objective", "answers_margin", "--retrieval-tasks", "passkey:3", "niah_single_1",
+            "--output", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 0
+    assert yaml.safe_load(open(tmp_path / "run" / "config.yaml"))["retrieval_tasks"] == ["passkey:3", "niah_single_1"]
+    with pytest.raises(ValueError, match="other training data"):  # another mix, other rows: not resumed
+        main(args[:-5] + ["niah_single_1", "--output", str(tmp_path / "run"), "--no-progress"])
+
+
 def test_cli_export_and_eval_after_search(tmp_path):
     import json
 
