@@ -118,12 +118,13 @@ def test_cuda_kernels_keep_the_triton_contract(name):
 
 
 @pytest.mark.skipif(not cuda_extension_available(), reason="dash_kernels._C not built")
+@pytest.mark.parametrize("variant", ["sm90", "sm90lean"])
 @pytest.mark.parametrize("name", ["dash_set_T1000_fp16_d128", "no_full_T3001_bf16", "eight_candidates_T2000",
                                   "t17_d64", "qwen_T8192_bf16"])
-def test_cuda_sm90_backward_matches_mma(name, monkeypatch):
-    """DASH_CUDA_BWD=sm90 (the Hopper wgmma backward) against DASH_CUDA_BWD=mma on the same forward outputs: the
-    same math in another order of fp32 sums, so they agree far below bf16's plain error; and it must have run
-    (no fallback warning). Skipped off sm_90 and where the build has no CuTe headers."""
+def test_cuda_sm90_backward_matches_mma(name, variant, monkeypatch):
+    """DASH_CUDA_BWD=sm90 / sm90lean (the Hopper wgmma backward) against DASH_CUDA_BWD=mma on the same forward
+    outputs: the same math in another order of fp32 sums, so they agree far below bf16's plain error; and it must
+    have run (no fallback warning). Skipped off sm_90 and where the build has no CuTe headers."""
     import warnings
 
     from dash_kernels.ops.mixed_attention import cuda_op
@@ -140,7 +141,7 @@ def test_cuda_sm90_backward_matches_mma(name, monkeypatch):
         _, o, lse = cuda_op.mixed_attention_fwd(q, k, v, w, plan, scale)
         monkeypatch.setenv("DASH_CUDA_BWD", "mma")
         want = cuda_op.mixed_attention_bwd(dy, q, k, v, w, o, lse, plan, scale)
-        monkeypatch.setenv("DASH_CUDA_BWD", "sm90")
+        monkeypatch.setenv("DASH_CUDA_BWD", variant)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -152,7 +153,7 @@ def test_cuda_sm90_backward_matches_mma(name, monkeypatch):
     torch.cuda.synchronize()
     assert not [c for c in caught if "sm90 backward" in str(c.message)], "the sm90 backward fell back"
     errors = {label: rel_err(a, b) for label, a, b in zip(("dq", "dk", "dv", "delta"), got, want)}
-    print(name, "sm90 vs mma", {key: f"{value:.2e}" for key, value in errors.items()}, flush=True)
+    print(name, variant, "vs mma", {key: f"{value:.2e}" for key, value in errors.items()}, flush=True)
     assert all(value < 1e-2 for value in errors.values()), errors
 
 

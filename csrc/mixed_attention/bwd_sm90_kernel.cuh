@@ -163,7 +163,9 @@ __device__ __forceinline__ void wait_or_trap(TryWait&& try_wait, const char* wha
 
 }  // namespace sm90
 
-template <typename T, int D, typename TmaQ, typename TmaK>
+// kLean (DASH_CUDA_BWD=sm90lean): the coefficient copies count their row blocks instead of dividing by the region
+// count (issue_coef below); otherwise the same kernel.
+template <typename T, int D, bool kLean, typename TmaQ, typename TmaK>
 __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_bwd_sm90_kernel(
     const __grid_constant__ BwdMmaParams p, const __grid_constant__ TmaQ tma_q, const __grid_constant__ TmaQ tma_dy,
     const __grid_constant__ TmaK tma_k, const __grid_constant__ TmaK tma_v) {
@@ -338,9 +340,35 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
 
   // the query tile's coefficients [ref | A | B][region][query] of step `step` into stage step & 1, by cp.async
   // from the 256 consumer threads (rows t >= T zero-filled)
+  // kLean: each thread copies its query column tl = ctid % BM (NC is a multiple of BM) of every (NC / BM)-th row
+  // block rb = (which, r) of the 3 R rows, rb / R and rb % R kept by counting: a division by the runtime R cost ~80
+  // instructions a copy, about a quarter of a step's at 6 regions (csrc/tools/sim_bwd_sm90_coef.py checks that both
+  // copy the same elements)
+  static_assert(NC % BM == 0, "a thread's query column is the same in every row block");
   auto issue_coef = [&](int step) {
     const int m0 = m_begin + step * BM;
     float* dst = coef0 + (step & 1) * 3 * R * BM;
+    if constexpr (kLean) {
+      constexpr int kRowsPerPass = NC / BM;
+      const int tl = ctid % BM;
+      const bool valid = m0 + tl < p.seq;
+      int which = 0, r = ctid / BM;
+      while (r >= R && which < 3) {
+        r -= R;
+        ++which;
+      }
+      for (int rb = ctid / BM; rb < 3 * R; rb += kRowsPerPass) {
+        const float* src = which == 0 ? p.ref : which == 1 ? p.coef_a : p.coef_b;
+        const float* base = src + (int64_t(bh) * R + r) * p.seq;
+        cp_async_4(dst + rb * BM + tl, valid ? base + m0 + tl : base, valid);
+        r += kRowsPerPass;
+        while (r >= R) {  // at most kRowsPerPass / R + 1 times
+          r -= R;
+          ++which;
+        }
+      }
+      return;
+    }
     const int n = 3 * R * BM;
     for (int idx = ctid; idx < n; idx += NC) {
       const int which = idx / (R * BM), r = (idx / BM) % R, tl = idx % BM;

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
@@ -51,12 +52,13 @@ void launch_mma(const FwdParams& params, int seq, int batch_heads, cudaStream_t 
 // Which forward mainloop runs: DASH_CUDA_FWD=sm90tma the Hopper one (CuTe wgmma, fwd_sm90_kernel.cuh) with K / V by
 // TMA from a producer warpgroup into an mbarrier pipeline, DASH_CUDA_FWD=sm90overlap the same with each plain tile's
 // softmax overlapping the previous tile's P V (FA3's IntraWGOverlap), DASH_CUDA_FWD=sm90pingpong that and the two
-// consumer warpgroups taking turns to issue their products, DASH_CUDA_FWD=sm90 with K / V by cp.async,
+// consumer warpgroups taking turns to issue their products, DASH_CUDA_FWD=sm90lean sm90overlap with fewer instructions
+// per tile (fwd_sm90_kernel.cuh, kLean; scale > 0), DASH_CUDA_FWD=sm90 with K / V by cp.async,
 // DASH_CUDA_FWD=mma the FlashAttention-2 style one (mma.sync, everything in registers), DASH_CUDA_FWD=wmma the
 // first one (fwd_kernel.cuh). Unset: the fastest measured where it runs (sm90overlap on an sm_90 GPU in a build with
 // the CuTe headers: 1.56 ms against sm90tma's 1.71 at the Qwen2.5-3B shape, T 4096, 4 candidates, on an H100; else
 // mma: benchmarks/NOTES.md, sessions 15 and 17). Read at every call (a getenv).
-enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma, kSm90Overlap, kSm90PingPong };
+enum class FwdMainloop { kWmma, kMma, kSm90, kSm90Tma, kSm90Overlap, kSm90PingPong, kSm90Lean };
 FwdMainloop forward_mainloop() {
   const char* choice = std::getenv("DASH_CUDA_FWD");
   if (choice == nullptr || *choice == '\0') {
@@ -73,8 +75,9 @@ FwdMainloop forward_mainloop() {
   if (std::strcmp(choice, "sm90tma") == 0) return FwdMainloop::kSm90Tma;
   if (std::strcmp(choice, "sm90overlap") == 0) return FwdMainloop::kSm90Overlap;
   if (std::strcmp(choice, "sm90pingpong") == 0) return FwdMainloop::kSm90PingPong;
+  if (std::strcmp(choice, "sm90lean") == 0) return FwdMainloop::kSm90Lean;
   TORCH_CHECK(std::strcmp(choice, "wmma") == 0,
-              "DASH_CUDA_FWD must be one of wmma, mma, sm90, sm90tma, sm90overlap, sm90pingpong (or unset: ",
+              "DASH_CUDA_FWD must be one of wmma, mma, sm90, sm90tma, sm90overlap, sm90pingpong, sm90lean (or unset: ",
               "the fastest that runs here), got '", choice, "'");
   return FwdMainloop::kWmma;
 }
@@ -125,16 +128,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_attention_fwd(const at::Ten
   const int bh = static_cast<int>(batch * heads_q);
   const FwdMainloop mainloop = forward_mainloop();
   if (mainloop == FwdMainloop::kSm90 || mainloop == FwdMainloop::kSm90Tma || mainloop == FwdMainloop::kSm90Overlap ||
-      mainloop == FwdMainloop::kSm90PingPong) {
+      mainloop == FwdMainloop::kSm90PingPong || mainloop == FwdMainloop::kSm90Lean) {
+    // the lean walk takes each row's max on the raw scores, then scales it: the same max only for scale > 0
+    TORCH_CHECK(mainloop != FwdMainloop::kSm90Lean || (std::isfinite(scale) && scale > 0),
+                "DASH_CUDA_FWD=sm90lean takes a scale > 0, got ", scale, " (sm90overlap takes any finite scale)");
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
-    const Sm90Fwd variant = mainloop == FwdMainloop::kSm90          ? Sm90Fwd::kCpAsync
-                            : mainloop == FwdMainloop::kSm90Tma     ? Sm90Fwd::kTma
-                            : mainloop == FwdMainloop::kSm90Overlap ? Sm90Fwd::kTmaOverlap
-                                                                    : Sm90Fwd::kTmaPingPong;
+    const Sm90Fwd variant = mainloop == FwdMainloop::kSm90           ? Sm90Fwd::kCpAsync
+                            : mainloop == FwdMainloop::kSm90Tma      ? Sm90Fwd::kTma
+                            : mainloop == FwdMainloop::kSm90Overlap  ? Sm90Fwd::kTmaOverlap
+                            : mainloop == FwdMainloop::kSm90PingPong ? Sm90Fwd::kTmaPingPong
+                                                                     : Sm90Fwd::kTmaLean;
     launch_fwd_sm90(params, variant, q.scalar_type(), head_dim, static_cast<int>(seq), bh, stream);
 #else
     TORCH_CHECK(false,
-                "DASH_CUDA_FWD=sm90 / sm90tma / sm90overlap / sm90pingpong: this build of dash_kernels._C has no Hopper forward: it was compiled without "
+                "DASH_CUDA_FWD=sm90 / sm90tma / sm90overlap / sm90pingpong / sm90lean: this build of dash_kernels._C has no Hopper forward: it was compiled without "
                 "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
                 "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_FWD");
 #endif

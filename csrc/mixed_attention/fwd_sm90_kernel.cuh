@@ -25,7 +25,7 @@
 //       consumers and a named barrier. sm90tma waits for each product where it is issued; DASH_CUDA_FWD=sm90overlap
 //       (kOverlap) pipelines runs of plain tiles as FA3's IntraWGOverlap (the walk below), and
 //       DASH_CUDA_FWD=sm90pingpong (kPingPong) adds FA3's warp-scheduler barriers between the two consumer
-//       warpgroups;
+//       warpgroups; DASH_CUDA_FWD=sm90lean (kLean) is sm90overlap with fewer instructions per tile (below);
 //   - every per-element mask and row statistic uses the accumulator's (row, col) mapping taken from CuTe
 //     (partition_C of an identity tensor, viewed as (row, col) as FA3's convert_layout_acc_rowcol does): each
 //     thread holds 2 rows of its warpgroup's 64 and, per row, BN / 4 (S) or D / 4 (O) columns in pairs; the 4
@@ -170,7 +170,12 @@ __device__ __forceinline__ void wg_gemm(Mma& mma, TA const& a, TB const& b, TC& 
 // kTma false: 256 threads (2 consumer warpgroups) issue the K / V loads by cp.async themselves; kTma true: 384
 // threads, warpgroup 2 the producer (one thread issuing TMA loads into a 3-stage PipelineTmaAsync, registers
 // given back by setmaxnreg), warpgroups 0 and 1 the consumers (registers raised to 240).
-template <typename T, int D, bool kTma, bool kOverlap, bool kPingPong, typename TmaK, typename TmaV>
+// kLean (DASH_CUDA_FWD=sm90lean, on the overlapped walk; from the SASS of sm90overlap, benchmarks/NOTES.md sessions
+// 19-20): a run of plain tiles ends where computed once, not by plain_band per tile; each row's max is taken on the
+// raw scores and scaled once (the same value for scale > 0, which the launcher requires: rounding is monotonic);
+// O is rescaled only where some row of the warp moved its max (alpha exactly 1 otherwise); no empty-row test
+// around each exponential (an admitted element makes its row's max finite).
+template <typename T, int D, bool kTma, bool kOverlap, bool kPingPong, bool kLean, typename TmaK, typename TmaV>
 __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Tile<D>::kThreads, 1)
     mixed_attention_fwd_sm90_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ TmaK tma_k,
                                     const __grid_constant__ TmaV tma_v) {
@@ -182,6 +187,7 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   using Tile = FwdSm90Tile<D>;
   static_assert(kTma || !kOverlap, "the overlapped walk holds stages across tiles: the TMA pipeline's release");
   static_assert(kOverlap || !kPingPong, "the ping-pong schedules the overlapped walk's products");
+  static_assert(kOverlap || !kLean, "the lean walk is the overlapped one");
   using Element = typename Tr::Element;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = Tile::kThreads;  // NT: the consumers
   constexpr int ND = D / 8;  // column pairs of O a thread holds per row (D / 4 columns)
@@ -345,21 +351,27 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int c = 0; c < NC; ++c)
-        if (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))) mx[i] = fmaxf(mx[i], S(i, c) * p.scale_log2);
+        if (!kMasked || include(i, j0 + int(get<1>(cS(i, c)))))
+          mx[i] = fmaxf(mx[i], kLean ? S(i, c) : S(i, c) * p.scale_log2);  // kLean: scaled below, once
     float m_new[2], sum[2] = {0.f, 0.f};
     bool empty[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      m_new[i] = fmaxf(m[i], mma16::quad_max(mx[i]));
+      m_new[i] = fmaxf(m[i], kLean ? mma16::quad_max(mx[i]) * p.scale_log2 : mma16::quad_max(mx[i]));
       empty[i] = m_new[i] == -INFINITY;  // nothing taken in yet, nor now
-      alpha[i] = empty[i] ? 1.f : mma16::exp2_ftz(m[i] - m_new[i]);
+      if constexpr (kLean)  // exactly 1 where the max holds (most tiles of a long row): rescale_o skips them
+        alpha[i] = empty[i] || m_new[i] == m[i] ? 1.f : mma16::exp2_ftz(m[i] - m_new[i]);
+      else
+        alpha[i] = empty[i] ? 1.f : mma16::exp2_ftz(m[i] - m_new[i]);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
+        // kLean: no empty-row test (an admitted element makes its row's max finite): the unmasked path is then one
+        // FFMA and one MUFU per element, without the predicated moves around them
         float pe = 0.f;
-        if (!empty[i] && (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))))
+        if ((kLean || !empty[i]) && (!kMasked || include(i, j0 + int(get<1>(cS(i, c))))))
           pe = mma16::exp2_ftz(fmaf(S(i, c), p.scale_log2, -m_new[i]));
         sum[i] += pe;
         if constexpr (kToP) P(i, c) = static_cast<Element>(pe);
@@ -372,6 +384,9 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
     }
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
+    // kLean: a warp none of whose rows moved its max skips the 2 D / 4 multiplies (a warp-uniform branch)
+    if constexpr (kLean)
+      if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -508,7 +523,13 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
         float alpha[2];
         band_softmax(std::true_type{}, j0, lo, hi, d_min, d_max, alpha);  // no P V pending: straight to P
         int held = stage;  // the stage of the tile whose P V is pending
-        while (kb > tiles.bottom && plain_band(kb - 1, lo, hi)) {
+        // kLean: the run's lowest tile computed once. Every tile below a plain one meets its band, and stays plain
+        // in it down to tile 1 (tile 0 holds the full window's snapshot) while its distances stay below hi - 1
+        // (window hi's snapshot): d_max(kb) <= hi - 2 <=> kb >= ceil((w_last - hi + 2) / BN). Checked against
+        // plain_band at every tile by csrc/tools/sim_fwd_sm90_walk.py.
+        const int past_hi = w_last - hi + 2;
+        const int run_low = max(max(tiles.bottom, 1), past_hi > 0 ? (past_hi + BN - 1) / BN : 0);
+        while (kLean ? kb > run_low : kb > tiles.bottom && plain_band(kb - 1, lo, hi)) {
           --kb;
           j0 = kb * BN;
           const int next = begin_tile();

@@ -36,7 +36,9 @@ struct FwdSm90Tile {
 //                              IntraWGOverlap: tile n + 1's S = Q K^T and tile n's O += P V issued together, tile
 //                              n + 1's softmax computed while the P V runs;
 //   kTmaPingPong (sm90pingpong): the overlapped walk, and the two consumer warpgroups taking turns to issue their
-//                              products (FA3's warp-scheduler barriers), one's softmax during the other's products.
-enum class Sm90Fwd { kCpAsync, kTma, kTmaOverlap, kTmaPingPong };
+//                              products (FA3's warp-scheduler barriers), one's softmax during the other's products;
+//   kTmaLean    (sm90lean):    the overlapped walk with fewer instructions per tile (fwd_sm90_kernel.cuh, kLean;
+//                              scale > 0 only).
+enum class Sm90Fwd { kCpAsync, kTma, kTmaOverlap, kTmaPingPong, kTmaLean };
 
 }  // namespace dash

@@ -3,7 +3,8 @@
 # one tile late). It checks the walk's logic, not the CuTe layouts (csrc/tools/check_sm90_layouts.cc does those):
 #   - every candidate's O and LSE and Y against a dense fp64 reference, at awkward shapes;
 #   - the decisions copied from the kernel (plain_band, the snapshots, the sink pass), so that a snapshot never falls
-#     in a tile whose P V is still pending;
+#     in a tile whose P V is still pending; the lean walk's (sm90lean) run end, computed once, against plain_band at
+#     every tile, and its softmax (the raw max scaled once, alpha exactly 1 where the max holds);
 #   - the pipeline's bookkeeping: every tile waited for once and released once, in order, and at most 2 stages held
 #     by a warpgroup at a time (3 stages: the producer can always load one ahead);
 #   - the overlap's register hazards as the kernel orders them: the pending P V reads P and O only after the next
@@ -34,7 +35,7 @@ def reference(q, k, v, w, windows, sinks, scale):
     return y, outs, lses
 
 
-def simulate(q, k, v, w, windows, sinks, scale, overlap):
+def simulate(q, k, v, w, windows, sinks, scale, overlap, lean=False):
     T, D = q.shape
     C = len(windows)
     edges = sorted(set(x for x in windows if x < FULL))
@@ -89,10 +90,17 @@ def simulate(q, k, v, w, windows, sinks, scale, overlap):
 
             def softmax_rows(S, include):
                 m = st["m"]
-                mx = np.where(include, S * scale_log2, -np.inf).max(1)
+                if lean:  # the raw max, scaled once (scale > 0)
+                    mx = np.where(include, S, -np.inf).max(1) * scale_log2
+                else:
+                    mx = np.where(include, S * scale_log2, -np.inf).max(1)
                 m_new = np.maximum(m, mx)
                 empty = m_new == -np.inf
-                alpha = np.where(empty, 1.0, np.exp2(np.where(empty, 0, m - np.where(empty, 0, m_new))))
+                # lean: alpha exactly 1 where the max holds (the kernel's rescale_o then skips the row's multiplies),
+                # and no empty-row test around the exponentials: no admitted element may sit in an empty row
+                same = empty | (m_new == m) if lean else empty
+                assert not lean or not (include & empty[:, None]).any(), "an admitted element in an empty row"
+                alpha = np.where(same, 1.0, np.exp2(np.where(same, 0, m - np.where(empty, 0, m_new))))
                 pe = np.where(include & ~empty[:, None], np.exp2(S * scale_log2 - np.where(empty, 0, m_new)[:, None]), 0)
                 st["l"] = st["l"] * alpha + pe.sum(1)
                 st["m"] = m_new
@@ -157,7 +165,12 @@ def simulate(q, k, v, w, windows, sinks, scale, overlap):
                     P, alpha = softmax_rows(S, band_include(keys, lo, hi))
                     held_v, held_tile = values(j0), tile
                     pipe["pending_tile"] = tile
-                    while kb > bottom and plain_band(kb - 1)[0]:
+                    # lean: the run's lowest tile computed once (the lowest above tile 0 whose distances stay below
+                    # hi - 1); every tile down to it, and none below it, must be plain in the same band
+                    past_hi = w_last - hi + 2
+                    run_low = max(bottom, 1, (past_hi + BN - 1) // BN if past_hi > 0 else 0)
+                    while kb > run_low if lean else kb > bottom and plain_band(kb - 1)[0]:
+                        assert not lean or plain_band(kb - 1) == (True, lo, hi), "a run end past a tile not plain"
                         _, lo, hi = plain_band(kb - 1)
                         kb -= 1
                         j0 = kb * BN
@@ -171,6 +184,7 @@ def simulate(q, k, v, w, windows, sinks, scale, overlap):
                         end_tile()
                         P, held_v, held_tile = P_new, values(j0), nxt
                         pipe["pending_tile"] = nxt
+                    assert not lean or kb == bottom or not plain_band(kb - 1)[0], "a run end above a plain tile"
                     st["O"] = st["O"] * alpha[:, None] + P @ held_v
                     assert pipe["released"] == held_tile
                     end_tile()
@@ -239,7 +253,8 @@ CASES = [  # (T, D, windows, sinks): the GPU tests' sets at one head, and run bo
 def main():
     rng = np.random.default_rng(0)
     worst = 0.0
-    for (T, D, windows, sinks), overlap in itertools.product(CASES, (False, True)):
+    for (T, D, windows, sinks), (overlap, lean) in itertools.product(CASES, ((False, False), (True, False),
+                                                                            (True, True))):
         order = np.argsort(windows, kind="stable")
         windows = [windows[i] for i in order]
         sinks = [sinks[i] for i in order]
@@ -247,11 +262,11 @@ def main():
         w = rng.random(len(windows))
         scale = D ** -0.5
         y_ref, o_ref, lse_ref = reference(q, k, v, w, windows, sinks, scale)
-        y, o, lse = simulate(q, k, v, w, windows, sinks, scale, overlap)
+        y, o, lse = simulate(q, k, v, w, windows, sinks, scale, overlap, lean)
         err = max(np.abs(y - y_ref).max(), *(np.abs(o[c] - o_ref[c]).max() for c in range(len(windows))),
                   *(np.abs(lse[c] - lse_ref[c]).max() for c in range(len(windows))))
         worst = max(worst, err)
-        print(f"T {T:5d} windows {windows} sinks {sinks} overlap {overlap}: max error {err:.2e}")
+        print(f"T {T:5d} windows {windows} sinks {sinks} overlap {overlap} lean {lean}: max error {err:.2e}")
         assert err < 1e-9, "the walk differs from the reference"
     print(f"walk simulation: every case matches the fp64 reference (worst {worst:.1e})")
 
