@@ -41,7 +41,7 @@ CANDIDATE_SETS = {
 TOKENS_PER_BATCH = 16384
 # the CUDA backend's forward + backward mainloops (csrc/README.md); "wmma" is the default of each
 CUDA_MAINLOOPS = ["wmma+wmma", "mma+mma", "sm90+mma", "sm90tma+mma", "sm90tma+sm90", "sm90overlap+sm90",
-                  "sm90pingpong+sm90", "sm90lean+sm90lean"]
+                  "sm90pingpong+sm90", "sm90lean+sm90lean", "sm90lean+sm90dq"]
 
 
 @dataclass

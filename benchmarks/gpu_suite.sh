@@ -7,7 +7,7 @@
 #     gqa_sum      the sm90 backward's GQA dK / dV group sum by atomics against the ATen sum (after build)  ~1 min
 #     sanitize     the CUDA backend under compute-sanitizer memcheck and racecheck, small shapes  ~2 min
 #     mainloops    the CUDA backend's mainloops (CUDA_MAINLOOPS="wmma+wmma mma+mma sm90+mma sm90tma+mma sm90tma+sm90
-#                  sm90overlap+sm90 sm90pingpong+sm90 sm90lean+sm90lean",
+#                  sm90overlap+sm90 sm90pingpong+sm90 sm90lean+sm90lean sm90lean+sm90dq",
 #                  forward+backward): each pair's GPU tests in its own processes, the pairs at once (TEST_TIMEOUT
 #                  per process), then one benchmark (bench_mixed_attention --cuda-mainloops, BENCH_ARGS) with a
 #                  column for each pair whose fp32-reference cases all passed: a hang or a wrong result stays out
@@ -81,7 +81,7 @@ for part in ${PARTS:-tests bench}; do
         2>&1 | tee "$OUT/gpu_tests.log" | grep -E "plain|passed|failed|Error" | tail -20 ;;
     mainloops)
       pairs="${CUDA_MAINLOOPS:-wmma+wmma mma+mma sm90+mma sm90tma+mma sm90tma+sm90 sm90overlap+sm90 sm90pingpong+sm90
-        sm90lean+sm90lean}"
+        sm90lean+sm90lean sm90lean+sm90dq}"
       pair_tests() {  # pair, part: reference (the fp32-reference cases, the gate of its benchmark column) or rest
         local k; [ "$2" = reference ] && k="cuda and fp32_reference" || k="cuda and not fp32_reference"
         DASH_CUDA_FWD="${1%+*}" DASH_CUDA_BWD="${1#*+}" timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -m gpu \

@@ -118,13 +118,13 @@ def test_cuda_kernels_keep_the_triton_contract(name):
 
 
 @pytest.mark.skipif(not cuda_extension_available(), reason="dash_kernels._C not built")
-@pytest.mark.parametrize("variant", ["sm90", "sm90lean"])
+@pytest.mark.parametrize("variant", ["sm90", "sm90lean", "sm90dq"])
 @pytest.mark.parametrize("name", ["dash_set_T1000_fp16_d128", "no_full_T3001_bf16", "eight_candidates_T2000",
                                   "t17_d64", "qwen_T8192_bf16"])
 def test_cuda_sm90_backward_matches_mma(name, variant, monkeypatch):
-    """DASH_CUDA_BWD=sm90 / sm90lean (the Hopper wgmma backward) against DASH_CUDA_BWD=mma on the same forward
-    outputs: the same math in another order of fp32 sums, so they agree far below bf16's plain error; and it must
-    have run (no fallback warning). Skipped off sm_90 and where the build has no CuTe headers."""
+    """DASH_CUDA_BWD=sm90 / sm90lean / sm90dq (the Hopper wgmma backward) against DASH_CUDA_BWD=mma on the same
+    forward outputs: the same math in another order of fp32 sums, so they agree far below bf16's plain error; and it
+    must have run (no fallback warning). Skipped off sm_90 and where the build has no CuTe headers."""
     import warnings
 
     from dash_kernels.ops.mixed_attention import cuda_op

@@ -21,8 +21,8 @@ namespace dash {
 
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
 // bwd_sm90.cu: the Hopper backward mainloop (CuTe wgmma), built only where setup.py found the CUTLASS/CuTe headers
-void launch_bwd_sm90(const BwdMmaParams& params, bool lean, at::ScalarType dtype, int64_t head_dim, int batch_heads,
-                     cudaStream_t stream);
+void launch_bwd_sm90(const BwdMmaParams& params, Sm90Bwd variant, at::ScalarType dtype, int64_t head_dim,
+                     int batch_heads, cudaStream_t stream);
 #endif
 
 namespace {
@@ -70,7 +70,7 @@ void launch_bwd_mma(const BwdParams& params, float* dq_accum, int batch_heads, c
 // warpgroup and 2 wgmma warpgroups) that adds dQ (pre-scaled) into the zeroed fp32 ``dq_accum`` by atomics and
 // writes dK / dV per query head like the mma one.
 template <typename T, int D>
-void launch_bwd_wgmma(const BwdParams& params, bool lean, float* dq_accum, float* dk_accum, float* dv_accum,
+void launch_bwd_wgmma(const BwdParams& params, Sm90Bwd variant, float* dq_accum, float* dk_accum, float* dv_accum,
                       at::ScalarType dtype, int batch_heads, cudaStream_t stream) {
   launch_prep<T>(params, D, batch_heads, stream);
   BwdMmaParams mma_params{};
@@ -79,15 +79,15 @@ void launch_bwd_wgmma(const BwdParams& params, bool lean, float* dq_accum, float
   mma_params.dk_accum = dk_accum;
   mma_params.dv_accum = dv_accum;
 #if defined(DASH_WITH_SM90_CUTE) && DASH_WITH_SM90_CUTE
-  launch_bwd_sm90(mma_params, lean, dtype, D, batch_heads, stream);
+  launch_bwd_sm90(mma_params, variant, dtype, D, batch_heads, stream);
 #else
   (void)dtype;
-  (void)lean;
+  (void)variant;
   TORCH_CHECK(false, "unreachable: backward_mainloop refuses DASH_CUDA_BWD=sm90 without the CuTe headers");
 #endif
 }
 
-enum class BwdMainloop { kWmma, kMma, kSm90, kSm90Lean };
+enum class BwdMainloop { kWmma, kMma, kSm90, kSm90Lean, kSm90Dq };
 
 // Does the mma backward's shared memory (which grows with the region count) fit this device? Where it does not,
 // the wmma one runs, with a warning (once): whoever set the variable is timing or testing the mma one and must
@@ -105,6 +105,7 @@ bool mma_backward_fits(int64_t head_dim, int num_regions, int limit, const char*
 
 // Which backward mainloop runs: DASH_CUDA_BWD=mma the FlashAttention-2 style one, DASH_CUDA_BWD=sm90 the Hopper
 // one (CuTe wgmma, bwd_sm90_kernel.cuh), DASH_CUDA_BWD=sm90lean that with fewer instructions a step (kLean there),
+// DASH_CUDA_BWD=sm90dq that and dQ by bulk reduce-add instead of atomics (kDqBulk; 35 KB more shared memory),
 // DASH_CUDA_BWD=wmma the first one (bwd_kernel.cuh). Unset: the fastest
 // measured where it runs (sm90 on an sm_90 GPU in a build with the CuTe headers, else mma; each falls back as below
 // where its shared memory does not fit: benchmarks/NOTES.md, session 15). Read at every call (a getenv). sm90
@@ -114,10 +115,11 @@ BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
   const char* choice = std::getenv("DASH_CUDA_BWD");
   const bool unset = choice == nullptr || *choice == '\0';
   if (unset) choice = "";
-  const bool lean = std::strcmp(choice, "sm90lean") == 0;
+  const bool dq_bulk = std::strcmp(choice, "sm90dq") == 0;
+  const bool lean = dq_bulk || std::strcmp(choice, "sm90lean") == 0;
   if (!unset && !lean && std::strcmp(choice, "sm90") != 0 && std::strcmp(choice, "mma") != 0) {
-    TORCH_CHECK(std::strcmp(choice, "wmma") == 0, "DASH_CUDA_BWD must be one of wmma, mma, sm90, sm90lean (or "
-                "unset: the fastest that runs here), got '", choice, "'");
+    TORCH_CHECK(std::strcmp(choice, "wmma") == 0, "DASH_CUDA_BWD must be one of wmma, mma, sm90, sm90lean, sm90dq "
+                "(or unset: the fastest that runs here), got '", choice, "'");
     return BwdMainloop::kWmma;
   }
   int device = c10::cuda::current_device(), limit = 0;
@@ -136,18 +138,19 @@ BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
     int major = 0, minor = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    TORCH_CHECK(major == 9 && minor == 0, "DASH_CUDA_BWD=", lean ? "sm90lean" : "sm90",
+    TORCH_CHECK(major == 9 && minor == 0, "DASH_CUDA_BWD=", unset ? "sm90" : choice,
                 " needs a Hopper GPU (sm_90a: wgmma); this one is sm_", major, minor,
                 ". Unset DASH_CUDA_BWD or use DASH_CUDA_BWD=mma");
-    const size_t bytes = head_dim == 64 ? BwdSm90Tile<64>::smem_bytes(num_regions)
-                                        : BwdSm90Tile<128>::smem_bytes(num_regions);
-    if (bytes <= static_cast<size_t>(limit)) return lean ? BwdMainloop::kSm90Lean : BwdMainloop::kSm90;
+    const size_t bytes = head_dim == 64 ? BwdSm90Tile<64>::smem_bytes(num_regions, dq_bulk)
+                                        : BwdSm90Tile<128>::smem_bytes(num_regions, dq_bulk);
+    if (bytes <= static_cast<size_t>(limit))
+      return dq_bulk ? BwdMainloop::kSm90Dq : lean ? BwdMainloop::kSm90Lean : BwdMainloop::kSm90;
     if (!unset) TORCH_WARN_ONCE("DASH_CUDA_BWD=", choice, ": ", num_regions, " candidate regions need ", bytes,
                     " bytes of shared memory a block in the sm90 backward, over this GPU's ", limit,
                     "; the mma backward runs instead");
 #else
     TORCH_CHECK(false,
-                "DASH_CUDA_BWD=sm90 / sm90lean: this build of dash_kernels._C has no Hopper backward: it was compiled without "
+                "DASH_CUDA_BWD=sm90 / sm90lean / sm90dq: this build of dash_kernels._C has no Hopper backward: it was compiled without "
                 "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
                 "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_BWD");
 #endif
@@ -216,7 +219,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const BwdMainloop mainloop = backward_mainloop(head_dim, num_regions);
   // the mma and sm90 backwards add dQ into a zeroed fp32 buffer (converted below); the wmma one writes dq directly
   const bool use_mma = mainloop != BwdMainloop::kWmma;
-  const bool sm90 = mainloop == BwdMainloop::kSm90 || mainloop == BwdMainloop::kSm90Lean;
+  const bool sm90 =
+      mainloop == BwdMainloop::kSm90 || mainloop == BwdMainloop::kSm90Lean || mainloop == BwdMainloop::kSm90Dq;
+  const Sm90Bwd sm90_variant = mainloop == BwdMainloop::kSm90Dq     ? Sm90Bwd::kLeanDqBulk
+                               : mainloop == BwdMainloop::kSm90Lean ? Sm90Bwd::kLean
+                                                                    : Sm90Bwd::kPlain;
   auto dq = use_mma ? at::zeros({batch, seq, heads_q, head_dim}, f32)
                     : at::empty({batch, seq, heads_q, head_dim}, q.options());
   const int64_t group = heads_q / heads_kv;
@@ -249,8 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const int row_tiles = static_cast<int>((seq + 63) / 64), bh = static_cast<int>(batch * heads_q);
   dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
     if (sm90)
-      launch_bwd_wgmma<decltype(type), decltype(dim)::value>(params, mainloop == BwdMainloop::kSm90Lean,
-                                                             dq.data_ptr<float>(),
+      launch_bwd_wgmma<decltype(type), decltype(dim)::value>(params, sm90_variant, dq.data_ptr<float>(),
                                                              kv_accum ? dk.data_ptr<float>() : nullptr,
                                                              kv_accum ? dv.data_ptr<float>() : nullptr,
                                                              q.scalar_type(), bh, stream);

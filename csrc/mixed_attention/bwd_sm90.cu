@@ -14,7 +14,7 @@ namespace dash {
 namespace {
 
 template <typename T, int D>
-void launch_bwd_sm90_kernel(const BwdMmaParams& params, bool lean, int batch_heads, cudaStream_t stream) {
+void launch_bwd_sm90_kernel(const BwdMmaParams& params, Sm90Bwd variant, int batch_heads, cudaStream_t stream) {
   using Tile = BwdSm90Tile<D>;
   using Tr = sm90::BwdTraits<T, D>;
   using E = typename Tr::Element;
@@ -29,9 +29,12 @@ void launch_bwd_sm90_kernel(const BwdMmaParams& params, bool lean, int batch_hea
                                     params.k_stride[1], params.k_stride[2], params.k_stride[0]);
   const auto tma_v = Tr::make_tma_k(static_cast<const E*>(params.v), params.seq, heads_kv, params.batch,
                                     params.v_stride[1], params.v_stride[2], params.v_stride[0]);
-  const size_t bytes = Tile::smem_bytes(params.num_regions);
-  auto kernel = lean ? mixed_attention_bwd_sm90_kernel<T, D, true, typename Tr::TmaQ, typename Tr::TmaK>
-                     : mixed_attention_bwd_sm90_kernel<T, D, false, typename Tr::TmaQ, typename Tr::TmaK>;
+  using TmaQ = typename Tr::TmaQ;
+  using TmaK = typename Tr::TmaK;
+  const size_t bytes = Tile::smem_bytes(params.num_regions, variant == Sm90Bwd::kLeanDqBulk);
+  auto kernel = variant == Sm90Bwd::kLeanDqBulk ? mixed_attention_bwd_sm90_kernel<T, D, true, true, TmaQ, TmaK>
+                : variant == Sm90Bwd::kLean     ? mixed_attention_bwd_sm90_kernel<T, D, true, false, TmaQ, TmaK>
+                                                : mixed_attention_bwd_sm90_kernel<T, D, false, false, TmaQ, TmaK>;
   set_shared_memory(kernel, bytes);
   const dim3 grid((params.seq + Tile::kBlockN - 1) / Tile::kBlockN, batch_heads);
   kernel<<<grid, Tile::kThreads, bytes, stream>>>(params, tma_q, tma_dy, tma_k, tma_v);
@@ -40,12 +43,12 @@ void launch_bwd_sm90_kernel(const BwdMmaParams& params, bool lean, int batch_hea
 
 }  // namespace
 
-// Called by bwd.cu for DASH_CUDA_BWD=sm90 (lean: sm90lean) after the prep kernel (inputs checked, params filled, dq_accum zeroed
+// Called by bwd.cu for DASH_CUDA_BWD=sm90 / sm90lean / sm90dq (the variant) after the prep kernel (inputs checked, params filled, dq_accum zeroed
 // there; the device checked to be sm_90 and the shared memory to fit by bwd.cu's backward_mainloop).
-void launch_bwd_sm90(const BwdMmaParams& params, bool lean, at::ScalarType dtype, int64_t head_dim, int batch_heads,
-                     cudaStream_t stream) {
+void launch_bwd_sm90(const BwdMmaParams& params, Sm90Bwd variant, at::ScalarType dtype, int64_t head_dim,
+                     int batch_heads, cudaStream_t stream) {
   dispatch_dtype_and_head_dim(dtype, head_dim, [&](auto type, auto dim) {
-    launch_bwd_sm90_kernel<decltype(type), decltype(dim)::value>(params, lean, batch_heads, stream);
+    launch_bwd_sm90_kernel<decltype(type), decltype(dim)::value>(params, variant, batch_heads, stream);
   });
 }
 

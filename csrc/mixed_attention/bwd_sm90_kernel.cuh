@@ -115,6 +115,8 @@ struct BwdTraits {
   // named barrier ids (cutlass::arch::NamedBarrier adds its 8 reserved ones): the consumers' step barrier, the dS
   // barrier (D 128: 256 threads; D 64: one per warpgroup, ids kBarDs + warpgroup)
   static constexpr uint32_t kBarStep = 1, kBarDs = 2;
+  // kDqBulk: the dQ buffer's hand-over between the consumers (256) and the producer warpgroup's writer warp (32)
+  static constexpr uint32_t kBarDqFull = 4, kBarDqEmpty = 5;
 };
 
 // sm90::wg_gemm_issue (fwd_sm90_kernel.cuh) issues each product without waiting; the caller waits with
@@ -165,7 +167,12 @@ __device__ __forceinline__ void wait_or_trap(TryWait&& try_wait, const char* wha
 
 // kLean (DASH_CUDA_BWD=sm90lean): the coefficient copies count their row blocks instead of dividing by the region
 // count (issue_coef below); otherwise the same kernel.
-template <typename T, int D, bool kLean, typename TmaQ, typename TmaK>
+// kDqBulk (DASH_CUDA_BWD=sm90dq, with kLean): dQ leaves by bulk reduce-add instead of per-element atomics, as
+// FA3's backward does: the consumers write the step's dQ (times scale) into a padded fp32 buffer in shared memory
+// and hand it over (named barrier DqFull) to warp 1 of the producer warpgroup, which adds each valid row into
+// dq_accum with one cp.reduce.async.bulk (512 B at D 128) and hands the buffer back (DqEmpty) once the copies have
+// read it.
+template <typename T, int D, bool kLean, bool kDqBulk, typename TmaQ, typename TmaK>
 __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_bwd_sm90_kernel(
     const __grid_constant__ BwdMmaParams p, const __grid_constant__ TmaQ tma_q, const __grid_constant__ TmaQ tma_dy,
     const __grid_constant__ TmaK tma_k, const __grid_constant__ TmaK tma_v) {
@@ -193,7 +200,9 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
   unsigned char* bar_base = reinterpret_cast<unsigned char*>(ds_ptr + Tr::kDsElems);
   auto* pipeline_storage = reinterpret_cast<typename Pipeline::SharedStorage*>(bar_base);
   uint64_t* barrier_kv = reinterpret_cast<uint64_t*>(bar_base + 64);
-  float* coef0 = reinterpret_cast<float*>(bar_base + Tile::kBarrierBytes);  // stage s: + s 3 R BM floats
+  // kDqBulk: the dQ buffer [kDqBuffers][BM][kDqLd] fp32 first, then the coefficients (stage s: + s 3 R BM floats)
+  [[maybe_unused]] float* sdq = reinterpret_cast<float*>(bar_base + Tile::kBarrierBytes);
+  float* coef0 = reinterpret_cast<float*>(bar_base + Tile::kBarrierBytes + (kDqBulk ? Tile::kDqBytes : 0));
 
   Tensor sK = make_tensor(make_smem_ptr(k_ptr), typename Tr::SmemLayoutK{});     // (BN, D)
   Tensor sV = make_tensor(make_smem_ptr(v_ptr), typename Tr::SmemLayoutK{});     // (BN, D)
@@ -272,6 +281,29 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
         sm90::wait_or_trap<true>([&] { return pipeline.producer_try_acquire(state) == cutlass::BarrierStatus::WaitDone; },
                            "producer_tail", steps + s);
         ++state;
+      }
+    }
+    if constexpr (kDqBulk) {
+      if (tid / 32 == 1) {  // the dQ writer warp: each lane adds rows lane, lane + 32, ... of every buffer
+        const int lane = tid % 32;
+        cutlass::arch::NamedBarrier::arrive(NC + 32, Tr::kBarDqEmpty);  // the buffer starts free
+        for (int s = 0; s < steps; ++s) {
+          const int m0 = m_begin + s * BM;
+          const int rows = min(BM, p.seq - m0);
+          cutlass::arch::NamedBarrier::sync(NC + 32, Tr::kBarDqFull);  // the consumers wrote it (and fenced)
+          for (int k = 0; k < Tile::kDqBuffers; ++k)
+            for (int r = lane; r < rows; r += 32) {
+              float* dst = p.dq_accum + ((int64_t(b) * p.seq + m0 + r) * p.heads_q + h) * D;
+              const uint32_t src = mma16::smem_u32(sdq + (k * BM + r) * Tile::kDqLd);
+              asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                           :: "l"(dst), "r"(src), "n"(D * 4) : "memory");
+            }
+          asm volatile("cp.async.bulk.commit_group;");
+          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");  // this lane's copies have read the buffer
+          __syncwarp();
+          if (s + 1 < steps) cutlass::arch::NamedBarrier::arrive(NC + 32, Tr::kBarDqEmpty);
+        }
+        asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");  // and written dq_accum, before the block ends
       }
     }
     return;
@@ -512,18 +544,34 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
     pipeline.consumer_release(state);
     ++state;
 
-    // dQ (times scale) into dq_accum [B, T, Hq, D] fp32 by float2 atomics
+    // dQ (times scale) into dq_accum [B, T, Hq, D] fp32 by float2 atomics (kDqBulk: into the shared buffer, which
+    // the writer warp adds by bulk reduce-add)
     Tensor dQ = make_tensor(tdQrdQ.data(), sm90::acc_rowcol(tdQrdQ.layout()));
     Tensor cQ_part = thr_dq.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
     Tensor cQ = make_tensor(cQ_part.data(), sm90::acc_rowcol(cQ_part.layout()));
+    if constexpr (kDqBulk) {
+      cutlass::arch::NamedBarrier::sync(NC + 32, Tr::kBarDqEmpty);  // the previous step's copies have read it
+      float* buf = sdq + (kDqSplitK ? cwg * BM * Tile::kDqLd : 0);  // D 64: this warpgroup's partial sums
 #pragma unroll
-    for (int i = 0; i < decltype(size<0>(dQ))::value; ++i) {
-      const int t = m0 + int(get<0>(cQ(i, 0)));
-      if (t >= p.seq) continue;
-      float* dst = p.dq_accum + ((int64_t(b) * p.seq + t) * p.heads_q + h) * D;
+      for (int i = 0; i < decltype(size<0>(dQ))::value; ++i) {
+        float* row = buf + int(get<0>(cQ(i, 0))) * Tile::kDqLd;  // rows t >= T are written, never copied
 #pragma unroll
-      for (int c2 = 0; c2 < decltype(size<1>(dQ))::value / 2; ++c2)
-        atomic_add2(dst + int(get<1>(cQ(i, 2 * c2))), dQ(i, 2 * c2) * p.scale, dQ(i, 2 * c2 + 1) * p.scale);
+        for (int c2 = 0; c2 < decltype(size<1>(dQ))::value / 2; ++c2)
+          *reinterpret_cast<float2*>(row + int(get<1>(cQ(i, 2 * c2)))) =
+              make_float2(dQ(i, 2 * c2) * p.scale, dQ(i, 2 * c2 + 1) * p.scale);
+      }
+      cutlass::arch::fence_view_async_shared();  // the generic-proxy stores, before the bulk copies read them
+      cutlass::arch::NamedBarrier::arrive(NC + 32, Tr::kBarDqFull);
+    } else {
+#pragma unroll
+      for (int i = 0; i < decltype(size<0>(dQ))::value; ++i) {
+        const int t = m0 + int(get<0>(cQ(i, 0)));
+        if (t >= p.seq) continue;
+        float* dst = p.dq_accum + ((int64_t(b) * p.seq + t) * p.heads_q + h) * D;
+#pragma unroll
+        for (int c2 = 0; c2 < decltype(size<1>(dQ))::value / 2; ++c2)
+          atomic_add2(dst + int(get<1>(cQ(i, 2 * c2))), dQ(i, 2 * c2) * p.scale, dQ(i, 2 * c2 + 1) * p.scale);
+      }
     }
   }
 

@@ -22,7 +22,18 @@ struct BwdSm90Tile {
   // two stages of the query tile's region coefficients (ref, A, B: 3 R kBlockM floats a stage)
   static constexpr size_t kBaseBytes = 2 * kKBytes + 2 * kStages * kQBytes + kDsBytes + kBarrierBytes + kAlign;
   static constexpr size_t coef_bytes(int num_regions) { return size_t(3) * num_regions * kBlockM * 4; }
-  static constexpr size_t smem_bytes(int num_regions) { return kBaseBytes + kStages * coef_bytes(num_regions); }
+  // DASH_CUDA_BWD=sm90dq: the step's dQ in fp32 for the bulk reduce-add, rows padded by 8 floats (a quad's row
+  // pairs then fall in distinct banks); D 64 holds both warpgroups' partial sums (their keys' halves)
+  static constexpr int kDqLd = D + 8;
+  static constexpr int kDqBuffers = D == 64 ? 2 : 1;
+  static constexpr size_t kDqBytes = size_t(kDqBuffers) * kBlockM * kDqLd * 4;
+  static constexpr size_t smem_bytes(int num_regions, bool dq_bulk = false) {
+    return kBaseBytes + (dq_bulk ? kDqBytes : 0) + kStages * coef_bytes(num_regions);
+  }
 };
+
+// The Hopper backward's variants (DASH_CUDA_BWD, bwd.cu): kPlain (sm90), kLean (sm90lean: the coefficient copies
+// without divisions), kLeanDqBulk (sm90dq: that, and dQ by bulk reduce-add from shared memory instead of atomics).
+enum class Sm90Bwd { kPlain, kLean, kLeanDqBulk };
 
 }  // namespace dash
