@@ -403,6 +403,19 @@ __global__ void __launch_bounds__(kTma ? FwdSm90Tile<D>::kThreadsTma : FwdSm90Ti
   auto band_softmax = [&](auto to_p, int j0, int lo, int hi, int d_min, int d_max, float (&alpha)[2]) {
     if (d_min >= lo && d_max < hi && j0 + BN <= p.seq && wg_rows_full) {
       softmax_rows(std::false_type{}, to_p, j0, [](int, int) { return true; }, alpha);
+    } else if constexpr (kLean) {
+      // the same keys as a column range per row, [c_lo, c_hi) of this tile: j in [t - hi + 1, min(t - lo, T - 1)]
+      // (two compares an element instead of four and their predicate logic; empty for rows t >= T)
+      int c_lo[2], c_hi[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        c_lo[i] = t[i] - hi + 1 - j0;
+        c_hi[i] = row_ok[i] ? min(t[i] - lo, p.seq - 1) + 1 - j0 : c_lo[i];
+      }
+      softmax_rows(std::true_type{}, to_p, j0, [&](int i, int j) {
+        const int col = j - j0;
+        return col >= c_lo[i] && col < c_hi[i];
+      }, alpha);
     } else {
       softmax_rows(std::true_type{}, to_p, j0, [&](int i, int j) {
         const int dist = t[i] - j;
