@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
   // from the 256 consumer threads (rows t >= T zero-filled)
   // kLean: each thread copies its query column tl = ctid % BM (NC is a multiple of BM) of every (NC / BM)-th row
   // block rb = (which, r) of the 3 R rows, rb / R and rb % R kept by counting: a division by the runtime R cost ~80
-  // instructions a copy, about a quarter of a step's at 6 regions (csrc/tools/sim_bwd_sm90_coef.py checks that both
+  // instructions a copy, about a quarter of a step's at 6 regions (csrc/tools/sim_bwd_sm90_lean.py checks that both
   // copy the same elements)
   static_assert(NC % BM == 0, "a thread's query column is the same in every row block");
   auto issue_coef = [&](int step) {
@@ -414,6 +414,9 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
 
   sm90::wait_or_trap<false>([&] { return cutlass::arch::ClusterBarrier::try_wait(barrier_kv, 0); }, "K / V barrier", -1);
   PipelineState state;  // the consumers' start state: stage 0, phase 0
+  // kLean: the bands of the warp's smallest and largest distance this step, counted up as the walk goes (both
+  // distances grow by BM a step) instead of band_of's loop over every edge twice a step
+  [[maybe_unused]] int band_at_min = 0, band_at_max = 0;
 
   for (int step = 0; step < steps; ++step) {
     const int m0 = m_begin + step * BM;
@@ -455,7 +458,12 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
     const int d_min = m0 - (jw0 + 15), d_max = t_last - jw0;
     bool active = jw0 < p.seq && d_max >= 0 && (p.has_full || jw0 < p.max_sink || d_min < p.widest);
     int uniform_r = -1;  // one region for every pair: no tail, no diagonal, one band and one sink level
-    if (active && keys_full && m0 + BM <= p.seq && d_min >= 0 && level_lo == level_hi) {
+    if constexpr (kLean) {
+      while (band_at_min < p.num_bands && d_min >= p.band_edges[band_at_min]) ++band_at_min;
+      while (band_at_max < p.num_bands && d_max >= p.band_edges[band_at_max]) ++band_at_max;
+      if (active && keys_full && m0 + BM <= p.seq && d_min >= 0 && level_lo == level_hi && band_at_min == band_at_max)
+        uniform_r = band_at_min * (p.num_sinks + 1) + level_lo;
+    } else if (active && keys_full && m0 + BM <= p.seq && d_min >= 0 && level_lo == level_hi) {
       const int band = band_of(p, d_min);
       if (band == band_of(p, d_max)) uniform_r = band * (p.num_sinks + 1) + level_lo;
     }
@@ -504,7 +512,15 @@ __global__ void __launch_bounds__(BwdSm90Tile<D>::kThreads, 1) mixed_attention_b
             const int col = int(get<1>(cS(i, c))) + e;
             const int t = m0 + col, j = key[i];
             if (t < p.seq && j < p.seq && j <= t) {
-              const int r = band_of(p, t - j) * (p.num_sinks + 1) + level[i];
+              // kLean: every distance here lies in [d_min, d_max], so only the edges between their bands count
+              int band;
+              if constexpr (kLean) {
+                band = band_at_min;
+                for (int e = band_at_min; e < band_at_max; ++e) band += t - j >= p.band_edges[e];
+              } else {
+                band = band_of(p, t - j);
+              }
+              const int r = band * (p.num_sinks + 1) + level[i];
               if (p.membership[r] != 0) {
                 const float prob = mma16::exp2_ftz(fmaf(S(i, c + e), p.scale_log2, -sRef[r * BM + col]));
                 const float ca = sA[r * BM + col];
