@@ -142,15 +142,14 @@ def score_calibration(net, tokenizer, hybrids, args):
 
     from dash.baselines import teacher_hidden_states
     from dash.compare import comparison_data
+    from dash.data import parse_retrieval_tasks
     from dash.search import (answer_margin_shortfall, answer_weights, kl_from_log_probs, label_nll,
                              prompt_answer_weights)
 
     seq_len = args.seq_len
-    from dash.data import parse_retrieval_tasks
-
+    tasks = parse_retrieval_tasks(getattr(args, "retrieval_tasks", None), name="--retrieval-tasks")
     made = comparison_data(tokenizer, seq_len, 12_300_000, args.retrieval_fraction, args.calibration_tokens,
-                           device=args.device, prompts_per_row=args.prompts_per_row,
-                           retrieval_tasks=parse_retrieval_tasks(args.retrieval_tasks, name="--retrieval-tasks"))
+                           device=args.device, prompts_per_row=args.prompts_per_row, retrieval_tasks=tasks)
     rows, answers = made["calibration"], made["answers"]
     if answers is None or not bool(answers.any()):
         raise SystemExit("--calibration needs retrieval rows among the calibration rows (--retrieval-fraction > 0)")
