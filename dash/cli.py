@@ -487,12 +487,17 @@ def _resolve_compare_tasks(args, model=None, tokenizer=None) -> None:
     else:
         device = args.devices[0] if args.devices else args.device
         on_gpu = device.startswith("cuda")
-        if model is None:
+        loaded_here = model is None
+        if loaded_here:
             model, tokenizer = load_model(args.model, device=device,
                                           dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
         seq_len = args.seq_len or (4096 if on_gpu else 1024)
         weights = retrieval_task_weights(["solved"], model, tokenizer, seq_len, args.prompts_per_row,
                                          args.retrieval_fraction, args.seed, progress=not args.no_progress)
+        if loaded_here:  # the parent of the shards keeps no GPU memory while they run
+            del model
+            if on_gpu:
+                torch.cuda.empty_cache()
         if weights is not None:
             print(f"--retrieval-tasks solved: {' '.join(format_retrieval_tasks(weights))}", file=sys.stderr)
     args.retrieval_tasks = format_retrieval_tasks(weights)
