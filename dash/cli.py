@@ -175,34 +175,38 @@ def _load_bank_if_needed(net, settings: dict) -> None:
 def retrieval_task_weights(specs, model, tokenizer, seq_len: int, prompts_per_row: int, fraction: float,
                            seed: int, progress: bool = True):
     """``--retrieval-tasks`` as ``dash.data.retrieval_rows`` takes it: None (every task), {task: weight}, or for
-    ``solved`` the teacher's scores on training prompts as long as the rows' middle prompt (half a slot)."""
-    from .data import parse_retrieval_tasks
+    ``solved`` the teacher's scores on training prompts as long as the rows' middle prompt (half a slot), printed
+    (``model`` is used only for ``solved``, and not where there are no retrieval rows)."""
+    from .data import format_retrieval_tasks, parse_retrieval_tasks
     from .ruler import teacher_task_weights
 
-    if specs is None or fraction == 0:
+    if specs is None:
         return None
-    if isinstance(specs, str):
-        specs = [specs]
+    specs = [specs] if isinstance(specs, str) else list(specs)
     if "solved" not in specs:
         try:
             return parse_retrieval_tasks(specs, name="--retrieval-tasks")
         except ValueError as error:
             raise SystemExit(str(error)) from None
     if len(specs) != 1:
-        raise SystemExit(f"--retrieval-tasks: 'solved' stands alone, got {list(specs)}")
+        raise SystemExit(f"--retrieval-tasks: 'solved' stands alone, got {specs}")
+    if fraction == 0:
+        return None
     length = max(128, seq_len // prompts_per_row // 2)
     on_gpu = next(model.parameters()).device.type == "cuda"
     try:
-        return teacher_task_weights(model, tokenizer, length, SOLVED_SAMPLES, seed=seed, progress=progress,
-                                    batch_size=SOLVED_SAMPLES if on_gpu else 1)
+        weights = teacher_task_weights(model, tokenizer, length, SOLVED_SAMPLES, seed=seed, progress=progress,
+                                       batch_size=SOLVED_SAMPLES if on_gpu else 1)
     except ValueError as error:
         raise SystemExit(f"--retrieval-tasks solved: {error}") from None
+    print(f"--retrieval-tasks solved: {' '.join(format_retrieval_tasks(weights))}", file=sys.stderr)
+    return weights
 
 
 def run_search(settings: dict, progress: bool = True) -> dict:
     import yaml
 
-    from .data import add_retrieval_rows, default_data, format_retrieval_tasks, pack, read_documents
+    from .data import add_retrieval_rows, default_data, pack, read_documents
     from .models import load_model
     from .search import Search
     from .supernet import build_supernet
@@ -223,7 +227,6 @@ def run_search(settings: dict, progress: bool = True) -> dict:
                                           settings["prompts_per_row"], settings["retrieval_fraction"], seed,
                                           progress=progress)
     if settings.get("retrieval_tasks") == ["solved"]:
-        print(f"--retrieval-tasks solved: {' '.join(format_retrieval_tasks(task_weights))}", file=sys.stderr)
         with open(os.path.join(settings["output"], "config.yaml"), "w") as f:  # the weights the data were made with
             yaml.safe_dump({**settings, "retrieval_task_weights": task_weights}, f, sort_keys=True)
     data = add_retrieval_rows(data, tokenizer, settings["retrieval_fraction"], seed=seed, tasks=task_weights,
@@ -472,34 +475,24 @@ def _resolve_compare_tasks(args, model=None, tokenizer=None) -> None:
     """``args.retrieval_tasks`` as explicit ``task:weight`` specs (None: every task in turn), so that every shard
     builds the same rows and the table records the mix: 'solved' asks the teacher once (loaded here on the first
     device unless given)."""
-    from .data import format_retrieval_tasks, parse_retrieval_tasks
+    from .data import format_retrieval_tasks
     from .models import load_model
 
     if args.retrieval_tasks is None:
         return
-    if args.retrieval_tasks != ["solved"]:
-        if "solved" in args.retrieval_tasks:
-            raise SystemExit(f"--retrieval-tasks: 'solved' stands alone, got {args.retrieval_tasks}")
-        try:
-            weights = parse_retrieval_tasks(args.retrieval_tasks, name="--retrieval-tasks")
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
-    else:
-        device = args.devices[0] if args.devices else args.device
-        on_gpu = device.startswith("cuda")
-        loaded_here = model is None
-        if loaded_here:
-            model, tokenizer = load_model(args.model, device=device,
-                                          dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
-        seq_len = args.seq_len or (4096 if on_gpu else 1024)
-        weights = retrieval_task_weights(["solved"], model, tokenizer, seq_len, args.prompts_per_row,
-                                         args.retrieval_fraction, args.seed, progress=not args.no_progress)
-        if loaded_here:  # the parent of the shards keeps no GPU memory while they run
-            del model
-            if on_gpu:
-                torch.cuda.empty_cache()
-        if weights is not None:
-            print(f"--retrieval-tasks solved: {' '.join(format_retrieval_tasks(weights))}", file=sys.stderr)
+    device = args.devices[0] if args.devices else args.device
+    on_gpu = device.startswith("cuda")
+    loaded_here = model is None and args.retrieval_tasks == ["solved"] and args.retrieval_fraction > 0
+    if loaded_here:
+        model, tokenizer = load_model(args.model, device=device,
+                                      dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")])
+    seq_len = args.seq_len or (4096 if on_gpu else 1024)
+    weights = retrieval_task_weights(args.retrieval_tasks, model, tokenizer, seq_len, args.prompts_per_row,
+                                     args.retrieval_fraction, args.seed, progress=not args.no_progress)
+    if loaded_here:  # the parent of the shards keeps no GPU memory while they run
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
     args.retrieval_tasks = format_retrieval_tasks(weights)
 
 

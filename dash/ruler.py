@@ -355,9 +355,10 @@ def teacher_task_weights(model, tokenizer, length: int, num_samples: int = 8, se
     RETRIEVAL_SEED_OFFSET``), not the evaluation's; a task whose prompt does not fit ``length`` is left out."""
     from .data import RETRIEVAL_SEED_OFFSET
 
-    def fits(task):  # as evaluate makes its prompts: the answer budget inside the length
+    def fits(task):  # evaluate's own prompts (the answer budget inside the length), kept for it to reuse
         try:
-            generate_samples(tokenizer, task, length - MAX_NEW_TOKENS.get(task, 32), 1, seed + RETRIEVAL_SEED_OFFSET)
+            _evaluation_samples(tokenizer, task, length - MAX_NEW_TOKENS.get(task, 32), num_samples,
+                                seed + RETRIEVAL_SEED_OFFSET)
             return True
         except ValueError:
             return False
