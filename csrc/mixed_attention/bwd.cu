@@ -87,7 +87,7 @@ void launch_bwd_wgmma(const BwdParams& params, Sm90Bwd variant, float* dq_accum,
 #endif
 }
 
-enum class BwdMainloop { kWmma, kMma, kSm90, kSm90Lean, kSm90Dq };
+enum class BwdMainloop { kWmma, kMma, kSm90 };
 
 // Does the mma backward's shared memory (which grows with the region count) fit this device? Where it does not,
 // the wmma one runs, with a warning (once): whoever set the variable is timing or testing the mma one and must
@@ -111,12 +111,14 @@ bool mma_backward_fits(int64_t head_dim, int num_regions, int limit, const char*
 // where its shared memory does not fit: benchmarks/NOTES.md, session 15). Read at every call (a getenv). sm90
 // needs the CuTe headers at build time and an sm_90 device (else an error, as for DASH_CUDA_FWD=sm90), and its shared memory (3 R 64 floats a stage of coefficients) to fit the device: where it
 // does not, the mma one runs (or, where that does not fit either, the wmma one), with a warning (once).
-BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
+// ``variant``: which Hopper backward, where kSm90 is returned (sm90, sm90lean, sm90dq).
+BwdMainloop backward_mainloop(int64_t head_dim, int num_regions, Sm90Bwd& variant) {
   const char* choice = std::getenv("DASH_CUDA_BWD");
   const bool unset = choice == nullptr || *choice == '\0';
   if (unset) choice = "";
   const bool dq_bulk = std::strcmp(choice, "sm90dq") == 0;
   const bool lean = dq_bulk || std::strcmp(choice, "sm90lean") == 0;
+  variant = dq_bulk ? Sm90Bwd::kLeanDqBulk : lean ? Sm90Bwd::kLean : Sm90Bwd::kPlain;
   if (!unset && !lean && std::strcmp(choice, "sm90") != 0 && std::strcmp(choice, "mma") != 0) {
     TORCH_CHECK(std::strcmp(choice, "wmma") == 0, "DASH_CUDA_BWD must be one of wmma, mma, sm90, sm90lean, sm90dq "
                 "(or unset: the fastest that runs here), got '", choice, "'");
@@ -143,15 +145,14 @@ BwdMainloop backward_mainloop(int64_t head_dim, int num_regions) {
                 ". Unset DASH_CUDA_BWD or use DASH_CUDA_BWD=mma");
     const size_t bytes = head_dim == 64 ? BwdSm90Tile<64>::smem_bytes(num_regions, dq_bulk)
                                         : BwdSm90Tile<128>::smem_bytes(num_regions, dq_bulk);
-    if (bytes <= static_cast<size_t>(limit))
-      return dq_bulk ? BwdMainloop::kSm90Dq : lean ? BwdMainloop::kSm90Lean : BwdMainloop::kSm90;
+    if (bytes <= static_cast<size_t>(limit)) return BwdMainloop::kSm90;
     if (!unset) TORCH_WARN_ONCE("DASH_CUDA_BWD=", choice, ": ", num_regions, " candidate regions need ", bytes,
                     " bytes of shared memory a block in the sm90 backward, over this GPU's ", limit,
                     "; the mma backward runs instead");
 #else
     TORCH_CHECK(false,
-                "DASH_CUDA_BWD=sm90 / sm90lean / sm90dq: this build of dash_kernels._C has no Hopper backward: it was compiled without "
-                "the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
+                "DASH_CUDA_BWD=sm90 / sm90lean / sm90dq: this build of dash_kernels._C has no Hopper backward: it was "
+                "compiled without the CUTLASS/CuTe headers (cute/tensor.hpp). `pip install nvidia-cutlass` (or set CUTLASS_INCLUDE to "
                 "CUTLASS's include/) and rebuild for architecture 9.0; or unset DASH_CUDA_BWD");
 #endif
   }
@@ -216,14 +217,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   auto delta = at::empty({batch, heads_q, num_c, seq}, f32);
   auto ref = at::empty({batch, heads_q, num_regions, seq}, f32);
   auto coef_a = at::empty_like(ref), coef_b = at::empty_like(ref);
-  const BwdMainloop mainloop = backward_mainloop(head_dim, num_regions);
+  Sm90Bwd sm90_variant = Sm90Bwd::kPlain;
+  const BwdMainloop mainloop = backward_mainloop(head_dim, num_regions, sm90_variant);
   // the mma and sm90 backwards add dQ into a zeroed fp32 buffer (converted below); the wmma one writes dq directly
   const bool use_mma = mainloop != BwdMainloop::kWmma;
-  const bool sm90 =
-      mainloop == BwdMainloop::kSm90 || mainloop == BwdMainloop::kSm90Lean || mainloop == BwdMainloop::kSm90Dq;
-  const Sm90Bwd sm90_variant = mainloop == BwdMainloop::kSm90Dq     ? Sm90Bwd::kLeanDqBulk
-                               : mainloop == BwdMainloop::kSm90Lean ? Sm90Bwd::kLean
-                                                                    : Sm90Bwd::kPlain;
   auto dq = use_mma ? at::zeros({batch, seq, heads_q, head_dim}, f32)
                     : at::empty({batch, seq, heads_q, head_dim}, q.options());
   const int64_t group = heads_q / heads_kv;
@@ -232,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   // baseline of benchmarks/bench_cuda_gqa_sum.py)
   const char* gqa_sum = std::getenv("DASH_CUDA_GQA_SUM");
   const bool kv_accum =
-      sm90 && group > 1 && !(gqa_sum && std::strcmp(gqa_sum, "aten") == 0);
+      mainloop == BwdMainloop::kSm90 && group > 1 && !(gqa_sum && std::strcmp(gqa_sum, "aten") == 0);
   auto dk = kv_accum ? at::zeros({batch, seq, heads_kv, head_dim}, f32)
                      : at::empty({batch, seq, heads_q, head_dim}, f32);
   auto dv = kv_accum ? at::zeros_like(dk) : at::empty_like(dk);
@@ -255,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixed_attention_bwd(
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int row_tiles = static_cast<int>((seq + 63) / 64), bh = static_cast<int>(batch * heads_q);
   dispatch_dtype_and_head_dim(q.scalar_type(), head_dim, [&](auto type, auto dim) {
-    if (sm90)
+    if (mainloop == BwdMainloop::kSm90)
       launch_bwd_wgmma<decltype(type), decltype(dim)::value>(params, sm90_variant, dq.data_ptr<float>(),
                                                              kv_accum ? dk.data_ptr<float>() : nullptr,
                                                              kv_accum ? dv.data_ptr<float>() : nullptr,

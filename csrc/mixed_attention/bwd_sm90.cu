@@ -43,8 +43,9 @@ void launch_bwd_sm90_kernel(const BwdMmaParams& params, Sm90Bwd variant, int bat
 
 }  // namespace
 
-// Called by bwd.cu for DASH_CUDA_BWD=sm90 / sm90lean / sm90dq (the variant) after the prep kernel (inputs checked, params filled, dq_accum zeroed
-// there; the device checked to be sm_90 and the shared memory to fit by bwd.cu's backward_mainloop).
+// Called by bwd.cu for DASH_CUDA_BWD=sm90 / sm90lean / sm90dq (the variant) after the prep kernel (inputs checked,
+// params filled, dq_accum zeroed there; the device checked to be sm_90 and the shared memory to fit by bwd.cu's
+// backward_mainloop).
 void launch_bwd_sm90(const BwdMmaParams& params, Sm90Bwd variant, at::ScalarType dtype, int64_t head_dim,
                      int batch_heads, cudaStream_t stream) {
   dispatch_dtype_and_head_dim(dtype, head_dim, [&](auto type, auto dim) {
